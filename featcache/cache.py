@@ -1,0 +1,331 @@
+"""The HDF5 shard store: content-addressed caches of features with their full provenance.
+
+A cache is a folder ``WORKDIR/KEY[:16]`` with ``manifest.json`` and shards ``SPLIT-NNNNN.h5``.
+The key hashes the extraction config and every (path, label, split, file sha256), so changed
+pixels or weights never reuse stale features. Rows, however, are reusable across caches by
+(image sha256, row key): a new dataset version copies what it shares and computes the rest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache import FeatcacheError, __version__
+from featcache.dataset import Dataset, Sample
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+CHUNK_ROWS = 64
+SHARD_DATASETS = ("features", "labels", "paths", "sha256")
+DEFAULT_WORKDIR = "featcache-out"
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("FEATCACHE_HOME", DEFAULT_WORKDIR))
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that determines one image's feature row."""
+
+    backbone: str
+    weights: str  # identity: sha256 of the weights file, or a stable name (see weights.py)
+    layer: str | None  # None: the backbone's last layer
+    pooling: str
+    image_size: int
+    resize: str
+    preprocess: str
+    dtype: str
+    augment: int = 0
+    seed: int = 0
+
+    def row_key(self) -> str:
+        return _digest(asdict(self))
+
+
+def cache_key(config: ExtractionConfig, dataset: Dataset) -> str:
+    samples = sorted((s.relpath, s.label, s.split, s.sha256) for s in dataset.samples)
+    return _digest({"config": asdict(config), "classes": list(dataset.classes), "samples": samples})
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The samples one shard is responsible for; rejected ones end up in its attrs, not its rows."""
+
+    split: str
+    index: int
+    samples: tuple[Sample, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}.h5"
+
+    @property
+    def digest(self) -> str:
+        return _digest([(s.relpath, s.sha256) for s in self.samples])
+
+
+def plan_shards(dataset: Dataset, shard_size: int) -> list[ShardPlan]:
+    plans = []
+    for split in dataset.splits:
+        samples = dataset.split(split)
+        for index, start in enumerate(range(0, len(samples), shard_size)):
+            plans.append(ShardPlan(split, index, tuple(samples[start : start + shard_size])))
+    return plans
+
+
+def write_shard(
+    path: Path, plan: ShardPlan, provenance: dict, features: np.ndarray,
+    rows: list[Sample], rejects: dict[str, str],
+) -> None:
+    """Write all rows of one shard under a temporary name, fsync, then rename into place."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    n = len(rows)
+    with h5py.File(tmp, "w") as f:
+        chunks = (min(n, CHUNK_ROWS), *features.shape[1:]) if n else None
+        f.create_dataset("features", data=features, chunks=chunks, fletcher32=bool(n))
+        f.create_dataset("labels", data=np.array([s.label for s in rows], dtype=np.int32))
+        f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
+        f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
+        f.attrs.update(
+            {
+                "cache_key": provenance["key"],
+                "row_key": provenance["row_key"],
+                "config": json.dumps(provenance["config"]),
+                "classes": json.dumps(provenance["classes"]),
+                "split": plan.split,
+                "shard_index": plan.index,
+                "plan_digest": plan.digest,
+                "rejects": json.dumps(rejects),
+                "featcache_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool:
+    """A shard on disk is reusable only if it opens, belongs to this key (and plan), and is whole."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (
+                f.attrs.get("cache_key") == key
+                and (plan is None or f.attrs.get("plan_digest") == plan.digest)
+                and len({len(f[name]) for name in SHARD_DATASETS}) == 1
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> None:
+    tmp = cache_dir / f"{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp)
+    os.replace(tmp, cache_dir / MANIFEST)
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    try:
+        return json.loads((cache_dir / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def remove_temporaries(cache_dir: Path) -> None:
+    """Leftovers of a killed run are never visible as shards; delete them before resuming."""
+    for tmp in cache_dir.glob("*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def locked(cache_dir: Path, timeout: float = 0.0) -> Iterator[None]:
+    """Exclusive lock on a cache folder: a second run on the same key waits, then fails clearly."""
+    lock_path = cache_dir / ".lock"
+    with open(lock_path, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    raise FeatcacheError(
+                        f"cache {cache_dir} is being written by another featcache run (pid {holder}); "
+                        "wait for it to finish, or pass --lock-timeout SECONDS to wait for it"
+                    ) from None
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RowSource:
+    """Feature rows already computed with the same row key in other caches, found by image sha256."""
+
+    def __init__(self, workdir: Path, row_key: str, exclude: Path):
+        self.where: dict[str, tuple[Path, int]] = {}
+        for manifest_path in sorted(workdir.glob(f"*/{MANIFEST}")):
+            cache_dir = manifest_path.parent
+            manifest = read_manifest(cache_dir)
+            if cache_dir == exclude or not manifest or manifest.get("row_key") != row_key:
+                continue
+            for shard in sorted(cache_dir.glob("*.h5")):
+                try:
+                    with h5py.File(shard, "r") as f:
+                        if f.attrs.get("row_key") != row_key:
+                            continue
+                        for row, sha in enumerate(f["sha256"][:]):
+                            self.where.setdefault(sha.decode(), (shard, row))
+                except (OSError, KeyError):
+                    continue
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self.where
+
+    def read(self, shas: list[str]) -> dict[str, np.ndarray]:
+        """Copy rows out of their shards, one sorted read per shard."""
+        by_shard: dict[Path, list[tuple[int, str]]] = defaultdict(list)
+        for sha in shas:
+            shard, row = self.where[sha]
+            by_shard[shard].append((row, sha))
+        found = {}
+        for shard, wanted in by_shard.items():
+            rows = sorted(set(row for row, _ in wanted))
+            with h5py.File(shard, "r") as f:
+                block = dict(zip(rows, f["features"][rows]))
+            found.update({sha: block[row] for row, sha in wanted})
+        return found
+
+
+class Cache:
+    """A complete cache on disk, read lazily shard by shard; every shard is checked against the key."""
+
+    def __init__(self, path: Path):
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise FeatcacheError(f"{path} is not a featcache cache (no {MANIFEST}); run `featcache extract`")
+        if manifest.get("status") != "complete":
+            raise FeatcacheError(
+                f"cache {path} is incomplete (an extract run was interrupted); "
+                "run the same `featcache extract` again to finish it"
+            )
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def shard_paths(self, split: str) -> list[Path]:
+        if split not in self.manifest["splits"]:
+            raise FeatcacheError(f"cache {self.key[:16]} has no {split!r} split; it has {', '.join(self.splits)}")
+        return [self.path / name for name in self.manifest["splits"][split]["shards"]]
+
+    @contextmanager
+    def open_shard(self, shard: Path) -> Iterator[h5py.File]:
+        fix = f"run the same `featcache extract` again to rebuild it"
+        try:
+            f = h5py.File(shard, "r")
+        except (OSError, FileNotFoundError) as exc:
+            raise FeatcacheError(f"shard {shard} is missing or corrupt ({exc}); {fix}") from None
+        with f:
+            if f.attrs.get("cache_key") != self.key:
+                raise FeatcacheError(f"shard {shard} belongs to another cache (key mismatch); {fix}")
+            missing = [n for n in SHARD_DATASETS if n not in f]
+            if missing:
+                raise FeatcacheError(f"shard {shard} lacks dataset(s) {', '.join(missing)}; {fix}")
+            yield f
+
+    def iter_batches(self, split: str, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+        """Stream (features, labels, paths) without ever holding more than one batch in memory."""
+        for shard in self.shard_paths(split):
+            with self.open_shard(shard) as f:
+                for start in range(0, len(f["labels"]), batch_size):
+                    stop = start + batch_size
+                    try:
+                        features = f["features"][start:stop]
+                    except OSError as exc:
+                        raise FeatcacheError(
+                            f"shard {shard} failed its checksum ({exc}); "
+                            "delete it and run the same `featcache extract` again to rebuild it"
+                        ) from None
+                    paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][start:stop]]
+                    yield features, f["labels"][start:stop], paths
+
+    def read(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The whole split in memory: convenient for the small caches most users have."""
+        parts = list(self.iter_batches(split))
+        if not parts:
+            shape = tuple(self.manifest["feature_shape"])
+            return np.zeros((0, *shape), self.config["dtype"]), np.zeros(0, np.int32), []
+        features, labels, paths = zip(*parts)
+        return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
+
+
+def list_caches(workdir: Path) -> list[dict]:
+    """Manifests of every cache under workdir, oldest first (complete or not)."""
+    manifests = [read_manifest(p.parent) for p in workdir.glob(f"*/{MANIFEST}")]
+    return sorted((m for m in manifests if m), key=lambda m: m.get("completed") or m.get("created", ""))
+
+
+def open_cache(workdir: Path, key: str | None = None) -> Cache:
+    """The cache named by a key (a prefix is enough), or the most recently completed one."""
+    complete = [m for m in list_caches(workdir) if m.get("status") == "complete"]
+    if key is None:
+        if not complete:
+            raise FeatcacheError(f"no complete cache in {workdir}; run `featcache extract` first")
+        return Cache(workdir / complete[-1]["key"][:16])
+    matches = [m for m in list_caches(workdir) if m["key"].startswith(key)]
+    if len(matches) != 1:
+        what = "no cache" if not matches else f"{len(matches)} caches"
+        raise FeatcacheError(f"--cache {key}: {what} in {workdir} match; `featcache info --all` lists them")
+    return Cache(workdir / matches[0]["key"][:16])
+
+
+def split_summary(rows: list[Sample], classes: list[str]) -> dict:
+    counts = Counter(s.label for s in rows)
+    return {"rows": len(rows), "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}

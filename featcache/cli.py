@@ -1,0 +1,156 @@
+"""The featcache command line: thin commands that parse options, call the library and print."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from featcache import FeatcacheError, __version__, backbones
+from featcache import cache as cache_store
+from featcache.dataset import DEFAULT_FRACTIONS
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+console = Console()
+
+
+def user_errors(command):
+    """FeatcacheError becomes a one-line ClickException (exit 1) instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FeatcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected three numbers like 0.7,0.15,0.15") from None
+    if len(parts) != 3:
+        raise click.BadParameter("expected three numbers like 0.7,0.15,0.15")
+    return parts
+
+
+workdir_option = click.option(
+    "--workdir", type=click.Path(path_type=Path), default=None,
+    help="Where caches live [default: $FEATCACHE_HOME or ./featcache-out].",
+)
+
+
+@click.group()
+@click.version_option(__version__)
+def main():
+    """Run a frozen ImageNet conv base once, cache its features, and fit heads on them in seconds."""
+
+
+@main.command()
+@click.option("--backbone", default="vgg16", show_default=True, help="A name from `featcache backbones`.")
+@click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="Dataset folder (split or class folders) or CSV with path,label[,split].")
+@click.option("--layer", default=None, help="Cut the base at this named layer [default: the backbone's].")
+@click.option("--pooling", type=click.Choice(backbones.POOLINGS), default=None,
+              help="Pool the feature map to a vector [default: the backbone's].")
+@click.option("--image-size", type=int, default=None, help="Square input size in px [default: the backbone's].")
+@click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
+              help="squash like Keras, or centre-crop to a square first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the features (computed in float32).")
+@click.option("--preprocess", type=click.Choice(backbones.PREPROCESSINGS), default="backbone",
+              show_default=True, help="The backbone's own preprocess_input, or the tutorials' 1/255.")
+@click.option("--weights", "weights_spec", default="imagenet", show_default=True,
+              help="imagenet, none (random init, fixed seed) or a weights file.")
+@click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
+              show_default=True, help="train,validation,test fractions for class-folder and CSV data without splits.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Images per HDF5 shard (the unit of resume).")
+@click.option("--xla/--no-xla", default=False, show_default=True, help="Compile the backbone with XLA.")
+@click.option("--lock-timeout", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another run writing the same cache.")
+@workdir_option
+@user_errors
+def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
+            weights_spec, split_fractions, shard_size, xla, lock_timeout, workdir):
+    """Run the conv base once over every image and store the features in HDF5 shards."""
+    from featcache.dataset import load_dataset
+    from featcache.extract import extract as run_extract
+    from featcache.extract import make_config
+
+    config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
+                                   preprocess, dtype)
+    dataset = load_dataset(data, split_fractions)
+    for warning in dataset.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"{backbone} at {config.image_size} px, weights: {resolved.source}")
+    result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
+                         batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
+                         show_progress=True)
+    print_summary(result)
+
+
+def print_summary(result) -> None:
+    from featcache.info import counts_table
+
+    manifest = result.cache.manifest
+    console.print(counts_table(manifest))
+    rejects = manifest.get("rejects", [])
+    for reject in rejects:
+        console.print(f"[red]rejected[/] {reject['relpath']}: {reject['reason']}")
+    if result.computed == result.reused == 0 and result.shards_kept:
+        work = "nothing to compute: the cache was already complete"
+    else:
+        work = (f"{result.computed} images through the backbone, {result.reused} rows reused, "
+                f"{result.shards_kept} shards kept")
+    console.print(
+        f"{work}; features {tuple(manifest['feature_shape'])} {manifest['config']['dtype']}; "
+        f"{len(rejects)} rejected; {result.seconds:.1f} s\ncache: {result.cache.path}"
+    )
+
+
+@main.command()
+@click.option("--cache", "key", default=None, help="Cache key or prefix [default: the most recent].")
+@click.option("--all", "show_all", is_flag=True, help="List every cache in the workdir.")
+@workdir_option
+@user_errors
+def info(key, show_all, workdir):
+    """Print a cache: shapes, counts per class, rejects, provenance."""
+    from featcache.info import describe_cache, list_table
+
+    workdir = workdir or cache_store.default_workdir()
+    if show_all:
+        console.print(list_table(cache_store.list_caches(workdir)))
+        return
+    describe_cache(cache_store.open_cache(workdir, key), console)
+
+
+@main.command("backbones")
+@click.argument("name", required=False)
+@user_errors
+def list_backbones(name):
+    """List registered backbones, or the layers of one (names usable with --layer)."""
+    if name:
+        from featcache.info import layer_table
+
+        console.print(layer_table(backbones.get(name)))
+        return
+    table = Table(title="backbones")
+    for column in ("name", "input px", "default layer", "pooling", "keras.applications"):
+        table.add_column(column)
+    for entry in (backbones.get(n) for n in backbones.names()):
+        table.add_row(entry.name, str(entry.input_size), entry.default_layer or "(last)",
+                      entry.default_pooling, entry.constructor)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

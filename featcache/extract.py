@@ -1,0 +1,243 @@
+"""The extract stage: run the frozen conv base once per image and fill the shard store.
+
+Decoding runs in parallel in a tf.data pipeline with prefetch, so the backbone never waits for
+images. Shards already on disk are kept, rows shared with other caches of the same config are
+copied, and only the rest goes through the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache import FeatcacheError, __version__, backbones, cache, weights
+from featcache.dataset import Dataset, Sample
+from featcache.images import RESIZE_MODES, RejectedImage, load_image
+from featcache.progress import ImageProgress
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractResult:
+    cache: cache.Cache
+    computed: int  # rows that went through the backbone in this run
+    reused: int  # rows copied from other caches of the same config
+    shards_kept: int  # shards already complete on disk (resumed or unchanged)
+    seconds: float
+    rejects: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_config(
+    backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
+    pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
+    preprocess: str = "backbone", dtype: str = "float16",
+) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
+    """Validate options at the edge and fill defaults from the backbone registry."""
+    spec = backbones.get(backbone)
+    _choice("--pooling", pooling or spec.default_pooling, backbones.POOLINGS)
+    _choice("--resize", resize, RESIZE_MODES)
+    _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
+    _choice("--dtype", dtype, DTYPES)
+    size = image_size or spec.input_size
+    if size < spec.min_size:
+        raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
+    resolved = weights.resolve(backbone, weights_spec)
+    config = cache.ExtractionConfig(
+        backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
+        pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
+        preprocess=preprocess, dtype=dtype,
+    )
+    return config, resolved
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FeatcacheError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+
+
+def extract(
+    dataset: Dataset, config: cache.ExtractionConfig, resolved: weights.ResolvedWeights,
+    workdir: Path, batch_size: int = 32, shard_size: int = 1024, xla: bool = False,
+    lock_timeout: float = 0.0, show_progress: bool = True,
+) -> ExtractResult:
+    """Make sure the cache for (config, dataset) is complete on disk and return it."""
+    started = time.monotonic()
+    key = cache.cache_key(config, dataset)
+    cache_dir = Path(workdir) / key[:16]
+    if (cache.read_manifest(cache_dir) or {}).get("status") == "complete" and _shards_intact(cache_dir):
+        return ExtractResult(cache.Cache(cache_dir), 0, 0, _count_shards(cache_dir), time.monotonic() - started)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with cache.locked(cache_dir, lock_timeout):
+            return _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla,
+                         show_progress, started)
+    except BaseException:
+        if not any(cache_dir.glob("*.h5")) and not (cache_dir / cache.MANIFEST).exists():
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        raise
+
+
+def _shards_intact(cache_dir: Path) -> bool:
+    manifest = cache.read_manifest(cache_dir)
+    names = [n for split in manifest["splits"].values() for n in split["shards"]]
+    return all(cache.shard_is_intact(cache_dir / n, manifest["key"]) for n in names)
+
+
+def _count_shards(cache_dir: Path) -> int:
+    return len(list(cache_dir.glob("*.h5")))
+
+
+def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started):
+    cache.remove_temporaries(cache_dir)
+    plans = cache.plan_shards(dataset, shard_size)
+    todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
+    source = cache.RowSource(cache_dir.parent, config.row_key(), exclude=cache_dir)
+    pending = [s for p in todo for s in p.samples if s.sha256 not in source]
+    model = _build_model(config, resolved) if pending else None
+    manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
+    cache.write_manifest(cache_dir, manifest)
+
+    reused = source.read([s.sha256 for p in todo for s in p.samples if s.sha256 in source])
+    computed: dict[str, np.ndarray] = {}
+    rejected: dict[str, str] = {}
+    feature_shape = tuple(model.output_shape[1:]) if model else next(iter(reused.values())).shape
+    provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
+                  "classes": list(dataset.classes)}
+
+    def flush(plan: cache.ShardPlan) -> None:
+        rows = [s for s in plan.samples if s.relpath not in rejected]
+        features = np.zeros((len(rows), *feature_shape), dtype=config.dtype)
+        for i, s in enumerate(rows):
+            features[i] = computed.pop(s.relpath) if s.relpath in computed else reused[s.sha256]
+        shard_rejects = {s.relpath: rejected[s.relpath] for s in plan.samples if s.relpath in rejected}
+        cache.write_shard(cache_dir / plan.name, plan, provenance, features, rows, shard_rejects)
+
+    with ImageProgress(len(pending), enabled=show_progress) as progress:
+        if model is not None:
+            _run_backbone(model, config, pending, batch_size, xla, computed, rejected, progress)
+        for plan in todo:
+            flush(plan)
+
+    return _finish(cache_dir, manifest, dataset, plans, len(pending) - len(rejected), len(reused),
+                   len(plans) - len(todo), started)
+
+
+def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected, progress):
+    """Stream pending images through decode -> preprocess -> backbone, filling ``computed``."""
+    import tensorflow as tf
+
+    preprocess = backbones.get(config.backbone).preprocess_fn(config.preprocess)
+    size = config.image_size
+    blank = np.zeros((size, size, 3), np.uint8)
+
+    def decode(i):
+        sample = pending[int(i)]
+        try:
+            return load_image(sample.path, size, config.resize), True
+        except RejectedImage as exc:
+            rejected[sample.relpath] = str(exc)
+            return blank, False
+
+    def tf_decode(i):
+        image, ok = tf.numpy_function(decode, [i], (tf.uint8, tf.bool), stateful=False)
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
+        return i, image, ok
+
+    images = (
+        tf.data.Dataset.range(len(pending))
+        .map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .filter(lambda i, image, ok: ok)
+        .map(lambda i, image, ok: (i, image))
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+    @tf.function(jit_compile=xla, reduce_retracing=True)
+    def forward(batch):
+        return model(preprocess(tf.cast(batch, tf.float32)), training=False)
+
+    done = 0
+    for indices, batch in images:
+        features = forward(batch).numpy()
+        for i, row in zip(indices.numpy(), features):
+            computed[pending[i].relpath] = row.astype(config.dtype)
+        resolved_upto = int(indices.numpy()[-1]) + 1
+        progress.advance(resolved_upto - done)
+        done = resolved_upto
+    progress.advance(len(pending) - done)
+
+
+def _build_model(config: cache.ExtractionConfig, resolved: weights.ResolvedWeights):
+    import keras
+
+    spec = backbones.get(config.backbone)
+    if resolved.keras_arg is None:
+        keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
+    try:
+        return backbones.build_extractor(spec, resolved.keras_arg, config.image_size, config.layer,
+                                         config.pooling)
+    except FeatcacheError:
+        raise
+    except Exception as exc:  # Keras raises many types for download and file problems
+        raise weights.load_failure(config.backbone, resolved, exc) from exc
+
+
+def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model) -> dict:
+    previous = cache.read_manifest(cache_dir) or {}
+    return {
+        "format": cache.FORMAT,
+        "featcache_version": __version__,
+        "key": key,
+        "row_key": config.row_key(),
+        "status": "incomplete",
+        "created": previous.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": asdict(config),
+        "weights_source": resolved.source,
+        "dataset": {"root": str(dataset.root.resolve()), "layout": dataset.layout,
+                    "images": len(dataset.samples)},
+        "classes": list(dataset.classes),
+        "shard_size": shard_size,
+        "splits": {
+            split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits
+        },
+        "output_layer": model.layers[-1].name if model else None,
+        "feature_shape": list(model.output_shape[1:]) if model else None,
+        "backbone_params": int(model.count_params()) if model else None,
+        "warnings": list(dataset.warnings),
+    }
+
+
+def _finish(cache_dir, manifest, dataset, plans, computed, reused, kept, started) -> ExtractResult:
+    """Read back what every shard holds, refuse empty splits, and mark the cache complete."""
+    rejects = [{"relpath": r.relpath, "split": None, "reason": r.reason} for r in dataset.rejects]
+    rows_by_split: dict[str, list[Sample]] = {split: [] for split in dataset.splits}
+    for plan in plans:
+        with h5py.File(cache_dir / plan.name, "r") as f:
+            shard_rejects = json.loads(f.attrs["rejects"])
+            if manifest["feature_shape"] is None:
+                manifest["feature_shape"] = list(f["features"].shape[1:])
+        rejects += [{"relpath": p, "split": plan.split, "reason": r} for p, r in shard_rejects.items()]
+        rows_by_split[plan.split] += [s for s in plan.samples if s.relpath not in shard_rejects]
+    for split, rows in rows_by_split.items():
+        if not rows:
+            raise FeatcacheError(
+                f"split {split!r} has no usable images (all {len(dataset.split(split))} rejected); "
+                f"fix or replace them, see the rejects in {cache_dir / cache.MANIFEST}"
+            )
+        manifest["splits"][split].update(cache.split_summary(rows, list(dataset.classes)))
+    manifest.update(
+        status="complete", completed=time.strftime("%Y-%m-%dT%H:%M:%S%z"), rejects=rejects,
+        seconds=round(time.monotonic() - started, 3), rows_computed=computed, rows_reused=reused,
+    )
+    cache.write_manifest(cache_dir, manifest)
+    return ExtractResult(cache.Cache(cache_dir), computed, reused, kept, manifest["seconds"], rejects,
+                         list(dataset.warnings))
