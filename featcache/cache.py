@@ -317,7 +317,11 @@ def open_cache(workdir: Path, key: str | None = None) -> Cache:
     complete = [m for m in list_caches(workdir) if m.get("status") == "complete"]
     if key is None:
         if not complete:
-            raise FeatcacheError(f"no complete cache in {workdir}; run `featcache extract` first")
+            interrupted = " (only interrupted ones: run the same `featcache extract` again to finish)"
+            raise FeatcacheError(
+                f"no complete cache in {workdir}{interrupted if list_caches(workdir) else ''}; "
+                "run `featcache extract` first"
+            )
         return Cache(workdir / complete[-1]["key"][:16])
     matches = [m for m in list_caches(workdir) if m["key"].startswith(key)]
     if len(matches) != 1:

@@ -108,7 +108,7 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     reused = source.read([s.sha256 for p in todo for s in p.samples if s.sha256 in source])
     computed: dict[str, np.ndarray] = {}
     rejected: dict[str, str] = {}
-    feature_shape = tuple(model.output_shape[1:]) if model else next(iter(reused.values())).shape
+    feature_shape = tuple(model.output_shape[1:]) if model else next(iter(reused.values()), np.zeros(0)).shape
     provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
                   "classes": list(dataset.classes)}
 
