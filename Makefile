@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/featcache info
 
 test: install
+	$(BIN)/ruff check featcache tests scripts
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -93,7 +93,8 @@ _KERAS_APPLICATIONS = [
     ],
     *[
         (f"efficientnet_v2_{v.lower()}", f"EfficientNetV2{v}", "efficientnet_v2", size, None, "avg", 32)
-        for v, size in (("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300), ("S", 384), ("M", 480), ("L", 480))
+        for v, size in (("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300),
+                        ("S", 384), ("M", 480), ("L", 480))
     ],
     *[
         (f"convnext_{v.lower()}", f"ConvNeXt{v}", "convnext", 224, None, "avg", 32)

@@ -224,9 +224,12 @@ class RowSource:
         for shard, wanted in by_shard.items():
             rows = sorted(set(row for row, _ in wanted))
             with h5py.File(shard, "r") as f:
-                block = dict(zip(rows, f["features"][rows]))
+                block = dict(zip(rows, f["features"][rows], strict=True))
             found.update({sha: block[row] for row, sha in wanted})
         return found
+
+
+Batch = tuple[np.ndarray, np.ndarray, list[str]]  # features, labels, relative paths
 
 
 class Cache:
@@ -262,12 +265,14 @@ class Cache:
 
     def shard_paths(self, split: str) -> list[Path]:
         if split not in self.manifest["splits"]:
-            raise FeatcacheError(f"cache {self.key[:16]} has no {split!r} split; it has {', '.join(self.splits)}")
+            raise FeatcacheError(
+                f"cache {self.key[:16]} has no {split!r} split; it has {', '.join(self.splits)}"
+            )
         return [self.path / name for name in self.manifest["splits"][split]["shards"]]
 
     @contextmanager
     def open_shard(self, shard: Path) -> Iterator[h5py.File]:
-        fix = f"run the same `featcache extract` again to rebuild it"
+        fix = "run the same `featcache extract` again to rebuild it"
         try:
             f = h5py.File(shard, "r")
         except (OSError, FileNotFoundError) as exc:
@@ -280,7 +285,7 @@ class Cache:
                 raise FeatcacheError(f"shard {shard} lacks dataset(s) {', '.join(missing)}; {fix}")
             yield f
 
-    def iter_batches(self, split: str, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    def iter_batches(self, split: str, batch_size: int = 1024) -> Iterator[Batch]:
         """Stream (features, labels, paths) without ever holding more than one batch in memory."""
         for shard in self.shard_paths(split):
             with self.open_shard(shard) as f:
@@ -302,7 +307,7 @@ class Cache:
         if not parts:
             shape = tuple(self.manifest["feature_shape"])
             return np.zeros((0, *shape), self.config["dtype"]), np.zeros(0, np.int32), []
-        features, labels, paths = zip(*parts)
+        features, labels, paths = zip(*parts, strict=True)
         return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
 
 

@@ -60,7 +60,8 @@ def main():
 @click.option("--layer", default=None, help="Cut the base at this named layer [default: the backbone's].")
 @click.option("--pooling", type=click.Choice(backbones.POOLINGS), default=None,
               help="Pool the feature map to a vector [default: the backbone's].")
-@click.option("--image-size", type=int, default=None, help="Square input size in px [default: the backbone's].")
+@click.option("--image-size", type=int, default=None,
+              help="Square input size in px [default: the backbone's].")
 @click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
               help="squash like Keras, or centre-crop to a square first.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -71,7 +72,8 @@ def main():
 @click.option("--weights", "weights_spec", default="imagenet", show_default=True,
               help="imagenet, none (random init, fixed seed) or a weights file.")
 @click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
-              show_default=True, help="train,validation,test fractions for class-folder and CSV data without splits.")
+              show_default=True,
+              help="train,validation,test fractions for class-folder and CSV data without splits.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images per HDF5 shard (the unit of resume).")
 @click.option("--xla/--no-xla", default=False, show_default=True, help="Compile the backbone with XLA.")

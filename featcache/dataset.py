@@ -163,7 +163,8 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
         for path, rel, label, split in sorted(entries, key=lambda e: e[1])
     ]
     if not samples:
-        raise FeatcacheError(f"--data {root}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")
     dataset = Dataset(root, layout, classes, samples, rejects)
     _check_classes(dataset)
     _check_leakage(dataset)

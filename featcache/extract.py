@@ -73,7 +73,8 @@ def extract(
     key = cache.cache_key(config, dataset)
     cache_dir = Path(workdir) / key[:16]
     if (cache.read_manifest(cache_dir) or {}).get("status") == "complete" and _shards_intact(cache_dir):
-        return ExtractResult(cache.Cache(cache_dir), 0, 0, _count_shards(cache_dir), time.monotonic() - started)
+        kept = len(list(cache_dir.glob("*.h5")))
+        return ExtractResult(cache.Cache(cache_dir), 0, 0, kept, time.monotonic() - started)
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         with cache.locked(cache_dir, lock_timeout):
@@ -89,10 +90,6 @@ def _shards_intact(cache_dir: Path) -> bool:
     manifest = cache.read_manifest(cache_dir)
     names = [n for split in manifest["splits"].values() for n in split["shards"]]
     return all(cache.shard_is_intact(cache_dir / n, manifest["key"]) for n in names)
-
-
-def _count_shards(cache_dir: Path) -> int:
-    return len(list(cache_dir.glob("*.h5")))
 
 
 def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started):
@@ -168,7 +165,7 @@ def _run_backbone(model, config, pending: list[Sample], batch_size, xla, compute
     done = 0
     for indices, batch in images:
         features = forward(batch).numpy()
-        for i, row in zip(indices.numpy(), features):
+        for i, row in zip(indices.numpy(), features, strict=True):
             computed[pending[i].relpath] = row.astype(config.dtype)
         resolved_upto = int(indices.numpy()[-1]) + 1
         progress.advance(resolved_upto - done)

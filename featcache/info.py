@@ -17,7 +17,8 @@ def describe_cache(cache: Cache, console: Console) -> None:
         f"status: {m['status']}; created {m['created']}, completed {m.get('completed')}; "
         f"featcache {m['featcache_version']}, format {m['format']}"
     )
-    console.print(f"dataset: {m['dataset']['root']} ({m['dataset']['layout']}, {m['dataset']['images']} files)")
+    data = m["dataset"]
+    console.print(f"dataset: {data['root']} ({data['layout']}, {data['images']} files)")
     console.print(f"weights: {m['weights_source']}")
     provenance = Table(title="extraction config", show_header=False)
     for name, value in m["config"].items():

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -20,12 +26,14 @@ class ImageProgress:
 
     def __init__(self, total: int, description: str = "backbone", enabled: bool = True):
         self.enabled = enabled and total > 0
+        self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=not self.enabled,
+            console=self.console, disable=not (self.enabled and self.console.is_terminal),
         )
         self.task = self.progress.add_task(description, total=total)
+        self.next_log = 0.1  # without a terminal (CI, logs), print a plain line every 10%
 
     def __enter__(self) -> ImageProgress:
         self.progress.start()
@@ -36,3 +44,11 @@ class ImageProgress:
 
     def advance(self, n: int) -> None:
         self.progress.advance(self.task, n)
+        task = self.progress.tasks[0]
+        plain = self.enabled and n > 0 and not self.console.is_terminal
+        if plain and task.completed >= self.next_log * task.total:
+            self.next_log += 0.1
+            speed = f"{task.speed:.1f} img/s" if task.speed else "- img/s"
+            eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
+            done = f"{task.completed:.0f}/{task.total:.0f} images"
+            self.console.print(f"{task.description}: {done}, {speed} {eta}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_changed_image_bytes_change_key_and_cost_one_image(class_data, tmp_path)
     assert (second.computed, second.reused) == (1, total - 1)
     split = next(s for s in second.cache.splits if any("cat_003" in p for p in second.cache.read(s)[2]))
     features, _, paths = second.cache.read(split)
-    np.testing.assert_allclose(features, direct_predict([class_data / p for p in paths]), rtol=1e-4, atol=1e-4)
+    expected = direct_predict([class_data / p for p in paths])
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_changed_weights_change_the_key(class_data, tmp_path):
@@ -212,7 +214,8 @@ def test_imagenet_from_the_weights_store(class_data, tmp_path, monkeypatch):
     store.mkdir()
     keras.utils.set_random_seed(3)
     get("vgg16").build(None, 32).save_weights(store / "abc.weights.h5")
-    (store / "index.json").write_text('{"vgg16": {"file": "abc.weights.h5", "sha256": "abc", "source": "test"}}')
+    entry = {"vgg16": {"file": "abc.weights.h5", "sha256": "abc", "source": "test"}}
+    (store / "index.json").write_text(json.dumps(entry))
     monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
     result = run_extract(class_data, tmp_path / "out", weights_spec="imagenet")
     assert result.cache.config["weights"] == "abc"

@@ -47,7 +47,8 @@ def test_huge_declared_dimensions_are_rejected_without_decoding(tmp_path):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    png = b"\x89PNG\r\n\x1a\n" + body
     path = tmp_path / "bomb.png"
     path.write_bytes(png)
     with pytest.raises(RejectedImage, match="too large"):
