@@ -156,6 +156,9 @@ def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
 
 def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
     entries, rejects, class_names = scanned
+    bad_names = [e[1] for e in entries if not _is_utf8(e[1])]
+    rejects += [Reject(_printable(n), "file name is not valid UTF-8; rename the file") for n in bad_names]
+    entries = [e for e in entries if _is_utf8(e[1])]
     classes = tuple(sorted(class_names))
     index = {name: i for i, name in enumerate(classes)}
     samples = [
@@ -233,6 +236,18 @@ def _images_under(folder: Path) -> list[Path]:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
         ]
     return found
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _rel(path: Path, root: Path) -> str:

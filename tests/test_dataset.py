@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from featcache import FeatcacheError
@@ -108,3 +111,11 @@ def test_hidden_and_non_image_files_are_ignored(tmp_path):
     (root / "cat" / "README.txt").write_text("notes")
     (root / ".ipynb_checkpoints").mkdir()
     assert len(load_dataset(root).samples) == 12
+
+
+def test_non_utf8_file_name_is_rejected_not_fatal(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=6)
+    write_image(Path(os.fsdecode(bytes(root / "cat") + b"/caf\xe9.png")))
+    ds = load_dataset(root)
+    assert [r.reason for r in ds.rejects] == ["file name is not valid UTF-8; rename the file"]
+    assert len(ds.samples) == 12
