@@ -93,6 +93,7 @@ def _shards_intact(cache_dir: Path) -> bool:
 
 
 def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started):
+    """Write every missing shard as soon as its images are through the backbone (the unit of resume)."""
     cache.remove_temporaries(cache_dir)
     plans = cache.plan_shards(dataset, shard_size)
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
@@ -102,33 +103,41 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     cache.write_manifest(cache_dir, manifest)
 
-    reused = source.read([s.sha256 for p in todo for s in p.samples if s.sha256 in source])
     computed: dict[str, np.ndarray] = {}
     rejected: dict[str, str] = {}
-    feature_shape = tuple(model.output_shape[1:]) if model else next(iter(reused.values()), np.zeros(0)).shape
     provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
                   "classes": list(dataset.classes)}
 
     def flush(plan: cache.ShardPlan) -> None:
+        reused = source.read([s.sha256 for s in plan.samples if s.sha256 in source])
         rows = [s for s in plan.samples if s.relpath not in rejected]
-        features = np.zeros((len(rows), *feature_shape), dtype=config.dtype)
+        shape = model.output_shape[1:] if model else next(iter(reused.values())).shape
+        features = np.zeros((len(rows), *shape), dtype=config.dtype)
         for i, s in enumerate(rows):
-            features[i] = computed.pop(s.relpath) if s.relpath in computed else reused[s.sha256]
+            features[i] = reused[s.sha256] if s.sha256 in reused else computed.pop(s.relpath)
         shard_rejects = {s.relpath: rejected[s.relpath] for s in plan.samples if s.relpath in rejected}
         cache.write_shard(cache_dir / plan.name, plan, provenance, features, rows, shard_rejects)
 
+    # pending holds the todo shards' images in order: shard i is done once ends[i] images are
+    ends = np.cumsum([sum(s.sha256 not in source for s in p.samples) for p in todo]).tolist()
+    flushed = 0
     with ImageProgress(len(pending), enabled=show_progress) as progress:
-        if model is not None:
-            _run_backbone(model, config, pending, batch_size, xla, computed, rejected, progress)
-        for plan in todo:
-            flush(plan)
+        batches = _run_backbone(model, config, pending, batch_size, xla, computed, rejected) if model else [0]
+        for resolved_upto in batches:
+            progress.advance_to(resolved_upto)
+            while flushed < len(todo) and ends[flushed] <= resolved_upto:
+                flush(todo[flushed])
+                flushed += 1
 
-    return _finish(cache_dir, manifest, dataset, plans, len(pending) - len(rejected), len(reused),
-                   len(plans) - len(todo), started)
+    return _finish(cache_dir, manifest, dataset, plans, len(pending) - len(rejected),
+                   sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)
 
 
-def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected, progress):
-    """Stream pending images through decode -> preprocess -> backbone, filling ``computed``."""
+def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected):
+    """Stream pending images through decode -> preprocess -> backbone, filling ``computed``.
+
+    Yields, after each batch, how many pending images are resolved (computed or rejected).
+    """
     import tensorflow as tf
 
     preprocess = backbones.get(config.backbone).preprocess_fn(config.preprocess)
@@ -162,15 +171,12 @@ def _run_backbone(model, config, pending: list[Sample], batch_size, xla, compute
     def forward(batch):
         return model(preprocess(tf.cast(batch, tf.float32)), training=False)
 
-    done = 0
     for indices, batch in images:
         features = forward(batch).numpy()
         for i, row in zip(indices.numpy(), features, strict=True):
             computed[pending[i].relpath] = row.astype(config.dtype)
-        resolved_upto = int(indices.numpy()[-1]) + 1
-        progress.advance(resolved_upto - done)
-        done = resolved_upto
-    progress.advance(len(pending) - done)
+        yield int(indices.numpy()[-1]) + 1
+    yield len(pending)  # trailing rejects after the last batch
 
 
 def _build_model(config: cache.ExtractionConfig, resolved: weights.ResolvedWeights):

@@ -42,7 +42,8 @@ class ImageProgress:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def advance(self, n: int) -> None:
+    def advance_to(self, completed: int) -> None:
+        n = completed - self.progress.tasks[0].completed
         self.progress.advance(self.task, n)
         task = self.progress.tasks[0]
         plain = self.enabled and n > 0 and not self.console.is_terminal
