@@ -48,6 +48,7 @@ class ExtractionConfig:
     resize: str
     preprocess: str
     dtype: str
+    precision: str = "float32"  # compute precision; "mixed_float16" on a GPU
     augment: int = 0
     seed: int = 0
 

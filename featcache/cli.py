@@ -77,19 +77,21 @@ def main():
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Images per HDF5 shard (the unit of resume).")
 @click.option("--xla/--no-xla", default=False, show_default=True, help="Compile the backbone with XLA.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]), default="float32",
+              show_default=True, help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
 @click.option("--lock-timeout", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another run writing the same cache.")
 @workdir_option
 @user_errors
 def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
-            weights_spec, split_fractions, shard_size, xla, lock_timeout, workdir):
+            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
     from featcache.extract import extract as run_extract
     from featcache.extract import make_config
 
     config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
-                                   preprocess, dtype)
+                                   preprocess, dtype, precision)
     dataset = load_dataset(data, split_fractions)
     for warning in dataset.warnings:
         console.print(f"[yellow]warning:[/] {warning}")

@@ -22,6 +22,7 @@ from featcache.images import RESIZE_MODES, RejectedImage, load_image
 from featcache.progress import ImageProgress
 
 DTYPES = ("float16", "float32")
+PRECISIONS = ("float32", "mixed_float16")
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ExtractResult:
 def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
-    preprocess: str = "backbone", dtype: str = "float16",
+    preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
     """Validate options at the edge and fill defaults from the backbone registry."""
     spec = backbones.get(backbone)
@@ -46,6 +47,7 @@ def make_config(
     _choice("--resize", resize, RESIZE_MODES)
     _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
     _choice("--dtype", dtype, DTYPES)
+    _choice("--precision", precision, PRECISIONS)
     size = image_size or spec.input_size
     if size < spec.min_size:
         raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
@@ -53,7 +55,7 @@ def make_config(
     config = cache.ExtractionConfig(
         backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
         pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
-        preprocess=preprocess, dtype=dtype,
+        preprocess=preprocess, dtype=dtype, precision=precision,
     )
     return config, resolved
 
@@ -169,7 +171,7 @@ def _run_backbone(model, config, pending: list[Sample], batch_size, xla, compute
 
     @tf.function(jit_compile=xla, reduce_retracing=True)
     def forward(batch):
-        return model(preprocess(tf.cast(batch, tf.float32)), training=False)
+        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
 
     for indices, batch in images:
         features = forward(batch).numpy()
@@ -185,6 +187,8 @@ def _build_model(config: cache.ExtractionConfig, resolved: weights.ResolvedWeigh
     spec = backbones.get(config.backbone)
     if resolved.keras_arg is None:
         keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)  # the policy is global: restore it
     try:
         return backbones.build_extractor(spec, resolved.keras_arg, config.image_size, config.layer,
                                          config.pooling)
@@ -192,6 +196,8 @@ def _build_model(config: cache.ExtractionConfig, resolved: weights.ResolvedWeigh
         raise
     except Exception as exc:  # Keras raises many types for download and file problems
         raise weights.load_failure(config.backbone, resolved, exc) from exc
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model) -> dict:
@@ -212,9 +218,9 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
         "splits": {
             split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits
         },
-        "output_layer": model.layers[-1].name if model else None,
-        "feature_shape": list(model.output_shape[1:]) if model else None,
-        "backbone_params": int(model.count_params()) if model else None,
+        "output_layer": model.layers[-1].name if model else previous.get("output_layer"),
+        "feature_shape": list(model.output_shape[1:]) if model else previous.get("feature_shape"),
+        "backbone_params": int(model.count_params()) if model else previous.get("backbone_params"),
         "warnings": list(dataset.warnings),
     }
 

@@ -233,3 +233,12 @@ def test_failed_imagenet_download_says_what_to_do(class_data, tmp_path, monkeypa
     monkeypatch.setattr(type(get("vgg16")), "build", offline)
     with pytest.raises(FeatcacheError, match="could not be downloaded .*--weights PATH"):
         run_extract(class_data, tmp_path / "out", weights_spec="imagenet")
+
+
+def test_mixed_precision_is_close_to_float32_and_has_its_own_key(class_data, tmp_path):
+    full = run_extract(class_data, tmp_path / "out", pooling="avg")
+    mixed = run_extract(class_data, tmp_path / "out", pooling="avg", precision="mixed_float16")
+    assert mixed.cache.key != full.cache.key and mixed.computed == full.computed
+    assert keras.mixed_precision.global_policy().name == "float32"
+    a, b = full.cache.read("train")[0], mixed.cache.read("train")[0]
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())
