@@ -198,7 +198,8 @@ def weights_list():
 
     index = weights.store_index()
     table = Table(title=f"weights store {weights.store_dir()}")
-    for column in ("backbone", "source", "licence", "weights sha256", "MiB", "installed"):
+    table.add_column("backbone", no_wrap=True)
+    for column in ("source", "licence", "weights sha256", "MiB", "installed"):
         table.add_column(column)
     names = list(weights.OFFLINE_SOURCES) + [n for n in index if n not in weights.OFFLINE_SOURCES]
     for name in names:
