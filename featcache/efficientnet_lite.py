@@ -20,12 +20,12 @@ import numpy as np
 from keras import layers
 
 from featcache import FeatcacheError
+from featcache.converters import TORCH_BN_KEYS, copy_torch_state
 
 BN_EPSILON = 1e-3
 STEM_FILTERS = 32
 TOP_FILTERS = 1280
 CLASSES = 1000
-BN_KEYS = ("weight", "bias", "running_mean", "running_var")  # gamma, beta, mean, variance
 # The convs of one MBConv block: Keras suffix, Keras BN suffix, torch conv module, torch BN module.
 MBCONV_MODULES = (
     ("expand_conv", "expand_bn", "_expand_conv", "_bn0"),
@@ -134,15 +134,7 @@ def load_torch_state(model: keras.Model, state: dict[str, np.ndarray]) -> None:
     if unexpected:
         raise FeatcacheError(f"state dict has {len(unexpected)} keys EfficientNet-Lite0 does not have "
                              f"({', '.join(unexpected[:3])}): is it another EfficientNet?")
-    for conv_name, bn_name, conv_module, bn_module in _torch_modules():
-        conv = model.get_layer(conv_name)
-        # torch (out, in, h, w) -> Keras (h, w, in, out); depthwise (C, 1, h, w) -> (h, w, C, 1).
-        order = (2, 3, 0, 1) if isinstance(conv, layers.DepthwiseConv2D) else (2, 3, 1, 0)
-        _assign(conv, [_tensor(state, f"{conv_module}.weight", order)])
-        _assign(model.get_layer(bn_name), [_tensor(state, f"{bn_module}.{key}") for key in BN_KEYS])
-    if "predictions" in [layer.name for layer in model.layers]:
-        dense = model.get_layer("predictions")
-        _assign(dense, [_tensor(state, "_fc.weight", (1, 0)), _tensor(state, "_fc.bias")])
+    copy_torch_state(model, state, _torch_modules(), "_fc", "EfficientNet-Lite0")
 
 
 def _expected_keys() -> set[str]:
@@ -150,21 +142,5 @@ def _expected_keys() -> set[str]:
     keys = {"_fc.weight", "_fc.bias"}
     for _, _, conv_module, bn_module in _torch_modules():
         keys |= {f"{conv_module}.weight", f"{bn_module}.num_batches_tracked"}
-        keys |= {f"{bn_module}.{key}" for key in BN_KEYS}
+        keys |= {f"{bn_module}.{key}" for key in TORCH_BN_KEYS}
     return keys
-
-
-def _tensor(state: dict[str, np.ndarray], key: str, order: tuple[int, ...] | None = None):
-    """(key, array in Keras axis order) for one state-dict entry."""
-    if key not in state:
-        raise FeatcacheError(f"EfficientNet-Lite0 state dict has no {key!r}: is it efficientnet-lite0 .pth?")
-    array = np.asarray(state[key], dtype=np.float32)
-    return key, array if order is None else array.transpose(order)
-
-
-def _assign(layer, tensors: list[tuple[str, np.ndarray]]) -> None:
-    for (key, array), variable in zip(tensors, layer.weights, strict=True):
-        if tuple(array.shape) != tuple(variable.shape):
-            raise FeatcacheError(f"{key}: shape {array.shape} (in Keras axis order) does not fit layer "
-                                 f"{layer.name}, which expects {tuple(variable.shape)}")
-    layer.set_weights([array for _, array in tensors])

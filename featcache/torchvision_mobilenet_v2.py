@@ -17,6 +17,7 @@ import numpy as np
 from keras import layers
 
 from featcache import FeatcacheError
+from featcache.converters import copy_torch_state
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -124,29 +125,4 @@ def _torch_modules() -> list[tuple[str, str, str, str]]:
 
 def load_torch_state(model: keras.Model, state: dict[str, np.ndarray]) -> None:
     """Copy a torchvision MobileNetV2 state dict into a model from ``build``, checking every shape."""
-    for conv_name, bn_name, conv_module, bn_module in _torch_modules():
-        conv = model.get_layer(conv_name)
-        # torch (out, in, h, w) -> Keras (h, w, in, out); depthwise (C, 1, h, w) -> (h, w, C, 1).
-        order = (2, 3, 0, 1) if isinstance(conv, layers.DepthwiseConv2D) else (2, 3, 1, 0)
-        _assign(conv, [_tensor(state, f"{conv_module}.weight", order)])
-        bn_keys = ("weight", "bias", "running_mean", "running_var")  # gamma, beta, mean, variance
-        _assign(model.get_layer(bn_name), [_tensor(state, f"{bn_module}.{key}") for key in bn_keys])
-    if "predictions" in [layer.name for layer in model.layers]:
-        dense = model.get_layer("predictions")
-        _assign(dense, [_tensor(state, "classifier.1.weight", (1, 0)), _tensor(state, "classifier.1.bias")])
-
-
-def _tensor(state: dict[str, np.ndarray], key: str, order: tuple[int, ...] | None = None):
-    """(key, array in Keras axis order) for one state-dict entry."""
-    if key not in state:
-        raise FeatcacheError(f"torchvision MobileNetV2 state dict has no {key!r}: is it a mobilenet_v2 .pth?")
-    array = np.asarray(state[key], dtype=np.float32)
-    return key, array if order is None else array.transpose(order)
-
-
-def _assign(layer, tensors: list[tuple[str, np.ndarray]]) -> None:
-    for (key, array), variable in zip(tensors, layer.weights, strict=True):
-        if tuple(array.shape) != tuple(variable.shape):
-            raise FeatcacheError(f"{key}: shape {array.shape} (in Keras axis order) does not fit layer "
-                                 f"{layer.name}, which expects {tuple(variable.shape)}")
-    layer.set_weights([array for _, array in tensors])
+    copy_torch_state(model, state, _torch_modules(), "classifier.1", "torchvision MobileNetV2")
