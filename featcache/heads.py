@@ -1,0 +1,304 @@
+"""Heads: small classifiers fitted on cached features, all behind one interface.
+
+Every head fits on a cache, predicts class probabilities, saves and loads; whatever library is
+inside (Keras or scikit-learn). A saved head lives in ``CACHE/heads/NAME/`` with ``head.json``
+(cache key, classes, options, seed, chosen hyperparameters, history, fit time, metrics, and the
+sha256 of the model file) next to ``model.keras`` or ``model.joblib``. Loading refuses a head of
+another cache, loads Keras models in safe mode, and unpickles joblib files only after their
+sha256 matches the one recorded at save time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.cache import Cache
+from featcache.dataset import file_sha256
+
+OPTIMIZERS = ("rmsprop", "adam")
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Training options; the defaults follow Chollet's feature-extraction recipe."""
+
+    epochs: int = 30
+    batch_size: int = 20
+    learning_rate: float = 2e-5
+    optimizer: str = "rmsprop"
+    seed: int = 0
+    class_weight: str | None = None  # None or "balanced"
+    patience: int | None = 5  # early stopping on validation loss (best weights restored)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    library: str  # "keras" or "sklearn"
+    description: str
+
+
+HEADS = {
+    spec.name: spec
+    for spec in (
+        HeadSpec("dense256", "keras", "Flatten, Dense 256 relu, Dropout 0.5, sigmoid/softmax (Chollet)"),
+        HeadSpec("dense1024", "keras", "Flatten, Dense 1024 relu, Dropout 0.2, sigmoid/softmax"),
+        HeadSpec("linear", "keras", "global average pooling (on a map), one Dense (TF MobileNetV2 tutorial)"),
+        HeadSpec("logreg", "sklearn", "standardise, LogisticRegression, C chosen on validation"),
+        HeadSpec("svm", "sklearn", "standardise, linear SVM (calibrated), C chosen on validation"),
+        HeadSpec("svm-rbf", "sklearn", "standardise, RBF SVM (calibrated), C chosen on validation"),
+    )
+}
+
+
+def get_spec(name: str) -> HeadSpec:
+    if name not in HEADS:
+        raise FeatcacheError(f"unknown head {name!r}: choose one of {', '.join(HEADS)} (`featcache heads`)")
+    return HEADS[name]
+
+
+@dataclass
+class Head:
+    """A fitted head: its model and everything needed to trace a number back to it."""
+
+    name: str
+    model: object
+    info: dict = field(default_factory=dict)
+
+    @property
+    def binary_sigmoid(self) -> bool:
+        return self.info.get("output") == "sigmoid"
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """(N, n_classes) probabilities for a batch of cached features."""
+        features = np.asarray(features, dtype=np.float32)
+        if get_spec(self.name).library == "sklearn":
+            return self.model.predict_proba(features.reshape(len(features), -1))
+        chunks = [self.model(features[i : i + 1024], training=False) for i in range(0, len(features), 1024)]
+        p = np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks]) if chunks else np.zeros((0, 1))
+        return np.column_stack([1 - p[:, 0], p[:, 0]]) if self.binary_sigmoid else p
+
+    def check_cache(self, cache: Cache) -> None:
+        if self.info["cache_key"] != cache.key:
+            raise FeatcacheError(
+                f"head {self.name} was fitted on cache {self.info['cache_key'][:16]}, not {cache.key[:16]}; "
+                f"fit it again with `featcache fit-head --head {self.name} --cache {cache.key[:16]}`"
+            )
+
+    def save(self, folder: Path) -> Path:
+        """Write the head to a temporary folder, then swap it in: never a half-written head."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model_file = tmp / ("model.joblib" if get_spec(self.name).library == "sklearn" else "model.keras")
+        if model_file.suffix == ".joblib":
+            import joblib
+
+            joblib.dump(self.model, model_file)
+        else:
+            self.model.save(model_file)
+        self.info["model_file"] = model_file.name
+        self.info["model_sha256"] = file_sha256(model_file)
+        (tmp / "head.json").write_text(json.dumps(self.info, indent=2))
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+
+def head_dir(cache: Cache, name: str) -> Path:
+    return cache.path / "heads" / name
+
+
+def saved_heads(cache: Cache) -> list[str]:
+    folder = cache.path / "heads"
+    return sorted(p.name for p in folder.iterdir() if (p / "head.json").is_file()) if folder.is_dir() else []
+
+
+def load_head(folder: Path) -> Head:
+    """Load a saved head without ever executing untrusted code."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "head.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FeatcacheError(
+            f"{folder}: not a saved head ({exc}); fit it with `featcache fit-head`"
+        ) from None
+    model_file = folder / info["model_file"]
+    if not model_file.is_file() or file_sha256(model_file) != info["model_sha256"]:
+        raise FeatcacheError(
+            f"{model_file} is missing or does not match the sha256 recorded when it was saved; "
+            f"refusing to load it (fit the head again with `featcache fit-head --head {info['name']}`)"
+        )
+    if model_file.suffix == ".joblib":
+        import joblib
+
+        model = joblib.load(model_file)
+    else:
+        import keras
+
+        model = keras.saving.load_model(model_file, safe_mode=True)
+    return Head(info["name"], model, info)
+
+
+def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions()) -> Head:
+    """Fit head ``name`` on the cache's train split, choosing/stopping on validation."""
+    spec = get_spec(name)
+    if options.optimizer not in OPTIMIZERS:
+        raise FeatcacheError(f"--optimizer {options.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if "validation" not in cache.splits:
+        raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
+    started = time.perf_counter()
+    fit = _fit_keras if spec.library == "keras" else _fit_sklearn
+    model, details = fit(cache, name, options)
+    info = {
+        "name": name, "library": spec.library, "cache_key": cache.key, "classes": cache.classes,
+        "feature_shape": cache.manifest["feature_shape"], "options": asdict(options),
+        "seed": options.seed, "fit_seconds": round(time.perf_counter() - started, 3),
+        "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details,
+    }
+    return Head(name, model, info)
+
+
+def _class_weight(cache: Cache, options: FitOptions) -> dict[int, float] | None:
+    """'balanced' weights as scikit-learn defines them: n / (k * n_class)."""
+    if options.class_weight is None:
+        return None
+    if options.class_weight != "balanced":
+        raise FeatcacheError(f"--class-weight {options.class_weight!r}: only 'balanced' is supported")
+    counts = np.array([cache.manifest["splits"]["train"]["class_counts"][c] for c in cache.classes], float)
+    return {i: float(counts.sum() / (len(counts) * max(n, 1))) for i, n in enumerate(counts)}
+
+
+# --- Keras heads ------------------------------------------------------------------------------------
+
+def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int):
+    """The head alone, on the cached feature shape; sigmoid for two classes, softmax otherwise."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = inputs
+    if name == "linear":
+        if len(feature_shape) == 3:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    else:
+        units, dropout = {"dense256": (256, 0.5), "dense1024": (1024, 0.2)}[name]
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"dense{units}")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    binary = n_classes == 2
+    outputs = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"head_{name}")
+
+
+def compiled_keras_head(name: str, feature_shape, n_classes: int, optimizer: str, learning_rate: float):
+    import keras
+
+    model = build_keras_head(name, feature_shape, n_classes)
+    optimizer_class = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[optimizer]
+    loss = "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
+    model.compile(optimizer=optimizer_class(learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+    return model
+
+
+def _batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None):
+    """A tf.data pipeline streaming shards (never the whole cache in memory)."""
+    import tensorflow as tf
+
+    shards = cache.shard_paths(split)
+    shape = tuple(cache.manifest["feature_shape"])
+
+    def rows():
+        order = np.random.default_rng(shuffle_seed).permutation(len(shards)) if shuffle_seed is not None \
+            else range(len(shards))
+        for index in order:
+            with cache.open_shard(shards[index]) as f:
+                features, labels = f["features"][:], f["labels"][:]
+            for i in (np.random.default_rng(shuffle_seed).permutation(len(labels))
+                      if shuffle_seed is not None else range(len(labels))):
+                yield features[i].astype(np.float32), labels[i]
+
+    signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int32))
+    dataset = tf.data.Dataset.from_generator(rows, output_signature=signature)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(cache.manifest["splits"][split]["rows"]))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _fit_keras(cache: Cache, name: str, options: FitOptions):
+    import keras
+
+    keras.utils.set_random_seed(options.seed)
+    n_classes = len(cache.classes)
+    model = compiled_keras_head(name, cache.manifest["feature_shape"], n_classes, options.optimizer,
+                                options.learning_rate)
+    callbacks = []
+    if options.patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
+                                                       restore_best_weights=True))
+    history = model.fit(
+        _batches(cache, "train", options.batch_size, options.seed),
+        validation_data=_batches(cache, "validation", 256, None),
+        epochs=options.epochs, callbacks=callbacks, class_weight=_class_weight(cache, options), verbose=0,
+        shuffle=False,  # _batches shuffles shard order, rows and a 4096-row buffer itself
+    )
+    details = {
+        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        "epochs_run": len(history.history["loss"]),
+        "output": "sigmoid" if n_classes == 2 else "softmax",
+        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "non_trainable_params": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
+    }
+    return model, details
+
+
+# --- scikit-learn heads -----------------------------------------------------------------------------
+
+def sklearn_model(name: str, c: float, seed: int, class_weight):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
+    if name == "logreg":
+        estimator = LogisticRegression(C=c, max_iter=2000, class_weight=class_weight, random_state=seed)
+    elif name == "svm":
+        estimator = CalibratedClassifierCV(LinearSVC(C=c, class_weight=class_weight, random_state=seed), cv=3)
+    else:
+        svc = SVC(C=c, kernel="rbf", class_weight=class_weight, random_state=seed)
+        estimator = CalibratedClassifierCV(svc, cv=3, ensemble=False)
+    return make_pipeline(StandardScaler(), estimator)
+
+
+def _fit_sklearn(cache: Cache, name: str, options: FitOptions):
+    """Try every C of the grid on train, keep the best validation accuracy (ties: smaller C)."""
+    x_train, y_train, _ = cache.read("train")
+    x_val, y_val, _ = cache.read("validation")
+    x_train, x_val = (x.reshape(len(x), -1).astype(np.float32) for x in (x_train, x_val))
+    class_weight = "balanced" if options.class_weight == "balanced" else None
+    _class_weight(cache, options)  # validates the option
+    scores = {}
+    best = None
+    for c in C_GRID:
+        model = sklearn_model(name, c, options.seed, class_weight).fit(x_train, y_train)
+        scores[c] = float((model.predict(x_val) == y_val).mean())
+        if best is None or scores[c] > scores[best[0]]:
+            best = (c, model)
+    c, model = best
+    return model, {"chosen": {"C": c}, "validation_accuracy_by_C": {str(k): v for k, v in scores.items()},
+                   "output": "proba"}
