@@ -32,7 +32,7 @@ class SplitResult:
         return {
             "accuracy": float((self.predicted == self.labels).mean()),
             "balanced_accuracy": float(balanced_accuracy_score(self.labels, self.predicted)),
-            "log_loss": float(log_loss(self.labels, np.clip(self.probabilities, 1e-7, 1), labels=everything)),
+            "log_loss": float(log_loss(self.labels, _clipped(self.probabilities), labels=everything)),
             "confusion": confusion_matrix(self.labels, self.predicted, labels=everything).tolist(),
             "rows": len(self.labels),
             "predict_seconds": round(self.predict_seconds, 4),
@@ -45,6 +45,12 @@ class SplitResult:
              "predicted": classes[self.predicted[i]], "probability": float(self.probabilities[i].max())}
             for i in wrong
         ]
+
+
+def _clipped(probabilities: np.ndarray) -> np.ndarray:
+    """float32 probabilities clipped away from 0 and renormalised, so log loss stays finite."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def predict_split(head: Head, cache: Cache, split: str) -> SplitResult:

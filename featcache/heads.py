@@ -24,7 +24,8 @@ from featcache.cache import Cache
 from featcache.dataset import file_sha256
 
 OPTIMIZERS = ("rmsprop", "adam")
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+C_GRIDS = {"logreg": (0.001, 0.01, 0.1, 1.0, 10.0), "svm": (0.001, 0.01, 0.1, 1.0, 10.0),
+           "svm-rbf": (0.1, 1.0, 10.0, 100.0)}
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ def _fit_sklearn(cache: Cache, name: str, options: FitOptions):
     _class_weight(cache, options)  # validates the option
     scores = {}
     best = None
-    for c in C_GRID:
+    for c in C_GRIDS[name]:
         model = sklearn_model(name, c, options.seed, class_weight).fit(x_train, y_train)
         scores[c] = float((model.predict(x_val) == y_val).mean())
         if best is None or scores[c] > scores[best[0]]:

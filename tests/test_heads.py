@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from featcache import FeatcacheError
 from featcache.cli import main
 from featcache.evaluate import cross_validate, evaluate, predict_split
-from featcache.heads import HEADS, FitOptions, fit_head, head_dir, load_head
+from featcache.heads import C_GRIDS, HEADS, FitOptions, fit_head, head_dir, load_head
 from tests.conftest import synthetic_cache
 
 QUICK = FitOptions(epochs=40, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=8)
@@ -73,7 +73,7 @@ def test_head_refuses_a_cache_it_was_not_fitted_on(tmp_path):
 
 def test_sklearn_heads_choose_c_on_validation(tmp_path):
     head = fit_head(synthetic_cache(tmp_path), "logreg", QUICK)
-    assert head.info["chosen"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0)
+    assert head.info["chosen"]["C"] in C_GRIDS["logreg"]
     assert len(head.info["validation_accuracy_by_C"]) == 5
 
 
