@@ -197,6 +197,51 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
         console.print(f"{name}: {done}; {scores}; fit {head.info['fit_seconds']:.1f} s -> {folder}")
 
 
+@main.command("compare")
+@click.option("--cv", "cv_folds", type=click.IntRange(min=2), default=None,
+              help="Add K-fold cross-validation on the train split.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the PNG plots [default: CACHE/plots].")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write one self-contained HTML page with the table, plots and misclassified images.")
+@cache_option
+@workdir_option
+@user_errors
+def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
+    """Compare every head fitted on a cache: accuracy, balanced accuracy, log loss, times."""
+    from featcache import report
+    from featcache.compare import compare
+
+    cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
+    comparison = compare(cache, cv_folds)
+    click.echo(report.format_table(comparison.rows, fmt))
+    plots_dir = plots_dir or cache.path / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
+        "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
+                                                             plots_dir / "confusion.png"),
+    }
+    if comparison.histories:
+        figures["learning curves"] = report.plot_learning_curves(comparison.histories,
+                                                                 plots_dir / "learning_curves.png")
+    err = Console(stderr=True)
+    err.print(f"plots: {', '.join(str(p) for p in figures.values())}")
+    if report_path:
+        config = cache.config
+        facts = {"cache": cache.key, "backbone": config["backbone"],
+                 "weights": cache.manifest.get("weights_source", "-"),
+                 "layer": str(cache.manifest.get("output_layer")), "pooling": config["pooling"],
+                 "image size": f"{config['image_size']} px", "dataset": cache.manifest["dataset"]["root"],
+                 "best head": comparison.best, "cross-validation": f"{cv_folds} folds" if cv_folds else "off"}
+        report.write_report(report_path, f"featcache compare: {config['backbone']} on "
+                            f"{Path(cache.manifest['dataset']['root']).name}", comparison.rows, figures,
+                            comparison.misclassified, facts)
+        err.print(f"report: {report_path}")
+
+
 @main.command("heads")
 def list_heads():
     """List the heads that fit-head can train."""

@@ -1,0 +1,71 @@
+"""Gather every head fitted on a cache into one comparison: rows, curves, confusion matrices and
+the misclassified test images of the best head. Rendering lives in report.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.cache import Cache
+from featcache.evaluate import cross_validate, predict_split
+from featcache.heads import head_dir, load_head, saved_heads
+
+
+@dataclass
+class Comparison:
+    rows: list[dict]
+    histories: dict[str, dict] = field(default_factory=dict)
+    confusions: dict[str, list[list[int]]] = field(default_factory=dict)
+    misclassified: list[dict] = field(default_factory=list)
+
+    @property
+    def best(self) -> str:
+        """Highest validation accuracy; ties go to the lower validation log loss."""
+        return max(self.rows, key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))["head"]
+
+
+def compare(cache: Cache, cv_folds: int | None = None) -> Comparison:
+    names = saved_heads(cache)
+    if not names:
+        raise FeatcacheError(
+            f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
+        )
+    final_split = "test" if "test" in cache.splits else "validation"
+    comparison = Comparison(rows=[])
+    results = {}
+    for name in names:
+        head = load_head(head_dir(cache, name))
+        validation = predict_split(head, cache, "validation")
+        final = predict_split(head, cache, final_split)
+        results[name] = final
+        comparison.rows.append(_row(head, cache, validation, final if final_split == "test" else None,
+                                    cv_folds))
+        if "history" in head.info:
+            comparison.histories[name] = head.info["history"]
+        comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
+    root = Path(cache.manifest["dataset"]["root"])
+    comparison.misclassified = [
+        {**item, "path": root / item["relpath"], "head": comparison.best}
+        for item in results[comparison.best].misclassified(cache.classes)
+    ]
+    return comparison
+
+
+def _row(head, cache: Cache, validation, test, cv_folds: int | None) -> dict:
+    n = len(cache.classes)
+    val, tst = validation.metrics(n), test.metrics(n) if test else None
+    scores = cross_validate(head, cache, cv_folds) if cv_folds else None
+    return {
+        "head": head.name,
+        "val_accuracy": val["accuracy"], "test_accuracy": tst and tst["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
+        "test_balanced_accuracy": tst and tst["balanced_accuracy"],
+        "val_log_loss": val["log_loss"], "test_log_loss": tst and tst["log_loss"],
+        "cv_accuracy": float(np.mean(scores)) if scores else None,
+        "cv_std": float(np.std(scores)) if scores else None,
+        "fit_seconds": head.info["fit_seconds"],
+        "predict_seconds": (test or validation).predict_seconds,
+    }

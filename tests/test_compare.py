@@ -1,0 +1,64 @@
+"""featcache compare: one table of every head, in four formats, with plots and an HTML report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from click.testing import CliRunner
+from featcache.report import COLUMNS
+
+from featcache.cli import main
+from featcache.compare import compare
+from featcache.heads import FitOptions, fit_head, head_dir
+from tests.conftest import synthetic_cache, write_image
+
+QUICK = FitOptions(epochs=20, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=5)
+
+
+def fitted_cache(tmp_path, names=("logreg", "dense256", "svm")):
+    cache = synthetic_cache(tmp_path, per_class=(30, 10, 10))
+    for name in names:
+        fit_head(cache, name, QUICK).save(head_dir(cache, name))
+    return cache
+
+
+def test_compare_rows_cover_every_head_and_mark_one_best(tmp_path):
+    comparison = compare(fitted_cache(tmp_path), cv_folds=3)
+    assert sorted(r["head"] for r in comparison.rows) == ["dense256", "logreg", "svm"]
+    assert all(r["cv_accuracy"] is not None and r["test_accuracy"] >= 0.9 for r in comparison.rows)
+    assert comparison.best in {"dense256", "logreg", "svm"}
+    assert set(comparison.histories) == {"dense256"}
+
+
+def test_json_and_csv_outputs_parse_with_the_right_columns(tmp_path):
+    fitted_cache(tmp_path, names=("logreg", "linear"))
+    runner = CliRunner()
+    as_json = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.stdout)
+    assert [set(r) for r in rows] == [set(COLUMNS)] * 2 and sum(r["best"] for r in rows) == 1
+    as_csv = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "csv"])
+    reader = csv.DictReader(io.StringIO(as_csv.stdout))
+    assert tuple(reader.fieldnames) == COLUMNS and len(list(reader)) == 2
+
+
+def test_compare_writes_plots_and_a_report_with_misclassified_images(tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=(30, 10, 10), shuffle_labels=True)
+    for relpath in [f"test/{c}/{i:04d}.png" for c in ("a", "b") for i in range(20)]:
+        write_image(tmp_path / relpath, seed=len(relpath))
+    fit_head(cache, "logreg", QUICK).save(head_dir(cache, "logreg"))
+    report = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    for name in ("comparison.png", "confusion.png"):
+        assert (cache.path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = report.read_text()
+    assert "logreg" in page and "data:image/png;base64," in page and "test/a/" in page
+
+
+def test_compare_without_heads_says_what_to_do(tmp_path):
+    synthetic_cache(tmp_path)
+    result = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1 and "run `featcache fit-head --head dense256` first" in result.output
