@@ -1,0 +1,387 @@
+"""Render a comparison of heads: text tables, PNG figures and one self-contained HTML page.
+
+Everything arrives as plain data (rows, histories, matrices, file paths), so rendering can be
+tested and reused without Keras, caches or fitted heads. Figures are drawn on matplotlib's Agg
+canvas directly, never through pyplot: no GUI backend, no global figure state to leak.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import mimetypes
+import os
+import textwrap
+from pathlib import Path
+
+from featcache import FeatcacheError, __version__
+
+COLUMNS = (
+    "head", "val_accuracy", "test_accuracy", "val_balanced_accuracy", "test_balanced_accuracy",
+    "val_log_loss", "test_log_loss", "cv_accuracy", "cv_std", "fit_seconds", "predict_seconds", "best",
+)
+FORMATS = ("table", "markdown", "json", "csv")
+LABELS = {
+    "head": "head", "val_accuracy": "val acc", "test_accuracy": "test acc",
+    "val_balanced_accuracy": "val bal acc", "test_balanced_accuracy": "test bal acc",
+    "val_log_loss": "val loss", "test_log_loss": "test loss", "cv_accuracy": "cv acc", "cv_std": "cv std",
+    "fit_seconds": "fit s", "predict_seconds": "predict s",
+}
+STAR = "★"
+THUMBNAIL_PX = 128
+
+
+# ---------------------------------------------------------------- tables
+
+
+def format_table(rows: list[dict], fmt: str) -> str:
+    """The comparison as text for a terminal, a README, or another program, best head marked."""
+    renderers = {"table": _rich_table, "markdown": _markdown, "json": _json, "csv": _csv}
+    if fmt not in renderers:
+        raise FeatcacheError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return renderers[fmt](_with_best(rows))
+
+
+def _with_best(rows: list[dict]) -> list[dict]:
+    """Rows with every column in COLUMNS order and "best" set on exactly one row (none if empty).
+
+    The best head has the highest validation accuracy; ties go to the lower validation log loss,
+    as compare's default head for predict/export. Numpy scalars become Python numbers for json.
+    """
+    def rank(i: int) -> tuple[float, float]:
+        loss = rows[i].get("val_log_loss")
+        return rows[i]["val_accuracy"], -(math.inf if loss is None else loss)
+
+    best = max(range(len(rows)), key=rank, default=None)
+    return [
+        {**{c: _plain(row.get(c)) for c in COLUMNS[:-1]}, "best": i == best} for i, row in enumerate(rows)
+    ]
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _cells(row: dict) -> list[str]:
+    """Display strings for every column but "best": percentages, 3-decimal losses, short seconds."""
+    return [_format(column, row[column]) for column in COLUMNS[:-1]]
+
+
+def _format(column: str, value) -> str:
+    if value is None:
+        return "-"
+    if column == "head":
+        return str(value)
+    if column.endswith("log_loss"):
+        return f"{value:.3f}"
+    if column.endswith("seconds"):
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+    return f"{100 * value:.1f}%"
+
+
+def _rich_table(rows: list[dict]) -> str:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  caption_justify="left", caption=f"{STAR} best: highest val acc, then lowest val loss")
+    for column in COLUMNS[:-1]:
+        table.add_column(LABELS[column], justify="left" if column == "head" else "right")
+    for row in rows:
+        cells = _cells(row)
+        cells[0] = f"{cells[0]} {STAR}" if row["best"] else cells[0]
+        table.add_row(*cells)
+    console = Console(file=io.StringIO(), width=240, color_system=None)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip("\n")
+
+
+def _markdown(rows: list[dict]) -> str:
+    def line(cells):
+        return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
+
+    lines = [line(LABELS[c] for c in COLUMNS[:-1]), "|:---|" + "---:|" * (len(COLUMNS) - 2)]
+    for row in rows:
+        cells = _cells(row)
+        cells[0] = f"**{cells[0]}** {STAR}" if row["best"] else cells[0]
+        lines.append(line(cells))
+    return "\n".join(lines)
+
+
+def _json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2)
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().rstrip("\n")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_learning_curves(
+    histories: dict[str, dict[str, list[float]]], path: Path, marker_epoch: dict[str, int] | None = None
+) -> Path:
+    """Loss and accuracy per epoch for every head: colour is the head, solid train, dashed validation.
+
+    A dotted vertical line marks the epoch where fine-tuning began, so its jump is not misread.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    marker_epoch = marker_epoch or {}
+    fig = _figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for i, (head, history) in enumerate(histories.items()):
+            for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+                values = history.get(key) or []
+                ax.plot(range(1, len(values) + 1), values, style, color=f"C{i}")
+            if head in marker_epoch:
+                ax.axvline(marker_epoch[head], color=f"C{i}", linestyle=":")
+                ax.annotate("fine-tuning", (marker_epoch[head], 0.98), xycoords=("data", "axes fraction"),
+                            rotation=90, ha="right", va="top", fontsize=8, color=f"C{i}")
+        ax.set(title=metric, xlabel="epoch", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    handles = [Line2D([], [], color=f"C{i}", label=head) for i, head in enumerate(histories)]
+    for style, split in (("-", "train"), ("--", "validation")):
+        handles.append(Line2D([], [], color="grey", linestyle=style, label=split))
+    fig.legend(handles=handles, loc="outside right upper")
+    return _save(fig, path)
+
+
+def plot_confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[str], path: Path) -> Path:
+    """One matrix per head, rows true and columns predicted, counts written in every cell.
+
+    Class names are wrapped and rotated so long ones stay readable; only the first column of the
+    grid repeats them on the y axis. Colour is the fraction of each true class, so errors on a small
+    class stay visible beside a large one.
+    """
+    import numpy as np
+
+    n = max(len(matrices), 1)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    side = max(3.5, 0.5 * len(classes) + 2)
+    fig = _figure(figsize=(side * ncols + 0.5, side * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for i, (head, matrix) in enumerate(matrices.items()):
+        _draw_confusion(axes[i], head, np.asarray(matrix, dtype=int), classes, first_column=i % ncols == 0)
+    for ax in axes[len(matrices):]:
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
+def _draw_confusion(ax, head: str, counts, classes: list[str], first_column: bool) -> None:
+    import numpy as np
+
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    size = 9 if len(classes) <= 10 else 6
+    for (i, j), count in np.ndenumerate(counts):
+        colour = "white" if fraction[i, j] > 0.5 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=size, color=colour)
+    names = [textwrap.fill(name, 20) for name in classes]
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, names if first_column else [])
+    ax.tick_params(axis="y", length=4 if first_column else 0)
+    ax.set(xlabel="predicted", ylabel="true" if first_column else "")
+    total = counts.sum()
+    accuracy = f"{np.trace(counts) / total:.1%}" if total else "-"
+    ax.set_title(f"{head}\naccuracy {accuracy} (n={total})", fontsize=10)
+
+
+def plot_comparison(rows: list[dict], path: Path) -> Path:
+    """Validation and test accuracy side by side for each head; the best head is starred and shaded."""
+    from matplotlib.ticker import PercentFormatter
+
+    rows = _with_best(rows)
+    fig = _figure(figsize=(8, 0.7 * len(rows) + 1.6))
+    ax = fig.subplots()
+    height = 0.38
+    for offset, split, colour in ((-height / 2, "val", "C0"), (height / 2, "test", "C1")):
+        values = [row[f"{split}_accuracy"] for row in rows]
+        y = [i + offset for i, v in enumerate(values) if v is not None]
+        x = [v for v in values if v is not None]
+        bars = ax.barh(y, x, height, color=colour, label="validation" if split == "val" else "test")
+        ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in x], padding=3, fontsize=8)
+    for i, row in enumerate(rows):
+        if row["best"]:
+            ax.axhspan(i - 0.5, i + 0.5, color="gold", alpha=0.25, zorder=0)
+    ax.set_yticks(range(len(rows)), [f"{r['head']} {STAR}" if r["best"] else r["head"] for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, 1.12)
+    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1))
+    ax.set(xlabel="accuracy", title=f"accuracy by head ({STAR} best on validation)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2)
+    return _save(fig, path)
+
+
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return _write_atomic(Path(path), buffer.getvalue())
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """Readers never see half a file: write a sibling temporary name, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- HTML report
+
+CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d232a;
+       max-width: 1240px; margin: 0 auto; padding: 24px; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 12px; }
+h2 { font-size: 17px; margin: 28px 0 10px; border-bottom: 1px solid #dde1e6; padding-bottom: 4px; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0;
+           background: #f5f7f9; padding: 10px 14px; border-radius: 6px; }
+dl.facts dt { color: #5b6672; } dl.facts dd { margin: 0; font-family: ui-monospace, monospace;
+           overflow-wrap: anywhere; }
+table.results { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+table.results th, table.results td { padding: 4px 10px; border-bottom: 1px solid #e6e9ed; text-align: right; }
+table.results th { background: #f5f7f9; }
+table.results th:first-child, table.results td:first-child { text-align: left; }
+table.results tr.best td { background: #fff4c2; font-weight: 600; }
+figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #e6e9ed; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 12px; }
+.item { border: 1px solid #e6e9ed; border-radius: 6px; padding: 8px; font-size: 12px; }
+.item img, .item .missing { display: block; margin: 0 auto 6px; max-width: 128px; max-height: 128px; }
+.item .missing { width: 128px; height: 128px; background: #f0f0f0; color: #8a939c; display: flex;
+                 align-items: center; justify-content: center; text-align: center; }
+.item .path { font: 11px ui-monospace, monospace; overflow-wrap: anywhere; color: #5b6672; }
+.true { color: #1a7f37; } .pred { color: #cf222e; }
+.note, footer { color: #5b6672; } footer { margin-top: 32px; font-size: 12px; }
+"""
+
+
+def write_report(
+    path: Path,
+    title: str,
+    rows: list[dict],
+    figures: dict[str, Path],
+    misclassified: list[dict],
+    facts: dict[str, str],
+    *,
+    max_gallery: int = 60,
+) -> Path:
+    """One HTML file that can be mailed or archived: no external files, no network, every text escaped."""
+    esc = html.escape
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<header><h1>{esc(title)}</h1>{_facts_html(facts)}</header>",
+        f"<section><h2>Results</h2>{_results_html(rows)}</section>",
+        *(_figure_html(name, figure) for name, figure in figures.items()),
+        _gallery_html(misclassified, max_gallery),
+        f"<footer>Written by featcache {esc(__version__)}.</footer></body></html>\n",
+    ]
+    return _write_atomic(Path(path), "\n".join(parts).encode("utf-8"))
+
+
+def _facts_html(facts: dict[str, str]) -> str:
+    items = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts.items())
+    return f'<dl class="facts">{items}</dl>'
+
+
+def _results_html(rows: list[dict]) -> str:
+    header = "".join(f"<th>{html.escape(LABELS[c])}</th>" for c in COLUMNS[:-1])
+    body = []
+    for row in _with_best(rows):
+        cells = [html.escape(cell) for cell in _cells(row)]
+        if row["best"]:
+            cells[0] += f' <span title="best">{STAR}</span>'
+        css = ' class="best"' if row["best"] else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    note = f"{STAR} best: highest validation accuracy, ties broken by lower validation log loss."
+    return (f'<table class="results"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'<p class="note">{note}</p>')
+
+
+def _figure_html(name: str, path: Path) -> str:
+    mime = mimetypes.guess_type(str(path))[0] or "image/png"
+    uri = _data_uri(Path(path).read_bytes(), mime)
+    name = html.escape(name)
+    return f'<section><h2>{name}</h2><figure><img src="{uri}" alt="{name}"></figure></section>'
+
+
+def _gallery_html(misclassified: list[dict], max_gallery: int) -> str:
+    shown = misclassified[:max_gallery]
+    if not misclassified:
+        note = "No misclassified test images."
+    elif len(shown) < len(misclassified):
+        note = f"Showing {len(shown)} of {len(misclassified)}; {len(misclassified) - len(shown)} left out."
+    else:
+        note = f"All {len(shown)} shown."
+    items = "".join(_gallery_item(item) for item in shown)
+    return (f'<section><h2>Misclassified test images</h2><p class="note">{note}</p>'
+            f'<div class="gallery">{items}</div></section>')
+
+
+def _gallery_item(item: dict) -> str:
+    esc = html.escape
+    thumbnail = _thumbnail(Path(item["path"]))
+    picture = (f'<img src="{_data_uri(thumbnail, "image/png")}" alt="{esc(item["relpath"])}">' if thumbnail
+               else '<div class="missing">image unreadable</div>')
+    breakable = esc(item["relpath"]).replace("/", "/<wbr>")
+    return (f'<div class="item">{picture}<div class="path">{breakable}</div>'
+            f'<div>true <b class="true">{esc(item["true"])}</b>, predicted <b class="pred">'
+            f'{esc(item["predicted"])}</b> at {item["probability"]:.1%}</div>'
+            f'<div class="note">head {esc(item["head"])}</div></div>')
+
+
+def _thumbnail(path: Path) -> bytes | None:
+    """A small PNG of the image, or None when it cannot be read.
+
+    Any failure means None: a report about errors must not fail on a file that moved or broke
+    since extraction, and Pillow raises many exception types for damaged files. draft() lets a
+    large JPEG decode at reduced scale.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))
+            small = ImageOps.exif_transpose(image).convert("RGB")
+            small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buffer = io.BytesIO()
+            small.save(buffer, format="PNG")
+            return buffer.getvalue()
+    except Exception:
+        return None
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
