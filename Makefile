@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-DATA   ?= data/demo
+DATA   ?= data/elpv
 
 .PHONY: install demo test lint clean
 
@@ -15,16 +15,18 @@ $(BIN)/featcache: pyproject.toml
 install: $(BIN)/featcache
 
 demo: install
-	$(BIN)/python scripts/make_demo_data.py --dest $(DATA)
+	$(BIN)/featcache weights install vgg16
+	$(BIN)/featcache datasets elpv --dest $(DATA)
 	$(BIN)/featcache extract --backbone vgg16 --data $(DATA)
-	$(BIN)/featcache info
+	$(BIN)/featcache fit-head --head dense256 --head logreg --head svm
+	$(BIN)/featcache compare --report featcache-out/report.html
 
 test: install
-	$(BIN)/ruff check featcache tests scripts
+	$(BIN)/ruff check featcache tests
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check featcache tests scripts
+	$(BIN)/ruff check featcache tests
 
 clean:
 	rm -rf featcache-out .pytest_cache

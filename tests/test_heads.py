@@ -106,3 +106,9 @@ def test_fit_head_command_saves_heads_with_metrics(tmp_path):
         assert info["metrics"]["test"]["accuracy"] >= 0.9
     unknown = CliRunner().invoke(main, ["fit-head", "--workdir", str(tmp_path), "--head", "forest"])
     assert unknown.exit_code == 1 and "unknown head 'forest'" in unknown.output
+
+
+def test_heads_command_lists_the_registry():
+    listing = CliRunner().invoke(main, ["heads"], terminal_width=200)
+    assert listing.exit_code == 0
+    assert all(name in listing.output for name in HEADS)
