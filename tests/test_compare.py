@@ -7,11 +7,11 @@ import io
 import json
 
 from click.testing import CliRunner
-from featcache.report import COLUMNS
 
 from featcache.cli import main
 from featcache.compare import compare
 from featcache.heads import FitOptions, fit_head, head_dir
+from featcache.report import COLUMNS
 from tests.conftest import synthetic_cache, write_image
 
 QUICK = FitOptions(epochs=20, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=5)
