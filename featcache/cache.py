@@ -24,6 +24,7 @@ import numpy as np
 
 from featcache import FeatcacheError, __version__
 from featcache.dataset import Dataset, Sample
+from featcache.files import atomic_write, fsync
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -118,7 +119,7 @@ def write_shard(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
         )
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -136,10 +137,7 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
-    tmp = cache_dir / f"{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    _fsync(tmp)
-    os.replace(tmp, cache_dir / MANIFEST)
+    atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def read_manifest(cache_dir: Path) -> dict | None:
@@ -151,16 +149,8 @@ def read_manifest(cache_dir: Path) -> dict | None:
 
 def remove_temporaries(cache_dir: Path) -> None:
     """Leftovers of a killed run are never visible as shards; delete them before resuming."""
-    for tmp in cache_dir.glob("*.tmp-*"):
+    for tmp in cache_dir.glob("*.tmp-*"):  # also .manifest.json.tmp-PID
         tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager

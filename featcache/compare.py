@@ -12,6 +12,7 @@ from featcache import FeatcacheError
 from featcache.cache import Cache
 from featcache.evaluate import cross_validate, predict_split
 from featcache.heads import head_dir, load_head, saved_heads
+from featcache.report import best_index
 
 
 @dataclass
@@ -23,8 +24,7 @@ class Comparison:
 
     @property
     def best(self) -> str:
-        """Highest validation accuracy; ties go to the lower validation log loss."""
-        return max(self.rows, key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))["head"]
+        return self.rows[best_index(self.rows)]["head"]
 
 
 def compare(cache: Cache, cv_folds: int | None = None) -> Comparison:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from featcache import FeatcacheError
 from featcache.dataset import SPLITS
+from featcache.files import atomic_write
 
 PACKAGE, VERSION, LABELS_MEMBER = "elpv-dataset", "1.0.0.post1", "elpv_dataset/data/labels.csv"
 # The paper's four defect probabilities, in order; the digit keeps that order when sorted by name.
@@ -209,8 +209,5 @@ def _write_if_changed(target: Path, data: bytes) -> bool:
     """Write ``data`` under a temporary name and rename, unless ``target`` already holds it."""
     if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    atomic_write(target, data)
     return True

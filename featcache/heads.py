@@ -10,6 +10,7 @@ sha256 matches the one recorded at save time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -159,6 +160,8 @@ def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions()) -> Hea
     spec = get_spec(name)
     if options.optimizer not in OPTIMIZERS:
         raise FeatcacheError(f"--optimizer {options.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if options.class_weight not in (None, "balanced"):
+        raise FeatcacheError(f"--class-weight {options.class_weight!r}: only 'balanced' is supported")
     if "validation" not in cache.splits:
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
     started = time.perf_counter()
@@ -177,8 +180,6 @@ def _class_weight(cache: Cache, options: FitOptions) -> dict[int, float] | None:
     """'balanced' weights as scikit-learn defines them: n / (k * n_class)."""
     if options.class_weight is None:
         return None
-    if options.class_weight != "balanced":
-        raise FeatcacheError(f"--class-weight {options.class_weight!r}: only 'balanced' is supported")
     counts = np.array([cache.manifest["splits"]["train"]["class_counts"][c] for c in cache.classes], float)
     return {i: float(counts.sum() / (len(counts) * max(n, 1))) for i, n in enumerate(counts)}
 
@@ -216,23 +217,26 @@ def compiled_keras_head(name: str, feature_shape, n_classes: int, optimizer: str
 
 
 def _batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None):
-    """A tf.data pipeline streaming shards (never the whole cache in memory)."""
+    """A tf.data pipeline streaming shards (never the whole cache in memory).
+
+    With a seed, every epoch visits the shards and their rows in a new order drawn from
+    (seed, epoch), and a 4096-row buffer mixes rows across shard boundaries.
+    """
     import tensorflow as tf
 
     shards = cache.shard_paths(split)
-    shape = tuple(cache.manifest["feature_shape"])
+    epochs = itertools.count()
 
     def rows():
-        order = np.random.default_rng(shuffle_seed).permutation(len(shards)) if shuffle_seed is not None \
-            else range(len(shards))
-        for index in order:
+        rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
+        for index in rng.permutation(len(shards)) if rng else range(len(shards)):
             with cache.open_shard(shards[index]) as f:
                 features, labels = f["features"][:], f["labels"][:]
-            for i in (np.random.default_rng(shuffle_seed).permutation(len(labels))
-                      if shuffle_seed is not None else range(len(labels))):
+            for i in rng.permutation(len(labels)) if rng else range(len(labels)):
                 yield features[i].astype(np.float32), labels[i]
 
-    signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int32))
+    signature = (tf.TensorSpec(tuple(cache.manifest["feature_shape"]), tf.float32),
+                 tf.TensorSpec((), tf.int32))
     dataset = tf.data.Dataset.from_generator(rows, output_signature=signature)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(cache.manifest["splits"][split]["rows"]))
     if shuffle_seed is not None:
@@ -291,8 +295,7 @@ def _fit_sklearn(cache: Cache, name: str, options: FitOptions):
     x_train, y_train, _ = cache.read("train")
     x_val, y_val, _ = cache.read("validation")
     x_train, x_val = (x.reshape(len(x), -1).astype(np.float32) for x in (x_train, x_val))
-    class_weight = "balanced" if options.class_weight == "balanced" else None
-    _class_weight(cache, options)  # validates the option
+    class_weight = options.class_weight  # scikit-learn understands "balanced" itself
     scores = {}
     best = None
     for c in C_GRIDS[name]:

@@ -47,6 +47,8 @@ def load_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarra
         raise RejectedImage(f"too large ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RejectedImage(f"corrupt or truncated ({exc})") from None
+    except Exception as exc:  # Pillow's plugins raise odd types on malformed files: never crash a run
+        raise RejectedImage(f"cannot decode ({type(exc).__name__}: {exc})") from None
     if resize == "crop":
         rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
     else:

@@ -14,11 +14,11 @@ import io
 import json
 import math
 import mimetypes
-import os
 import textwrap
 from pathlib import Path
 
 from featcache import FeatcacheError, __version__
+from featcache.files import atomic_write
 
 COLUMNS = (
     "head", "val_accuracy", "test_accuracy", "val_balanced_accuracy", "test_balanced_accuracy",
@@ -46,17 +46,21 @@ def format_table(rows: list[dict], fmt: str) -> str:
     return renderers[fmt](_with_best(rows))
 
 
-def _with_best(rows: list[dict]) -> list[dict]:
-    """Rows with every column in COLUMNS order and "best" set on exactly one row (none if empty).
-
-    The best head has the highest validation accuracy; ties go to the lower validation log loss,
-    as compare's default head for predict/export. Numpy scalars become Python numbers for json.
-    """
+def best_index(rows: list[dict]) -> int | None:
+    """The best head: highest validation accuracy, ties to the lower validation log loss."""
     def rank(i: int) -> tuple[float, float]:
         loss = rows[i].get("val_log_loss")
         return rows[i]["val_accuracy"], -(math.inf if loss is None else loss)
 
-    best = max(range(len(rows)), key=rank, default=None)
+    return max(range(len(rows)), key=rank, default=None)
+
+
+def _with_best(rows: list[dict]) -> list[dict]:
+    """Rows with every column in COLUMNS order and "best" set on exactly one row (none if empty).
+
+    Numpy scalars become Python numbers for json.
+    """
+    best = best_index(rows)
     return [
         {**{c: _plain(row.get(c)) for c in COLUMNS[:-1]}, "best": i == best} for i, row in enumerate(rows)
     ]
@@ -243,19 +247,7 @@ def _figure(figsize: tuple[float, float]):
 def _save(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return _write_atomic(Path(path), buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Readers never see half a file: write a sibling temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(Path(path), buffer.getvalue())
 
 
 # ---------------------------------------------------------------- HTML report
@@ -308,7 +300,7 @@ def write_report(
         _gallery_html(misclassified, max_gallery),
         f"<footer>Written by featcache {esc(__version__)}.</footer></body></html>\n",
     ]
-    return _write_atomic(Path(path), "\n".join(parts).encode("utf-8"))
+    return atomic_write(Path(path), "\n".join(parts).encode("utf-8"))
 
 
 def _facts_html(facts: dict[str, str]) -> str:

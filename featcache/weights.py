@@ -24,6 +24,7 @@ import numpy as np
 
 from featcache import FeatcacheError, backbones
 from featcache.dataset import file_sha256
+from featcache.files import atomic_write
 
 RANDOM_INIT_SEED = 0
 
@@ -164,9 +165,7 @@ def _store(backbone: str, model, source: str, licence: str) -> dict:
              "source": source, "licence": licence, "size": final.stat().st_size,
              "installed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     index = store_index() | {backbone: entry}
-    tmp_index = folder / f"index.json.tmp-{os.getpid()}"
-    tmp_index.write_text(json.dumps(index, indent=2))
-    os.replace(tmp_index, folder / "index.json")
+    atomic_write(folder / "index.json", json.dumps(index, indent=2))
     return entry
 
 

@@ -30,6 +30,8 @@ def test_extract_every_layout_then_info(layout, split_data, class_data, tmp_path
     assert "images through the backbone" in result.output and "cache:" in result.output
     info = invoke("info", "--workdir", tmp_path / "out")
     assert info.exit_code == 0 and "rows per split and class" in info.output
+    listing = invoke("info", "--all", "--workdir", tmp_path / "out")
+    assert listing.exit_code == 0 and "complete" in listing.output and "vgg16" in listing.output
     manifest_path = next((tmp_path / "out").glob("*/manifest.json"))
     assert json.loads(manifest_path.read_text())["dataset"]["layout"].startswith(
         {"split": "split", "class": "class", "csv": "csv"}[layout]

@@ -116,3 +116,14 @@ def test_real_photo_squash_and_crop_differ(tmp_path):
     squash, crop = load_image(path, 64, "squash"), load_image(path, 64, "crop")
     assert squash.shape == crop.shape == (64, 64, 3)
     assert np.abs(squash.astype(int) - crop.astype(int)).mean() > 5
+
+
+def test_unexpected_decoder_error_is_a_reject_not_a_crash(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "odd.png")
+
+    def broken_plugin(*args, **kwargs):
+        raise IndexError("tile index out of range")
+
+    monkeypatch.setattr(Image, "open", broken_plugin)
+    with pytest.raises(RejectedImage, match="cannot decode .IndexError: tile index out of range"):
+        load_image(path, 32)
