@@ -173,20 +173,34 @@ cache_option = click.option("--cache", "key", default=None,
               help="Weight classes inversely to their training frequency.")
 @click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
               help="Early stopping on validation loss after this many epochs without progress (0: off).")
+@click.option("--refit", is_flag=True,
+              help="Train again even when the head is already fitted with the same options.")
 @cache_option
 @workdir_option
 @user_errors
 def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience,
-                     key, workdir):
-    """Fit heads on a cache's train split; choose/stop on validation; save them with their metrics."""
+                     refit, key, workdir):
+    """Fit heads on a cache's train split; choose/stop on validation; save them with their metrics.
+
+    A head already fitted on this cache with the same options and seed is kept (--refit to train again).
+    """
+    from dataclasses import asdict
+
     from featcache.evaluate import evaluate
-    from featcache.heads import FitOptions, fit_head, get_spec, head_dir
+    from featcache.heads import FitOptions, fit_head, get_spec, head_dir, head_info
 
     for name in names:
         get_spec(name)
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
     options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
     for name in names:
+        folder = head_dir(cache, name)
+        fitted = head_info(folder) if (folder / "head.json").is_file() else {}
+        if not refit and fitted.get("options") == asdict(options):
+            accuracy = fitted["metrics"]["validation"]["accuracy"]
+            console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
+                          f"kept, --refit to train again -> {folder}")
+            continue
         head = fit_head(cache, name, options)
         head.info["metrics"] = evaluate(head, cache)
         folder = head.save(head_dir(cache, name))
@@ -240,6 +254,62 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
                             f"{Path(cache.manifest['dataset']['root']).name}", comparison.rows, figures,
                             comparison.misclassified, facts)
         err.print(f"report: {report_path}")
+
+
+head_option = click.option("--head", "head_name", default=None,
+                           help="A fitted head [default: the best by validation accuracy on the cache].")
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@head_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@cache_option
+@workdir_option
+@user_errors
+def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
+    """Classify image files or folders of images: the cache's backbone and preprocessing, then a head.
+
+    Files that cannot be used are reported on stderr and skipped.
+    """
+    from featcache.predict import Predictor, format_predictions, image_files, open_head
+
+    cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
+    head = open_head(cache, head_name)
+    files = image_files(list(inputs))
+    err = Console(stderr=True)
+    err.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
+              f"({cache.config['backbone']}, {cache.config['image_size']} px)")
+    predictions = Predictor(cache, head).predict(files, batch_size)
+    for path, reason in predictions.rejects:
+        err.print(f"[red]skipped[/] {path}: {reason}")
+    if not predictions.paths:
+        raise FeatcacheError(f"none of the {len(files)} files could be used (reasons above)")
+    click.echo(format_predictions(predictions, fmt))
+
+
+@main.command("export")
+@head_option
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="The .keras file to write [default: WORKDIR/exports/BACKBONE_HEAD.keras].")
+@click.option("--saved-model", is_flag=True, help="Also write a TensorFlow SavedModel folder (TF Serving).")
+@click.option("--tflite", is_flag=True, help="Also write a .tflite file (mobile and edge devices).")
+@cache_option
+@workdir_option
+@user_errors
+def export_command(head_name, output, saved_model, tflite, key, workdir):
+    """Write backbone + head as one Keras model that takes pixels and returns class probabilities."""
+    from featcache.model import export
+    from featcache.predict import open_head
+
+    workdir = workdir or cache_store.default_workdir()
+    cache = cache_store.open_cache(workdir, key)
+    head = open_head(cache, head_name)
+    output = output or workdir / "exports" / f"{cache.config['backbone']}_{head.name}.keras"
+    for path in export(cache, head, output, saved_model=saved_model, tflite=tflite):
+        console.print(f"wrote {path}")
 
 
 @main.command("heads")

@@ -97,7 +97,7 @@ def _scan_split_folders(root: Path) -> Scanned:
     for split, folder in _split_folders(root).items():
         for class_dir in _subfolders(folder):
             classes.add(class_dir.name)
-            entries += [(p, _rel(p, root), class_dir.name, split) for p in _images_under(class_dir)]
+            entries += [(p, _rel(p, root), class_dir.name, split) for p in images_under(class_dir)]
     return entries, [], classes
 
 
@@ -108,7 +108,7 @@ def _scan_class_folders(root: Path) -> Scanned:
             f"--data {root}: no class folders found; expected ROOT/<class>/<image> "
             "or ROOT/{train,validation,test}/<class>/<image>"
         )
-    entries = [(p, _rel(p, root), d.name, None) for d in class_dirs for p in _images_under(d)]
+    entries = [(p, _rel(p, root), d.name, None) for d in class_dirs for p in images_under(d)]
     return entries, [], {d.name for d in class_dirs}
 
 
@@ -225,7 +225,7 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     """Image files below folder, recursively, hidden entries skipped; symlinked folders are not followed."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):

@@ -19,6 +19,7 @@ import numpy as np
 from featcache import FeatcacheError, __version__, backbones, cache, weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
+from featcache.model import feature_model
 from featcache.progress import ImageProgress
 
 DTYPES = ("float16", "float32")
@@ -110,7 +111,7 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
     source = cache.RowSource(cache_dir.parent, config.row_key(), exclude=cache_dir)
     pending = [s for p in todo for s in p.samples if s.sha256 not in source]
-    model = _build_model(config, resolved) if pending else None
+    model = feature_model(config, resolved.keras_arg) if pending else None
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     cache.write_manifest(cache_dir, manifest)
 
@@ -145,22 +146,43 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
 
 
 def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected):
-    """Stream pending images through decode -> preprocess -> backbone, filling ``computed``.
+    """Stream pending images through decode -> feature model (preprocess + backbone), filling ``computed``.
 
     Yields, after each batch, how many pending images are resolved (computed or rejected).
     """
     import tensorflow as tf
 
-    preprocess = backbones.get(config.backbone).preprocess_fn(config.preprocess)
-    size = config.image_size
+    def reject(i: int, reason: str) -> None:
+        rejected[pending[i].relpath] = reason
+
+    @tf.function(jit_compile=xla, reduce_retracing=True)
+    def forward(batch):
+        return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
+
+    paths = [s.path for s in pending]
+    for indices, batch in decoded_batches(paths, config.image_size, config.resize, batch_size, reject):
+        features = forward(batch).numpy()
+        for i, row in zip(indices, features, strict=True):
+            computed[pending[i].relpath] = row.astype(config.dtype)
+        yield int(indices[-1]) + 1
+    yield len(pending)  # trailing rejects after the last batch
+
+
+def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, reject):
+    """(indices, uint8 images) batches, decoded in parallel by ``load_image`` in a tf.data pipeline.
+
+    A file that cannot be used is skipped and reported as ``reject(index, reason)``; order is kept.
+    Extraction and prediction both read images through here.
+    """
+    import tensorflow as tf
+
     blank = np.zeros((size, size, 3), np.uint8)
 
     def decode(i):
-        sample = pending[int(i)]
         try:
-            return load_image(sample.path, size, config.resize), True
+            return load_image(paths[int(i)], size, resize), True
         except RejectedImage as exc:
-            rejected[sample.relpath] = str(exc)
+            reject(int(i), str(exc))
             return blank, False
 
     def tf_decode(i):
@@ -170,43 +192,15 @@ def _run_backbone(model, config, pending: list[Sample], batch_size, xla, compute
         return i, image, ok
 
     images = (
-        tf.data.Dataset.range(len(pending))
+        tf.data.Dataset.range(len(paths))
         .map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .filter(lambda i, image, ok: ok)
         .map(lambda i, image, ok: (i, image))
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-
-    @tf.function(jit_compile=xla, reduce_retracing=True)
-    def forward(batch):
-        return tf.cast(model(preprocess(tf.cast(batch, tf.float32)), training=False), tf.float32)
-
     for indices, batch in images:
-        features = forward(batch).numpy()
-        for i, row in zip(indices.numpy(), features, strict=True):
-            computed[pending[i].relpath] = row.astype(config.dtype)
-        yield int(indices.numpy()[-1]) + 1
-    yield len(pending)  # trailing rejects after the last batch
-
-
-def _build_model(config: cache.ExtractionConfig, resolved: weights.ResolvedWeights):
-    import keras
-
-    spec = backbones.get(config.backbone)
-    if resolved.keras_arg is None:
-        keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.precision)  # the policy is global: restore it
-    try:
-        return backbones.build_extractor(spec, resolved.keras_arg, config.image_size, config.layer,
-                                         config.pooling)
-    except FeatcacheError:
-        raise
-    except Exception as exc:  # Keras raises many types for download and file problems
-        raise weights.load_failure(config.backbone, resolved, exc) from exc
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+        yield indices.numpy(), batch
 
 
 def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model) -> dict:
@@ -227,9 +221,9 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
         "splits": {
             split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits
         },
-        "output_layer": model.layers[-1].name if model else previous.get("output_layer"),
+        "output_layer": model.layers[-1].layers[-1].name if model else previous.get("output_layer"),
         "feature_shape": list(model.output_shape[1:]) if model else previous.get("feature_shape"),
-        "backbone_params": int(model.count_params()) if model else previous.get("backbone_params"),
+        "backbone_params": int(model.layers[-1].count_params()) if model else previous.get("backbone_params"),
         "warnings": list(dataset.warnings),
     }
 

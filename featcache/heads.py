@@ -129,15 +129,20 @@ def saved_heads(cache: Cache) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "head.json").is_file()) if folder.is_dir() else []
 
 
-def load_head(folder: Path) -> Head:
-    """Load a saved head without ever executing untrusted code."""
-    folder = Path(folder)
+def head_info(folder: Path) -> dict:
+    """A saved head's ``head.json``: provenance and metrics, without loading the model."""
     try:
-        info = json.loads((folder / "head.json").read_text())
+        return json.loads((Path(folder) / "head.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FeatcacheError(
             f"{folder}: not a saved head ({exc}); fit it with `featcache fit-head`"
         ) from None
+
+
+def load_head(folder: Path) -> Head:
+    """Load a saved head without ever executing untrusted code."""
+    folder = Path(folder)
+    info = head_info(folder)
     model_file = folder / info["model_file"]
     if not model_file.is_file() or file_sha256(model_file) != info["model_sha256"]:
         raise FeatcacheError(

@@ -89,7 +89,6 @@ def _format(column: str, value) -> str:
 
 def _rich_table(rows: list[dict]) -> str:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
@@ -100,6 +99,13 @@ def _rich_table(rows: list[dict]) -> str:
         cells = _cells(row)
         cells[0] = f"{cells[0]} {STAR}" if row["best"] else cells[0]
         table.add_row(*cells)
+    return rich_text(table)
+
+
+def rich_text(table) -> str:
+    """A rich table as plain text (no colour codes, no trailing spaces): printable and testable."""
+    from rich.console import Console
+
     console = Console(file=io.StringIO(), width=240, color_system=None)
     console.print(table)
     return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip("\n")

@@ -209,6 +209,6 @@ def _keras_version() -> str:
     return importlib.metadata.version("keras")
 
 
-def load_failure(backbone: str, weights: ResolvedWeights, exc: Exception) -> FeatcacheError:
+def load_failure(backbone: str, weights_file: str | None, exc: Exception) -> FeatcacheError:
     """Turn a Keras load failure into one line that says what to do."""
-    return FeatcacheError(f"--weights {weights.keras_arg}: cannot load into {backbone} ({exc})")
+    return FeatcacheError(f"--weights {weights_file}: cannot load into {backbone} ({exc})")

@@ -50,7 +50,7 @@ def test_float16_storage_and_pooling(class_data, tmp_path):
 
 def test_rerun_on_unchanged_dataset_does_no_backbone_work(class_data, tmp_path, monkeypatch):
     first = run_extract(class_data, tmp_path / "out")
-    monkeypatch.setattr(extract_module, "_build_model", lambda *a: pytest.fail("backbone built"))
+    monkeypatch.setattr(extract_module, "feature_model", lambda *a: pytest.fail("backbone built"))
     second = run_extract(class_data, tmp_path / "out")
     assert second.cache.key == first.cache.key and second.computed == 0
 

@@ -1,0 +1,208 @@
+"""The end-to-end model: RGB pixels -> the cached features -> a head's class probabilities.
+
+Extraction and prediction build their feature model with the same function, so new images get,
+op for op, the preprocessing the head was trained on: ``images.load_image`` decodes and resizes,
+the backbone's ``preprocess_input`` runs as a fixed 1x1 convolution (exact for the per-channel
+affine maps every registered backbone uses), then the conv base cut at the cached layer, the
+pooling, and a rounding to the cache's dtype. Only built-in Keras layers are used, so an exported
+model loads with plain Keras, without featcache and without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError, __version__, backbones, weights
+from featcache.cache import Cache, ExtractionConfig
+from featcache.dataset import file_sha256
+from featcache.files import atomic_write
+from featcache.heads import Head, get_spec
+
+
+def preprocessing_affine(backbone: backbones.Backbone, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset) with preprocess(x) == x @ matrix + offset per pixel, measured on the function.
+
+    Probing the backbone's own ``preprocess_input`` (rather than re-typing its constants) keeps
+    one source of truth; a function that is not per-pixel affine is refused, not approximated.
+    """
+    function = backbone.preprocess_fn(mode)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        return np.asarray(function(x.copy()), dtype=np.float64)  # some modify their input in place
+
+    probe = np.concatenate([np.zeros((1, 3)), np.eye(3)]).reshape(4, 1, 1, 3)
+    out = apply(probe).reshape(4, 3)
+    offset, matrix = out[0], out[1:] - out[0]
+    check = np.random.default_rng(0).uniform(0, 255, (2, 3, 3, 3))
+    if not np.allclose(check @ matrix + offset, apply(check), rtol=1e-6, atol=1e-4):
+        raise FeatcacheError(
+            f"{backbone.name}'s preprocessing ({mode}) is not a per-pixel affine map, so it cannot be "
+            "part of the model; register the backbone with preprocessing inside the network"
+        )
+    return matrix, offset
+
+
+def preprocessing_layer(backbone: backbones.Backbone, mode: str, image_size: int):
+    """A frozen float32 1x1 convolution applying the backbone's preprocessing (channel order included)."""
+    import keras
+
+    matrix, offset = preprocessing_affine(backbone, mode)
+    layer = keras.layers.Conv2D(3, 1, name="preprocess", trainable=False, dtype="float32")
+    layer.build((None, image_size, image_size, 3))
+    layer.set_weights([matrix.reshape(1, 1, 3, 3).astype(np.float32), offset.astype(np.float32)])
+    return layer
+
+
+def feature_model(config: ExtractionConfig, weights_arg: str | None):
+    """float32 RGB pixels in [0, 255], (N, size, size, 3) -> features as extract computes them.
+
+    The output is float32 (float16 under mixed precision); the cache stores it rounded to
+    ``config.dtype``.
+    """
+    import keras
+
+    spec = backbones.get(config.backbone)
+    if weights_arg is None:
+        keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)  # the policy is global: restore it
+    try:
+        base = backbones.build_extractor(spec, weights_arg, config.image_size, config.layer, config.pooling)
+    except FeatcacheError:
+        raise
+    except Exception as exc:  # Keras raises many types for download and file problems
+        raise weights.load_failure(config.backbone, weights_arg, exc) from exc
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    size = config.image_size
+    pixels = keras.Input((size, size, 3), name="image")
+    preprocessed = preprocessing_layer(spec, config.preprocess, size)(pixels)
+    return keras.Model(pixels, base(preprocessed), name=f"{config.backbone}_features")
+
+
+def cache_config(cache: Cache) -> ExtractionConfig:
+    return ExtractionConfig(**cache.config)
+
+
+def cache_weights(cache: Cache) -> str | None:
+    """The weights file the cache's features came from, found by the identity in its key."""
+    config = cache.config
+    identity = config["weights"]
+    if identity.startswith("random-init:"):
+        current = weights.resolve(config["backbone"], "none").identity
+        if current != identity:
+            raise FeatcacheError(
+                f"cache {cache.key[:16]} was made with a random init ({identity}) this Keras cannot "
+                f"reproduce ({current}); extract again"
+            )
+        return None
+    entry = weights.store_index().get(config["backbone"])
+    if entry and entry.get("weights_sha256") == identity:
+        return weights.resolve(config["backbone"], "imagenet").keras_arg
+    source = cache.manifest.get("weights_source", "")
+    if source.startswith("file "):
+        path = source.removeprefix("file ")
+        if Path(path).is_file() and file_sha256(path) == identity:
+            return path
+    raise FeatcacheError(
+        f"cache {cache.key[:16]} needs {config['backbone']} weights {identity[:12]}… "
+        f"({source or 'unknown source'}), which are neither in the weights store nor at their recorded path; "
+        f"run `featcache weights install {config['backbone']}` or restore the file"
+    )
+
+
+def head_model(head: Head, feature_shape: tuple[int, ...]):
+    """The head as a Keras model from cached features to (N, n_classes) probabilities."""
+    import keras
+
+    if get_spec(head.name).library == "sklearn":
+        from featcache.sklearn_export import keras_model
+
+        return keras_model(head.model, feature_shape, name=f"head_{head.name}")
+    if not head.binary_sigmoid:
+        return head.model
+    features = keras.Input(tuple(feature_shape), name="features")
+    p = head.model(features)
+    both = keras.layers.Dense(2, name="probabilities")  # [1 - p, p]: one column per class
+    both.build((None, 1))
+    both.set_weights([np.array([[-1.0, 1.0]], np.float32), np.array([1.0, 0.0], np.float32)])
+    return keras.Model(features, both(p), name=f"head_{head.name}")
+
+
+def end_to_end(cache: Cache, head: Head):
+    """One Keras model: pixels -> features rounded as cached -> the head's probabilities."""
+    import keras
+
+    head.check_cache(cache)
+    config = cache_config(cache)
+    features = feature_model(config, cache_weights(cache))
+    pixels = keras.Input((config.image_size, config.image_size, 3), name="image")
+    cached = keras.layers.Activation("linear", dtype=config.dtype, name="as_cached")(features(pixels))
+    probabilities = head_model(head, tuple(cache.manifest["feature_shape"]))(cached)
+    return keras.Model(pixels, probabilities, name=f"{config.backbone}_{head.name}")
+
+
+def export(
+    cache: Cache, head: Head, output: Path, saved_model: bool = False, tflite: bool = False
+) -> list[Path]:
+    """Write the end-to-end model as ``output`` (.keras), plus a SavedModel folder and/or a .tflite file.
+
+    A ``.json`` beside it records what the model expects and where it came from. Every file
+    appears whole or not at all.
+    """
+    import keras
+
+    output = Path(output)
+    if output.suffix != ".keras":
+        raise FeatcacheError(f"--output {output}: the file name must end in .keras")
+    model = end_to_end(cache, head)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, output)
+    written = [output]
+    if saved_model or tflite:
+        folder = output.with_name(f"{output.stem}_savedmodel")
+        building = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        model.export(building, format="tf_saved_model", verbose=False)
+        if tflite:
+            import tensorflow as tf
+
+            flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(building)).convert()
+            written.append(atomic_write(output.with_suffix(".tflite"), flatbuffer))
+        if saved_model:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(building, folder)
+            written.append(folder)
+        shutil.rmtree(building, ignore_errors=True)
+    metadata = model_card(cache, head, [p.name for p in written], keras.__version__)
+    written.append(atomic_write(output.with_suffix(".json"), json.dumps(metadata, indent=2)))
+    return written
+
+
+def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -> dict:
+    """What an exported model expects, what it returns, and the cache and head it was made from."""
+    config = cache.config
+    size = config["image_size"]
+    return {
+        "files": files,
+        "input": {
+            "name": "image", "shape": [None, size, size, 3], "dtype": "float32",
+            "pixels": f"RGB in [0, 255], decoded and resized ({config['resize']}, bilinear) to {size}x{size} "
+                      "as featcache.images.load_image does; the backbone's preprocessing is inside the model",
+        },
+        "output": {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes},
+        "backbone": config["backbone"], "layer": cache.manifest.get("output_layer"),
+        "pooling": config["pooling"], "preprocess": config["preprocess"], "dtype": config["dtype"],
+        "weights": config["weights"], "weights_source": cache.manifest.get("weights_source"),
+        "cache_key": cache.key, "head": head.name, "head_sha256": head.info.get("model_sha256"),
+        "head_metrics": head.info.get("metrics"), "featcache_version": __version__,
+        "keras_version": keras_version, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,146 @@
+"""Class probabilities for new image files, computed exactly as the cache and the head were.
+
+Images go through the same decoder and feature model as extraction (``extract.decoded_batches``,
+``model.feature_model``), are rounded to the cache's dtype, and reach the head's own
+``predict_proba``: a prediction on a training image equals the head's prediction on its cached
+row. Files that cannot be used are skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.cache import Cache
+from featcache.dataset import images_under
+from featcache.extract import decoded_batches
+from featcache.heads import Head, head_dir, head_info, load_head, saved_heads
+from featcache.images import IMAGE_SUFFIXES
+from featcache.model import cache_config, cache_weights, feature_model
+from featcache.progress import ImageProgress
+from featcache.report import best_index, rich_text
+
+FORMATS = ("table", "json", "csv")
+
+
+@dataclass
+class Predictions:
+    classes: list[str]
+    paths: list[Path]
+    probabilities: np.ndarray  # (len(paths), len(classes))
+    rejects: list[tuple[Path, str]] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One dict per image: path, predicted class, its probability, and every class's probability."""
+        return [
+            {"path": str(path), "class": self.classes[int(p.argmax())], "probability": float(p.max()),
+             "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=True)}}
+            for path, p in zip(self.paths, self.probabilities, strict=True)
+        ]
+
+
+def image_files(inputs: list[Path]) -> list[Path]:
+    """Files named directly (whatever their suffix: the decoder decides) and images under folders."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += images_under(item)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise FeatcacheError(f"{item}: no such file or folder")
+    if not files:
+        raise FeatcacheError(
+            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}"
+        )
+    return files
+
+
+def best_head(cache: Cache) -> str:
+    """The head with the highest validation accuracy (ties: lower log loss), as compare marks it."""
+    rows = []
+    for name in saved_heads(cache):
+        metrics = head_info(head_dir(cache, name)).get("metrics", {}).get("validation")
+        if metrics:
+            rows.append({"head": name, "val_accuracy": metrics["accuracy"],
+                         "val_log_loss": metrics["log_loss"]})
+    if not rows:
+        raise FeatcacheError(
+            f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
+        )
+    return rows[best_index(rows)]["head"]
+
+
+def open_head(cache: Cache, name: str | None) -> Head:
+    """The named head of this cache (default: the best one), checked against the cache."""
+    name = name or best_head(cache)
+    folder = head_dir(cache, name)
+    if not (folder / "head.json").is_file():
+        fitted = ", ".join(saved_heads(cache)) or "none"
+        raise FeatcacheError(
+            f"--head {name}: not fitted on cache {cache.key[:16]} (fitted: {fitted}); "
+            f"run `featcache fit-head --head {name}`"
+        )
+    head = load_head(folder)
+    head.check_cache(cache)
+    return head
+
+
+class Predictor:
+    """A cache's feature model and one of its heads, built once, applied to any number of files."""
+
+    def __init__(self, cache: Cache, head: Head):
+        head.check_cache(cache)
+        self.cache, self.head = cache, head
+        self.config = cache_config(cache)
+        self.features = feature_model(self.config, cache_weights(cache))
+
+    def predict(self, files: list[Path], batch_size: int = 32, show_progress: bool = True) -> Predictions:
+        rejected: dict[int, str] = {}
+        kept: list[int] = []
+        chunks: list[np.ndarray] = []
+        with ImageProgress(len(files), description="predict", enabled=show_progress) as progress:
+            batches = decoded_batches(files, self.config.image_size, self.config.resize, batch_size,
+                                      rejected.__setitem__)
+            for indices, batch in batches:
+                features = np.asarray(self.features(np.asarray(batch, np.float32), training=False))
+                chunks.append(self.head.predict_proba(features.astype(self.config.dtype)))
+                kept += indices.tolist()
+                progress.advance_to(int(indices[-1]) + 1)
+            progress.advance_to(len(files))
+        n_classes = len(self.cache.classes)
+        probabilities = np.concatenate(chunks) if chunks else np.zeros((0, n_classes))
+        rejects = [(files[i], reason) for i, reason in sorted(rejected.items())]
+        return Predictions(self.cache.classes, [files[i] for i in kept], probabilities, rejects)
+
+
+def format_predictions(predictions: Predictions, fmt: str) -> str:
+    """table for people, json (a list of objects with path, class, probability) or csv for programs."""
+    rows = predictions.rows()
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "class", "probability", *(f"p_{c}" for c in predictions.classes)])
+        for row in rows:
+            writer.writerow([row["path"], row["class"], f"{row['probability']:.6f}",
+                             *(f"{v:.6f}" for v in row["probabilities"].values())])
+        return out.getvalue().rstrip("\n")
+    if fmt == "table":
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for column, justify in (("path", "left"), ("class", "left"), ("probability", "right")):
+            table.add_column(column, justify=justify)
+        for row in rows:
+            table.add_row(row["path"], row["class"], f"{row['probability']:.1%}")
+        return rich_text(table)
+    raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
