@@ -201,7 +201,7 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
             console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
                           f"kept, --refit to train again -> {folder}")
             continue
-        head = fit_head(cache, name, options)
+        head = fit_head(cache, name, options, say=Console(stderr=True).print)
         head.info["metrics"] = evaluate(head, cache)
         folder = head.save(head_dir(cache, name))
         metrics = head.info["metrics"]

@@ -160,8 +160,11 @@ def load_head(folder: Path) -> Head:
     return Head(info["name"], model, info)
 
 
-def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions()) -> Head:
-    """Fit head ``name`` on the cache's train split, choosing/stopping on validation."""
+def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=lambda message: None) -> Head:
+    """Fit head ``name`` on the cache's train split, choosing/stopping on validation.
+
+    ``say`` receives one progress line per epoch (Keras) or per C tried (scikit-learn).
+    """
     spec = get_spec(name)
     if options.optimizer not in OPTIMIZERS:
         raise FeatcacheError(f"--optimizer {options.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -171,7 +174,7 @@ def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions()) -> Hea
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
     started = time.perf_counter()
     fit = _fit_keras if spec.library == "keras" else _fit_sklearn
-    model, details = fit(cache, name, options)
+    model, details = fit(cache, name, options, say)
     info = {
         "name": name, "library": spec.library, "cache_key": cache.key, "classes": cache.classes,
         "feature_shape": cache.manifest["feature_shape"], "options": asdict(options),
@@ -249,14 +252,19 @@ def _batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _fit_keras(cache: Cache, name: str, options: FitOptions):
+def _fit_keras(cache: Cache, name: str, options: FitOptions, say):
     import keras
+
+    def report_epoch(epoch: int, logs: dict) -> None:
+        say(f"{name} epoch {epoch + 1}/{options.epochs}: loss {logs['loss']:.4f}, "
+            f"accuracy {logs['accuracy']:.1%}, val loss {logs['val_loss']:.4f}, "
+            f"val accuracy {logs['val_accuracy']:.1%}")
 
     keras.utils.set_random_seed(options.seed)
     n_classes = len(cache.classes)
     model = compiled_keras_head(name, cache.manifest["feature_shape"], n_classes, options.optimizer,
                                 options.learning_rate)
-    callbacks = []
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=report_epoch)]
     if options.patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                        restore_best_weights=True))
@@ -295,7 +303,7 @@ def sklearn_model(name: str, c: float, seed: int, class_weight):
     return make_pipeline(StandardScaler(), estimator)
 
 
-def _fit_sklearn(cache: Cache, name: str, options: FitOptions):
+def _fit_sklearn(cache: Cache, name: str, options: FitOptions, say):
     """Try every C of the grid on train, keep the best validation accuracy (ties: smaller C)."""
     x_train, y_train, _ = cache.read("train")
     x_val, y_val, _ = cache.read("validation")
@@ -304,8 +312,10 @@ def _fit_sklearn(cache: Cache, name: str, options: FitOptions):
     scores = {}
     best = None
     for c in C_GRIDS[name]:
+        started = time.perf_counter()
         model = sklearn_model(name, c, options.seed, class_weight).fit(x_train, y_train)
         scores[c] = float((model.predict(x_val) == y_val).mean())
+        say(f"{name} C={c}: val accuracy {scores[c]:.1%} ({time.perf_counter() - started:.1f} s)")
         if best is None or scores[c] > scores[best[0]]:
             best = (c, model)
     c, model = best

@@ -101,6 +101,7 @@ def test_fit_head_command_saves_heads_with_metrics(tmp_path):
     result = CliRunner().invoke(main, ["fit-head", "--workdir", str(tmp_path), "--head", "logreg",
                                        "--head", "linear", "--learning-rate", "0.01", "--optimizer", "adam"])
     assert result.exit_code == 0, result.output
+    assert "linear epoch 1/30: loss" in result.stderr and "logreg C=0.001: val accuracy" in result.stderr
     for name in ("logreg", "linear"):
         info = json.loads((head_dir(cache, name) / "head.json").read_text())
         assert info["metrics"]["test"]["accuracy"] >= 0.9
