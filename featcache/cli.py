@@ -15,7 +15,8 @@ from featcache import cache as cache_store
 from featcache.dataset import DEFAULT_FRACTIONS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-console = Console()
+console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
+err_console = Console(stderr=True, soft_wrap=True)  # progress and notes: stdout stays parseable
 
 
 def user_errors(command):
@@ -47,7 +48,7 @@ workdir_option = click.option(
 )
 
 
-@click.group()
+@click.group(context_settings={"max_content_width": 104})
 @click.version_option(__version__)
 def main():
     """Run a frozen ImageNet conv base once, cache its features, and fit heads on them in seconds."""
@@ -201,7 +202,7 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
             console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
                           f"kept, --refit to train again -> {folder}")
             continue
-        head = fit_head(cache, name, options, say=Console(stderr=True).print)
+        head = fit_head(cache, name, options, say=err_console.print)
         head.info["metrics"] = evaluate(head, cache)
         folder = head.save(head_dir(cache, name))
         metrics = head.info["metrics"]
@@ -241,8 +242,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
     if comparison.histories:
         figures["learning curves"] = report.plot_learning_curves(comparison.histories,
                                                                  plots_dir / "learning_curves.png")
-    err = Console(stderr=True)
-    err.print(f"plots: {', '.join(str(p) for p in figures.values())}")
+    err_console.print(f"plots: {', '.join(str(p) for p in figures.values())}")
     if report_path:
         config = cache.config
         facts = {"cache": cache.key, "backbone": config["backbone"],
@@ -253,7 +253,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
         report.write_report(report_path, f"featcache compare: {config['backbone']} on "
                             f"{Path(cache.manifest['dataset']['root']).name}", comparison.rows, figures,
                             comparison.misclassified, facts)
-        err.print(f"report: {report_path}")
+        err_console.print(f"report: {report_path}")
 
 
 head_option = click.option("--head", "head_name", default=None,
@@ -279,12 +279,11 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
     head = open_head(cache, head_name)
     files = image_files(list(inputs))
-    err = Console(stderr=True)
-    err.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
+    err_console.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
               f"({cache.config['backbone']}, {cache.config['image_size']} px)")
     predictions = Predictor(cache, head).predict(files, batch_size)
     for path, reason in predictions.rejects:
-        err.print(f"[red]skipped[/] {path}: {reason}")
+        err_console.print(f"[red]skipped[/] {path}: {reason}")
     if not predictions.paths:
         raise FeatcacheError(f"none of the {len(files)} files could be used (reasons above)")
     click.echo(format_predictions(predictions, fmt))
