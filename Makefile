@@ -9,7 +9,8 @@ DATA   ?= data/elpv
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	@echo "installing featcache and its dependencies into $(VENV) (TensorFlow is the big one)"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
 	touch $(BIN)/featcache
 
 install: $(BIN)/featcache
