@@ -240,8 +240,8 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
                                                              plots_dir / "confusion.png"),
     }
     if comparison.histories:
-        figures["learning curves"] = report.plot_learning_curves(comparison.histories,
-                                                                 plots_dir / "learning_curves.png")
+        figures["learning curves"] = report.plot_learning_curves(
+            comparison.histories, plots_dir / "learning_curves.png", comparison.finetune_epochs)
     err_console.print(f"plots: {', '.join(str(p) for p in figures.values())}")
     if report_path:
         config = cache.config
@@ -254,6 +254,53 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
                             f"{Path(cache.manifest['dataset']['root']).name}", comparison.rows, figures,
                             comparison.misclassified, facts)
         err_console.print(f"report: {report_path}")
+
+
+@main.command("finetune")
+@click.option("--head", "head_name", default="dense256", show_default=True,
+              help="The fitted Keras head to start from.")
+@click.option("--unfreeze-from", required=True,
+              help="First layer to train: a name (block5_conv1) or an index into the base's layers (100).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-5, show_default=True)
+@click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weight classes inversely to their training frequency.")
+@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Early stopping on validation loss after this many epochs without progress (0: off).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The dataset of the head's cache [default: where it was extracted from].")
+@click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
+              show_default=True, help="As given to extract, for class-folder and CSV data.")
+@click.option("--cache", "key", default=None,
+              help="Cache of the head [default: the most recent cache with that head fitted].")
+@workdir_option
+@user_errors
+def finetune_command(head_name, unfreeze_from, epochs, batch_size, learning_rate, optimizer, seed,
+                     class_weight, patience, data, split_fractions, key, workdir):
+    """Fine-tune the top of the conv base with a fitted head, on a cache of the frozen prefix.
+
+    The prefix is extracted once (a cache like any other); each epoch runs only the unfrozen layers.
+    The result is a head of the prefix cache, named HEAD-finetuned, for predict, export and compare.
+    """
+    from featcache.evaluate import evaluate
+    from featcache.finetune import cache_with_head, finetune
+    from featcache.heads import FitOptions, head_dir
+
+    workdir = workdir or cache_store.default_workdir()
+    cache = cache_store.open_cache(workdir, key) if key else cache_with_head(workdir, head_name)
+    options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
+    head, prefix = finetune(cache, head_name, unfreeze_from, workdir, data, split_fractions, options,
+                            say=err_console.print)
+    head.info["metrics"] = evaluate(head, prefix)
+    folder = head.save(head_dir(prefix, head.name))
+    scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in head.info["metrics"].items())
+    info = head.info
+    console.print(f"{head.name}: {info['epochs_run']} epochs, {info['seconds_per_epoch']:.1f} s each, "
+                  f"{info['trainable_params']:,} trainable parameters; {scores} -> {folder}\n"
+                  f"prefix cache: {prefix.path} (`featcache compare --cache {prefix.key[:16]}`)")
 
 
 head_option = click.option("--head", "head_name", default=None,

@@ -20,6 +20,7 @@ class Comparison:
     rows: list[dict]
     histories: dict[str, dict] = field(default_factory=dict)
     confusions: dict[str, list[list[int]]] = field(default_factory=dict)
+    finetune_epochs: dict[str, int] = field(default_factory=dict)  # head -> epoch where fine-tuning began
     misclassified: list[dict] = field(default_factory=list)
 
     @property
@@ -45,6 +46,8 @@ def compare(cache: Cache, cv_folds: int | None = None) -> Comparison:
                                     cv_folds))
         if "history" in head.info:
             comparison.histories[name] = head.info["history"]
+        if "finetune" in head.info:
+            comparison.finetune_epochs[name] = head.info["finetune"]["started_at_epoch"]
         comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
     root = Path(cache.manifest["dataset"]["root"])
     comparison.misclassified = [
@@ -57,7 +60,8 @@ def compare(cache: Cache, cv_folds: int | None = None) -> Comparison:
 def _row(head, cache: Cache, validation, test, cv_folds: int | None) -> dict:
     n = len(cache.classes)
     val, tst = validation.metrics(n), test.metrics(n) if test else None
-    scores = cross_validate(head, cache, cv_folds) if cv_folds else None
+    # a fine-tuned head's recipe includes its parent head's training: not refitted per fold
+    scores = cross_validate(head, cache, cv_folds) if cv_folds and "finetune" not in head.info else None
     return {
         "head": head.name,
         "val_accuracy": val["accuracy"], "test_accuracy": tst and tst["accuracy"],

@@ -77,13 +77,18 @@ class Head:
     info: dict = field(default_factory=dict)
 
     @property
+    def library(self) -> str:
+        """"keras" or "sklearn"; a fine-tuned head records it, since its name is not in the registry."""
+        return self.info.get("library") or get_spec(self.name).library
+
+    @property
     def binary_sigmoid(self) -> bool:
         return self.info.get("output") == "sigmoid"
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities for a batch of cached features."""
         features = np.asarray(features, dtype=np.float32)
-        if get_spec(self.name).library == "sklearn":
+        if self.library == "sklearn":
             return self.model.predict_proba(features.reshape(len(features), -1))
         chunks = [self.model(features[i : i + 1024], training=False) for i in range(0, len(features), 1024)]
         p = np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks]) if chunks else np.zeros((0, 1))
@@ -102,7 +107,7 @@ class Head:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model_file = tmp / ("model.joblib" if get_spec(self.name).library == "sklearn" else "model.keras")
+        model_file = tmp / ("model.joblib" if self.library == "sklearn" else "model.keras")
         if model_file.suffix == ".joblib":
             import joblib
 
@@ -184,7 +189,7 @@ def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=la
     return Head(name, model, info)
 
 
-def _class_weight(cache: Cache, options: FitOptions) -> dict[int, float] | None:
+def class_weights(cache: Cache, options: FitOptions) -> dict[int, float] | None:
     """'balanced' weights as scikit-learn defines them: n / (k * n_class)."""
     if options.class_weight is None:
         return None
@@ -224,7 +229,7 @@ def compiled_keras_head(name: str, feature_shape, n_classes: int, optimizer: str
     return model
 
 
-def _batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None):
+def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None):
     """A tf.data pipeline streaming shards (never the whole cache in memory).
 
     With a seed, every epoch visits the shards and their rows in a new order drawn from
@@ -269,10 +274,10 @@ def _fit_keras(cache: Cache, name: str, options: FitOptions, say):
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                        restore_best_weights=True))
     history = model.fit(
-        _batches(cache, "train", options.batch_size, options.seed),
-        validation_data=_batches(cache, "validation", 256, None),
-        epochs=options.epochs, callbacks=callbacks, class_weight=_class_weight(cache, options), verbose=0,
-        shuffle=False,  # _batches shuffles shard order, rows and a 4096-row buffer itself
+        split_batches(cache, "train", options.batch_size, options.seed),
+        validation_data=split_batches(cache, "validation", 256, None),
+        epochs=options.epochs, callbacks=callbacks, class_weight=class_weights(cache, options), verbose=0,
+        shuffle=False,  # split_batches shuffles shard order, rows and a 4096-row buffer itself
     )
     details = {
         "history": {k: [float(v) for v in values] for k, values in history.history.items()},

@@ -22,7 +22,7 @@ from featcache import FeatcacheError, __version__, backbones, weights
 from featcache.cache import Cache, ExtractionConfig
 from featcache.dataset import file_sha256
 from featcache.files import atomic_write
-from featcache.heads import Head, get_spec
+from featcache.heads import Head
 
 
 def preprocessing_affine(backbone: backbones.Backbone, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,23 +67,30 @@ def feature_model(config: ExtractionConfig, weights_arg: str | None):
     """
     import keras
 
-    spec = backbones.get(config.backbone)
+    base = backbone_model(config, weights_arg)
+    size = config.image_size
+    pixels = keras.Input((size, size, 3), name="image")
+    preprocessed = preprocessing_layer(backbones.get(config.backbone), config.preprocess, size)(pixels)
+    return keras.Model(pixels, base(preprocessed), name=f"{config.backbone}_features")
+
+
+def backbone_model(config: ExtractionConfig, weights_arg: str | None):
+    """The conv base with its weights, cut at the config's layer and pooled; input already preprocessed."""
+    import keras
+
     if weights_arg is None:
         keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.precision)  # the policy is global: restore it
     try:
-        base = backbones.build_extractor(spec, weights_arg, config.image_size, config.layer, config.pooling)
+        return backbones.build_extractor(backbones.get(config.backbone), weights_arg, config.image_size,
+                                         config.layer, config.pooling)
     except FeatcacheError:
         raise
     except Exception as exc:  # Keras raises many types for download and file problems
         raise weights.load_failure(config.backbone, weights_arg, exc) from exc
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    size = config.image_size
-    pixels = keras.Input((size, size, 3), name="image")
-    preprocessed = preprocessing_layer(spec, config.preprocess, size)(pixels)
-    return keras.Model(pixels, base(preprocessed), name=f"{config.backbone}_features")
 
 
 def cache_config(cache: Cache) -> ExtractionConfig:
@@ -121,7 +128,7 @@ def head_model(head: Head, feature_shape: tuple[int, ...]):
     """The head as a Keras model from cached features to (N, n_classes) probabilities."""
     import keras
 
-    if get_spec(head.name).library == "sklearn":
+    if head.library == "sklearn":
         from featcache.sklearn_export import keras_model
 
         return keras_model(head.model, feature_shape, name=f"head_{head.name}")

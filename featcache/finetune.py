@@ -1,0 +1,210 @@
+"""The fine-tune stage at cache speed: train the top of the conv base and the head on cached prefix features.
+
+Fine-tuning unfreezes the top block (``--unfreeze-from block5_conv1``, or a layer index such as
+100 for MobileNetV2) and trains it with the head at a low learning rate. Everything below that
+layer is frozen, so its output never changes: featcache extracts it once, as an ordinary cache
+(same store, key, atomic shards, row reuse, augmented views), and each epoch runs only the
+unfrozen layers. BatchNorm layers stay in inference mode (frozen), as the Keras and TensorFlow
+tutorials prescribe. The result is saved as a Keras head of that prefix cache, so ``predict``, ``export``
+and ``compare`` treat it like any other head; its history continues the head's, with the epoch
+where fine-tuning began recorded for the learning-curve marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.cache import Cache, cache_key
+from featcache.dataset import DEFAULT_FRACTIONS, load_dataset
+from featcache.heads import FitOptions, Head, class_weights, head_dir, load_head, split_batches
+from featcache.model import backbone_model, cache_config, cache_weights
+from featcache.weights import ResolvedWeights
+
+DEFAULTS = FitOptions(epochs=30, batch_size=20, learning_rate=1e-5, optimizer="rmsprop", seed=0, patience=5)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where the conv base splits into a cached frozen prefix and a trained top."""
+
+    unfreeze_from: str  # the first trainable layer
+    prefix_layer: str  # the layer whose output is cached: the single tensor the top starts from
+    trainable: tuple[str, ...]  # every layer that trains (from unfreeze_from to the cached cut)
+
+
+def plan_cut(extractor, backbone: str, unfreeze_from: str) -> Cut:
+    """Resolve ``unfreeze_from`` (a layer name, or an index into the backbone's layers) to a Cut.
+
+    The top must start from one tensor. When the requested layer sits inside a block whose
+    residual connection reaches back past it, the cached prefix moves back to that block's
+    input, and the layers in between run in the top but stay frozen.
+    """
+    import keras
+
+    names = [layer.name for layer in extractor.layers]
+    first = _layer_name(backbone, extractor, unfreeze_from)
+    start = names.index(first)
+    for index in range(start, 0, -1):
+        inbound = extractor.layers[index].input
+        if isinstance(inbound, list | tuple):
+            continue
+        try:
+            keras.Model(inbound, extractor.output)
+        except ValueError:  # another tensor crosses the cut (a residual connection)
+            continue
+        prefix = inbound._keras_history.operation.name
+        if prefix == names[0]:
+            break
+        return Cut(first, prefix, tuple(names[start:]))
+    raise FeatcacheError(
+        f"--unfreeze-from {unfreeze_from}: nothing of {backbone} below it can be cached as one tensor; "
+        "choose a later layer (`featcache backbones " + backbone + "` lists them)"
+    )
+
+
+def _layer_name(backbone: str, extractor, unfreeze_from: str) -> str:
+    """A name, or an index as in ``base_model.layers[index]`` of the tutorials."""
+    names = [layer.name for layer in extractor.layers]
+    if unfreeze_from.isdigit():
+        index = int(unfreeze_from)
+        if not 0 < index < len(names):
+            raise FeatcacheError(
+                f"--unfreeze-from {index}: the cached {backbone} has layers 1..{len(names) - 1}"
+            )
+        return names[index]
+    if unfreeze_from not in names:
+        raise FeatcacheError(
+            f"--unfreeze-from {unfreeze_from!r}: not a layer of the cached {backbone} "
+            f"(cut at {names[-1]}); `featcache backbones {backbone}` lists them"
+        )
+    return unfreeze_from
+
+
+def trainable_model(extractor, cut: Cut, head_model):
+    """prefix features -> top of the base (BatchNorm in inference mode) -> head.
+
+    Only ``cut.trainable`` layers and the head train. The layers are the extractor's own objects,
+    so trained weights are shared with it.
+    """
+    import keras
+
+    top = keras.Model(extractor.get_layer(cut.prefix_layer).output, extractor.output, name="top")
+    for layer in top.layers:
+        # A frozen BatchNormalization runs in inference mode. Keras 3 lets an outer training=True
+        # override a nested call's training=False, so freezing is the dependable way to keep the
+        # ImageNet statistics (the tests check training and inference outputs agree).
+        batch_norm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = layer.name in cut.trainable and not batch_norm
+    prefix = keras.Input(tuple(top.input.shape[1:]), name="prefix")
+    return keras.Model(prefix, head_model(top(prefix, training=False)), name="finetune")
+
+
+def prefix_cache(
+    head_cache: Cache, cut: Cut, workdir: Path, data: Path | None = None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, show_progress: bool = True,
+) -> Cache:
+    """The cache of the frozen prefix's output for exactly the head cache's images (extracted once)."""
+    from featcache.extract import extract
+
+    config = cache_config(head_cache)
+    root = data or Path(head_cache.manifest["dataset"]["root"])
+    dataset = load_dataset(root, fractions)
+    if cache_key(config, dataset) != head_cache.key:
+        raise FeatcacheError(
+            f"the data at {root} is not the data of cache {head_cache.key[:16]} (images, labels or "
+            f"splits changed since it was extracted); pass the same --data and --split-fractions, or "
+            f"extract and fit the head again"
+        )
+    prefix_config = dataclasses.replace(config, layer=cut.prefix_layer, pooling="none")
+    resolved = ResolvedWeights(cache_weights(head_cache), config.weights,
+                               head_cache.manifest.get("weights_source", ""))
+    return extract(dataset, prefix_config, resolved, workdir, show_progress=show_progress).cache
+
+
+def finetune(
+    head_cache: Cache, head_name: str, unfreeze_from: str, workdir: Path, data: Path | None = None,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, options: FitOptions = DEFAULTS,
+    say=lambda message: None, show_progress: bool = True,
+) -> tuple[Head, Cache]:
+    """Extract the prefix cache (once), then train the top block and the head on it.
+
+    Returns the fine-tuned head (not yet saved) and the prefix cache it belongs to. Training stops
+    early on validation loss, keeping the best weights.
+    """
+    import keras
+
+    head = load_head(head_dir(head_cache, head_name))
+    head.check_cache(head_cache)
+    if head.library != "keras":
+        raise FeatcacheError(
+            f"--head {head.name}: fine-tuning trains a Keras head through the base; "
+            "fit dense256, dense1024 or linear first"
+        )
+    extractor = backbone_model(cache_config(head_cache), cache_weights(head_cache))
+    cut = plan_cut(extractor, head_cache.config["backbone"], unfreeze_from)
+    say(f"unfreezing {len(cut.trainable)} layers from {cut.unfreeze_from}; caching the frozen prefix "
+        f"up to {cut.prefix_layer}")
+    prefix = prefix_cache(head_cache, cut, workdir, data, fractions, show_progress)
+    keras.utils.set_random_seed(options.seed)
+    model = trainable_model(extractor, cut, head.model)
+    binary = head.binary_sigmoid
+    optimizer = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[options.optimizer]
+    model.compile(optimizer=optimizer(learning_rate=options.learning_rate),
+                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+    def report_epoch(epoch: int, logs: dict) -> None:
+        say(f"finetune epoch {epoch + 1}/{options.epochs}: loss {logs['loss']:.4f}, "
+            f"accuracy {logs['accuracy']:.1%}, val loss {logs['val_loss']:.4f}, "
+            f"val accuracy {logs['val_accuracy']:.1%}")
+
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=report_epoch)]
+    if options.patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
+                                                       restore_best_weights=True))
+    started = time.perf_counter()
+    history = model.fit(
+        split_batches(prefix, "train", options.batch_size, options.seed),
+        validation_data=split_batches(prefix, "validation", 256, None), epochs=options.epochs,
+        callbacks=callbacks, class_weight=class_weights(prefix, options), verbose=0,
+        shuffle=False,  # split_batches shuffles shards, rows and a buffer itself
+    )
+    seconds = time.perf_counter() - started
+    before = head.info.get("history", {})
+    after = {k: [float(v) for v in values] for k, values in history.history.items()}
+    info = {
+        "name": f"{head.name}-finetuned", "library": "keras", "cache_key": prefix.key,
+        "classes": prefix.classes, "feature_shape": prefix.manifest["feature_shape"],
+        "options": asdict(options), "seed": options.seed, "output": head.info.get("output"),
+        "finetune": {
+            "from_head": head.name, "from_cache": head_cache.key, "requested": unfreeze_from,
+            "unfreeze_from": cut.unfreeze_from, "prefix_layer": cut.prefix_layer,
+            "trainable_layers": list(cut.trainable), "started_at_epoch": len(before.get("loss", [])),
+        },
+        "history": {k: before.get(k, []) + after[k] for k in after},
+        "epochs_run": len(after["loss"]),
+        "seconds_per_epoch": round(seconds / len(after["loss"]), 3),
+        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "non_trainable_params": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
+        "fit_seconds": round(seconds, 3), "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return Head(info["name"], model, info), prefix
+
+
+def cache_with_head(workdir: Path, head_name: str) -> Cache:
+    """The most recent complete cache that has ``head_name`` fitted (fine-tuning adds newer caches)."""
+    from featcache.cache import list_caches
+
+    for manifest in reversed(list_caches(workdir)):
+        folder = workdir / manifest["key"][:16]
+        if manifest.get("status") == "complete" and (folder / "heads" / head_name / "head.json").is_file():
+            return Cache(folder)
+    raise FeatcacheError(f"no cache in {workdir} has head {head_name} fitted; run `featcache fit-head --head "
+                         f"{head_name}` first")
+

@@ -1,0 +1,152 @@
+"""Fine-tuning on the cached frozen prefix: the right cut, the same step as the full model, a usable head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache import FeatcacheError, backbones
+from featcache.cli import main
+from featcache.finetune import plan_cut, prefix_cache, trainable_model
+from featcache.heads import FitOptions, fit_head, head_dir, load_head
+from featcache.images import load_image
+from featcache.model import backbone_model, cache_config, preprocessing_affine
+from featcache.predict import Predictor
+from tests.conftest import make_split_folders, run_extract, write_image
+
+QUICK = FitOptions(epochs=2, batch_size=4, learning_rate=1e-3, optimizer="adam")
+
+
+def extractor_for(name: str, size: int = 32):
+    spec = backbones.get(name)
+    return backbones.build_extractor(spec, None, size, None, spec.default_pooling)
+
+
+def test_vgg16_block5_cut_caches_block4_pool():
+    extractor = extractor_for("vgg16")
+    cut = plan_cut(extractor, "vgg16", "block5_conv1")
+    assert cut.prefix_layer == "block4_pool"
+    assert cut.trainable == ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
+    by_index = [layer.name for layer in extractor.layers].index("block5_conv1")
+    assert plan_cut(extractor, "vgg16", str(by_index)) == cut
+
+
+def test_a_cut_inside_a_residual_block_caches_the_block_input_and_freezes_the_rest():
+    """MobileNetV2 from layer 100 (the TF tutorial): the skip connection must not cross the cut."""
+    extractor = extractor_for("mobilenet_v2_keras")
+    cut = plan_cut(extractor, "mobilenet_v2_keras", "100")
+    names = [layer.name for layer in extractor.layers]
+    assert cut.unfreeze_from == names[100] and cut.trainable[0] == names[100]
+    assert cut.prefix_layer == "block_10_project_BN"
+    assert names.index(cut.prefix_layer) < 100  # block_11_expand runs in the top, frozen
+
+
+def test_unknown_layer_or_index_is_a_one_line_error():
+    extractor = extractor_for("vgg16")
+    with pytest.raises(FeatcacheError, match="not a layer of the cached vgg16"):
+        plan_cut(extractor, "vgg16", "block9_conv1")
+    with pytest.raises(FeatcacheError, match="has layers 1.."):
+        plan_cut(extractor, "vgg16", "500")
+
+
+@pytest.mark.parametrize("backbone, head_name, unfreeze_from, training", [
+    ("vgg16", "dense256", "block5_conv1", False),  # dropout off so both paths see one function
+    ("mobilenet_v2", "linear", "100", True),  # training mode: BatchNorm must stay in inference mode
+])
+def test_a_step_on_the_prefix_cache_equals_the_step_through_the_full_model(
+    backbone, head_name, unfreeze_from, training, tmp_path
+):
+    import keras
+    import tensorflow as tf
+
+    data = make_split_folders(tmp_path / "data", counts={"train": 4, "validation": 2, "test": 2})
+    cache = run_extract(data, tmp_path / "out", backbone=backbone, pooling=None).cache
+    head = fit_head(cache, head_name, QUICK)
+    head.save(head_dir(cache, head_name))
+    config = cache_config(cache)
+    extractor = backbone_model(config, None)
+    cut = plan_cut(extractor, backbone, unfreeze_from)
+    prefix = prefix_cache(cache, cut, tmp_path / "out", show_progress=False)
+    assert prefix.config["layer"] == cut.prefix_layer and prefix.config["dtype"] == "float32"
+    model = trainable_model(extractor, cut, head.model)
+
+    # the tutorials' full model: layers below the cut frozen, pixels -> preprocess -> base -> head,
+    # built on the same layer objects
+    for layer in extractor.layers:
+        layer.trainable = layer.trainable and layer.name in cut.trainable
+    pixels = keras.Input((32, 32, 3))
+    full = keras.Model(pixels, head.model(extractor(pixels, training=False)))
+    x_prefix, labels, relpaths = prefix.read("train")
+    matrix, offset = preprocessing_affine(backbones.get(backbone), "backbone")
+    images = np.stack([load_image(data / p, 32) for p in relpaths]).astype(np.float64) @ matrix + offset
+    if head.binary_sigmoid:
+        loss_fn, labels = keras.losses.BinaryCrossentropy(), labels.reshape(-1, 1).astype(np.float32)
+    else:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    variables = model.trainable_variables
+    assert variables and all(any(v is w for w in full.trainable_variables) for v in variables)
+    results = []
+    for net, inputs in ((model, x_prefix), (full, images.astype(np.float32))):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, net(inputs, training=training))
+        results.append((float(loss), [g.numpy() for g in tape.gradient(loss, variables)]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    if training:  # BatchNorm in inference mode: a training-mode pass gives the inference outputs
+        np.testing.assert_allclose(model(x_prefix, training=True), model(x_prefix, training=False), rtol=1e-6)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, float(np.abs(b).max())))
+
+
+def test_finetune_command_end_to_end_then_predict_and_compare(tmp_path):
+    data = make_split_folders(tmp_path / "data", counts={"train": 6, "validation": 3, "test": 3})
+    workdir = tmp_path / "out"
+    fast = ["--workdir", str(workdir)]
+
+    def invoke(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("extract", "--data", data, "--weights", "none", "--image-size", "32", *fast)
+    invoke("fit-head", "--head", "dense256", "--epochs", "3", "--learning-rate", "1e-3", *fast)
+    result = invoke("finetune", "--head", "dense256", "--unfreeze-from", "block5_conv1", "--epochs", "2",
+                    "--patience", "0", *fast)
+    assert "finetune epoch 2/2" in result.stderr and "dense256-finetuned: 2 epochs" in result.stdout
+    prefix_key = result.stdout.split("--cache ")[1][:16]
+    prefix_dir = workdir / prefix_key
+    info = json.loads((prefix_dir / "heads" / "dense256-finetuned" / "head.json").read_text())
+    assert info["finetune"]["prefix_layer"] == "block4_pool" and info["finetune"]["started_at_epoch"] == 3
+    assert len(info["history"]["loss"]) == 5 and info["metrics"]["test"]["rows"] == 6
+    assert info["trainable_params"] == 7079424 + 512 * 256 + 256 + 257  # block5 + dense256 head
+
+    compared = invoke("compare", "--cache", prefix_key, "--format", "json", *fast)
+    assert json.loads(compared.stdout)[0]["head"] == "dense256-finetuned"
+    assert (prefix_dir / "plots" / "learning_curves.png").is_file()
+
+    from featcache.cache import Cache
+
+    prefix = Cache(prefix_dir)
+    head = load_head(prefix_dir / "heads" / "dense256-finetuned")
+    x, _, relpaths = prefix.read("test")
+    predictions = Predictor(prefix, head).predict([data / p for p in relpaths], show_progress=False)
+    np.testing.assert_allclose(predictions.probabilities, head.predict_proba(x), atol=1e-5)
+    predicted = invoke("predict", data / "test", "--head", "dense256-finetuned", "--format", "json", *fast)
+    assert len(json.loads(predicted.stdout)) == 6
+
+
+def test_finetune_refuses_a_scikit_learn_head_and_changed_data(tmp_path):
+    data = make_split_folders(tmp_path / "data", counts={"train": 4, "validation": 2, "test": 2})
+    workdir = tmp_path / "out"
+    cache = run_extract(data, workdir).cache
+    fit_head(cache, "logreg", QUICK).save(head_dir(cache, "logreg"))
+    fit_head(cache, "dense256", QUICK).save(head_dir(cache, "dense256"))
+    args = ["finetune", "--unfreeze-from", "block5_conv1", "--workdir", str(workdir)]
+    sklearn = CliRunner().invoke(main, [*args, "--head", "logreg"])
+    assert sklearn.exit_code == 1 and "fine-tuning trains a Keras head" in sklearn.output
+    write_image(data / "train" / "cat" / "cat_000.png", (10, 10, 10), seed=99)
+    changed = CliRunner().invoke(main, [*args, "--head", "dense256"])
+    assert changed.exit_code == 1 and "is not the data of cache" in changed.output
