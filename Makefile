@@ -23,11 +23,11 @@ demo: install
 	$(BIN)/featcache compare --report featcache-out/report.html
 
 test: install
-	$(BIN)/ruff check featcache tests
+	$(BIN)/ruff check featcache tests scripts
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check featcache tests
+	$(BIN)/ruff check featcache tests scripts
 
 clean:
 	rm -rf featcache-out .pytest_cache
