@@ -4,6 +4,15 @@ A cache is a folder ``WORKDIR/KEY[:16]`` with ``manifest.json`` and shards ``SPL
 The key hashes the extraction config and every (path, label, split, file sha256), so changed
 pixels or weights never reuse stale features. Rows, however, are reusable across caches by
 (image sha256, row key): a new dataset version copies what it shares and computes the rest.
+
+A shard holds ``features``, ``labels``, ``paths`` (relative path of the source image), ``sha256``
+(the row's identity) and ``views`` (0 for an original image, 1..K for its augmented views; shards
+written before views existed lack it and hold originals only). With ``--augment K`` every
+training image is followed in its shard by its K views; a view's ``paths`` entry names its source
+image and its ``sha256`` entry is ``augment.view_identity(file sha256, seed, view)``, which also
+covers the augmentation recipe, so view rows are reused only for the same bytes, seed, view and
+recipe. The row key leaves augment and seed out: an original row does not depend on them, so a
+cache with views reuses the rows of one without, and more views reuse fewer.
 """
 
 from __future__ import annotations
@@ -16,20 +25,21 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from featcache import FeatcacheError, __version__
+from featcache import FeatcacheError, __version__, augment
 from featcache.dataset import Dataset, Sample
 from featcache.files import atomic_write, fsync
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 CHUNK_ROWS = 64
-SHARD_DATASETS = ("features", "labels", "paths", "sha256")
+SHARD_DATASETS = ("features", "labels", "paths", "sha256")  # required; "views" is optional
+ROW_DATASETS = (*SHARD_DATASETS, "views")
 DEFAULT_WORKDIR = "featcache-out"
 
 
@@ -54,12 +64,16 @@ class ExtractionConfig:
     seed: int = 0
 
     def row_key(self) -> str:
-        return _digest(asdict(self))
+        """What a row's features depend on besides its pixels; augment and seed live in view identities."""
+        return _digest(asdict(replace(self, augment=0, seed=0)))
 
 
 def cache_key(config: ExtractionConfig, dataset: Dataset) -> str:
     samples = sorted((s.relpath, s.label, s.split, s.sha256) for s in dataset.samples)
-    return _digest({"config": asdict(config), "classes": list(dataset.classes), "samples": samples})
+    payload = {"config": asdict(config), "classes": list(dataset.classes), "samples": samples}
+    if config.augment:
+        payload["augmentation"] = augment.RECIPE
+    return _digest(payload)
 
 
 def _digest(payload) -> str:
@@ -83,12 +97,20 @@ class ShardPlan:
         return _digest([(s.relpath, s.sha256) for s in self.samples])
 
 
-def plan_shards(dataset: Dataset, shard_size: int) -> list[ShardPlan]:
+def plan_shards(dataset: Dataset, shard_size: int, views: int = 0, seed: int = 0) -> list[ShardPlan]:
+    """Rows per shard, in dataset order; with ``views`` every training image is followed by its views.
+
+    An image and its views always share a shard (so a rejected image is reported once), and a
+    training shard holds as many whole images as fit in ``shard_size`` rows (at least one).
+    """
     plans = []
     for split in dataset.splits:
+        k = views if split == "train" else 0
         samples = dataset.split(split)
-        for index, start in enumerate(range(0, len(samples), shard_size)):
-            plans.append(ShardPlan(split, index, tuple(samples[start : start + shard_size])))
+        per_shard = max(1, shard_size // (k + 1))
+        for index, start in enumerate(range(0, len(samples), per_shard)):
+            rows = [row for s in samples[start : start + per_shard] for row in augment.with_views(s, k, seed)]
+            plans.append(ShardPlan(split, index, tuple(rows)))
     return plans
 
 
@@ -105,6 +127,7 @@ def write_shard(
         f.create_dataset("labels", data=np.array([s.label for s in rows], dtype=np.int32))
         f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
         f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
+        f.create_dataset("views", data=np.array([s.view for s in rows], dtype=np.int32))
         f.attrs.update(
             {
                 "cache_key": provenance["key"],
@@ -130,7 +153,8 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool
             return (
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
-                and len({len(f[name]) for name in SHARD_DATASETS}) == 1
+                and all(name in f for name in SHARD_DATASETS)
+                and len({len(f[name]) for name in ROW_DATASETS if name in f}) == 1
             )
     except (OSError, KeyError):
         return False
@@ -274,6 +298,8 @@ class Cache:
             missing = [n for n in SHARD_DATASETS if n not in f]
             if missing:
                 raise FeatcacheError(f"shard {shard} lacks dataset(s) {', '.join(missing)}; {fix}")
+            if len({len(f[name]) for name in ROW_DATASETS if name in f}) != 1:
+                raise FeatcacheError(f"shard {shard} has datasets of different lengths; {fix}")
             yield f
 
     def iter_batches(self, split: str, batch_size: int = 1024) -> Iterator[Batch]:
@@ -301,6 +327,14 @@ class Cache:
         features, labels, paths = zip(*parts, strict=True)
         return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
 
+    def views(self, split: str) -> np.ndarray:
+        """The view index of every row of a split, in the order of ``read``: 0 for original images."""
+        parts = [np.zeros(0, np.int32)]
+        for shard in self.shard_paths(split):
+            with self.open_shard(shard) as f:
+                parts.append(f["views"][:] if "views" in f else np.zeros(len(f["labels"]), np.int32))
+        return np.concatenate(parts)
+
 
 def list_caches(workdir: Path) -> list[dict]:
     """Manifests of every cache under workdir, oldest first (complete or not)."""
@@ -327,5 +361,7 @@ def open_cache(workdir: Path, key: str | None = None) -> Cache:
 
 
 def split_summary(rows: list[Sample], classes: list[str]) -> dict:
+    """Rows (augmented views included) per class, and how many source images they come from."""
     counts = Counter(s.label for s in rows)
-    return {"rows": len(rows), "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}
+    return {"rows": len(rows), "images": sum(s.view == 0 for s in rows),
+            "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}

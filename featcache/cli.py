@@ -76,27 +76,32 @@ def main():
               show_default=True,
               help="train,validation,test fractions for class-folder and CSV data without splits.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Images per HDF5 shard (the unit of resume).")
+              help="Rows per HDF5 shard (the unit of resume; an image and its views share one).")
 @click.option("--xla/--no-xla", default=False, show_default=True, help="Compile the backbone with XLA.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16"]), default="float32",
               show_default=True, help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
 @click.option("--lock-timeout", type=float, default=0.0, show_default=True,
               help="Seconds to wait for another run writing the same cache.")
+@click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Augmented views per training image (flip, rotation, shift, zoom, shear); "
+                   "validation and test are never augmented.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the augmented views (recorded in the cache key).")
 @workdir_option
 @user_errors
 def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
-            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, workdir):
+            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed, workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
     from featcache.extract import check_options, make_config
     from featcache.extract import extract as run_extract
 
-    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision)
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed)
     dataset = load_dataset(data, split_fractions)
     for warning in dataset.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
-                                   preprocess, dtype, precision, say=console.print)
+                                   preprocess, dtype, precision, augment, seed, say=console.print)
     console.print(f"{backbone} at {config.image_size} px, weights: {resolved.source}")
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
@@ -115,7 +120,7 @@ def print_summary(result) -> None:
     if result.computed == result.reused == 0 and result.shards_kept:
         work = "nothing to compute: the cache was already complete"
     else:
-        work = (f"{result.computed} images through the backbone, {result.reused} rows reused, "
+        work = (f"{result.computed} rows through the backbone, {result.reused} rows reused, "
                 f"{result.shards_kept} shards kept")
     console.print(
         f"{work}; features {tuple(manifest['feature_shape'])} {manifest['config']['dtype']}; "

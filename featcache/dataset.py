@@ -25,13 +25,19 @@ DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: where it is, what it is, which split it belongs to, and its content hash."""
+    """One image: where it is, what it is, which split it belongs to, and its content hash.
+
+    An augmented view of a training image (see augment.py) is a Sample too: ``view`` is 1 or more,
+    ``source_sha256`` holds the file's sha256 and ``sha256`` the view's own row identity.
+    """
 
     path: Path
     relpath: str
     label: int
     split: str
     sha256: str
+    view: int = 0
+    source_sha256: str | None = None
 
 
 @dataclass(frozen=True)

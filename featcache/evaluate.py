@@ -75,18 +75,21 @@ def evaluate(head: Head, cache: Cache) -> dict[str, dict]:
 def cross_validate(head: Head, cache: Cache, folds: int) -> list[float]:
     """Accuracy of each of K stratified folds of the training split, refitting the head's recipe.
 
-    scikit-learn heads keep the C chosen on validation; Keras heads train for the epochs the
-    fitted head actually ran (early stopping already chose them on validation).
+    Folds group rows by source image, so an image and its augmented views are never on both
+    sides; held-out folds are scored on original images only. scikit-learn heads keep the C
+    chosen on validation; Keras heads train for the epochs the fitted head actually ran (early
+    stopping already chose them on validation).
     """
     import keras
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold
 
     options = head.info["options"]
-    x, y, _ = cache.read("train")
-    x = x.astype(np.float32)
-    folds_iter = StratifiedKFold(folds, shuffle=True, random_state=options["seed"]).split(x, y)
+    x, y, paths = cache.read("train")
+    x, originals = x.astype(np.float32), cache.views("train") == 0
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=options["seed"])
     scores = []
-    for train, held_out in folds_iter:
+    for train, held_out in splitter.split(x, y, groups=paths):
+        held_out = held_out[originals[held_out]]
         if get_spec(head.name).library == "sklearn":
             class_weight = "balanced" if options["class_weight"] == "balanced" else None
             model = sklearn_model(head.name, head.info["chosen"]["C"], options["seed"], class_weight)

@@ -2,7 +2,9 @@
 
 Decoding runs in parallel in a tf.data pipeline with prefetch, so the backbone never waits for
 images. Shards already on disk are kept, rows shared with other caches of the same config are
-copied, and only the rest goes through the backbone.
+copied, and only the rest goes through the backbone. With ``augment`` K > 0 every training image
+also goes through the backbone as K augmented views (augment.py), each a row of its own;
+validation and test are never augmented.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache import FeatcacheError, __version__, backbones, cache, weights
+from featcache import FeatcacheError, __version__, augment, backbones, cache, weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
 from featcache.model import feature_model
@@ -41,23 +43,27 @@ def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
     preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
-    say=lambda message: None,
+    augment: int = 0, seed: int = 0, say=lambda message: None,
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
-    """Validate options, fill defaults from the backbone registry, and resolve the weights."""
-    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision)
+    """Validate options, fill defaults from the backbone registry, and resolve the weights.
+
+    ``augment`` is the number of augmented views per training image, ``seed`` the seed they are
+    drawn from; both are part of the cache key.
+    """
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed)
     spec = backbones.get(backbone)
     size = image_size or spec.input_size
     resolved = weights.resolve(backbone, weights_spec, say)
     config = cache.ExtractionConfig(
         backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
         pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
-        preprocess=preprocess, dtype=dtype, precision=precision,
+        preprocess=preprocess, dtype=dtype, precision=precision, augment=augment, seed=seed,
     )
     return config, resolved
 
 
 def check_options(backbone: str, pooling: str | None, image_size: int | None, resize: str,
-                  preprocess: str, dtype: str, precision: str) -> None:
+                  preprocess: str, dtype: str, precision: str, augment: int = 0, seed: int = 0) -> None:
     """Cheap checks to run before scanning a dataset or fetching weights."""
     spec = backbones.get(backbone)
     _choice("--pooling", pooling or spec.default_pooling, backbones.POOLINGS)
@@ -68,6 +74,10 @@ def check_options(backbone: str, pooling: str | None, image_size: int | None, re
     size = image_size or spec.input_size
     if size < spec.min_size:
         raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
+    if augment < 0:
+        raise FeatcacheError(f"--augment {augment}: give the number of views per training image, 0 or more")
+    if seed < 0:
+        raise FeatcacheError(f"--seed {seed}: the augmentation seed must be 0 or more")
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -107,7 +117,7 @@ def _shards_intact(cache_dir: Path) -> bool:
 def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started):
     """Write every missing shard as soon as its images are through the backbone (the unit of resume)."""
     cache.remove_temporaries(cache_dir)
-    plans = cache.plan_shards(dataset, shard_size)
+    plans = cache.plan_shards(dataset, shard_size, config.augment, config.seed)
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
     source = cache.RowSource(cache_dir.parent, config.row_key(), exclude=cache_dir)
     pending = [s for p in todo for s in p.samples if s.sha256 not in source]
@@ -115,8 +125,8 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     cache.write_manifest(cache_dir, manifest)
 
-    computed: dict[str, np.ndarray] = {}
-    rejected: dict[str, str] = {}
+    computed: dict[tuple[str, int], np.ndarray] = {}  # by (relpath, view)
+    rejected: dict[str, str] = {}  # by relpath: a rejected image takes its views with it
     provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
                   "classes": list(dataset.classes)}
 
@@ -126,11 +136,11 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
         shape = model.output_shape[1:] if model else next(iter(reused.values())).shape
         features = np.zeros((len(rows), *shape), dtype=config.dtype)
         for i, s in enumerate(rows):
-            features[i] = reused[s.sha256] if s.sha256 in reused else computed.pop(s.relpath)
+            features[i] = reused[s.sha256] if s.sha256 in reused else computed.pop((s.relpath, s.view))
         shard_rejects = {s.relpath: rejected[s.relpath] for s in plan.samples if s.relpath in rejected}
         cache.write_shard(cache_dir / plan.name, plan, provenance, features, rows, shard_rejects)
 
-    # pending holds the todo shards' images in order: shard i is done once ends[i] images are
+    # pending holds the todo shards' rows in order: shard i is done once ends[i] rows are
     ends = np.cumsum([sum(s.sha256 not in source for s in p.samples) for p in todo]).tolist()
     flushed = 0
     with ImageProgress(len(pending), enabled=show_progress) as progress:
@@ -141,14 +151,14 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
                 flush(todo[flushed])
                 flushed += 1
 
-    return _finish(cache_dir, manifest, dataset, plans, len(pending) - len(rejected),
+    return _finish(cache_dir, manifest, dataset, plans, sum(s.relpath not in rejected for s in pending),
                    sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)
 
 
 def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected):
-    """Stream pending images through decode -> feature model (preprocess + backbone), filling ``computed``.
+    """Stream pending rows through decode (-> augment) -> feature model, filling ``computed``.
 
-    Yields, after each batch, how many pending images are resolved (computed or rejected).
+    Yields, after each batch, how many pending rows are resolved (computed or rejected).
     """
     import tensorflow as tf
 
@@ -159,20 +169,26 @@ def _run_backbone(model, config, pending: list[Sample], batch_size, xla, compute
     def forward(batch):
         return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
 
+    def view_of(i: int, image: np.ndarray) -> np.ndarray:
+        s = pending[i]
+        return augment.augmented_view(image, config.seed, s.source_sha256, s.view) if s.view else image
+
     paths = [s.path for s in pending]
-    for indices, batch in decoded_batches(paths, config.image_size, config.resize, batch_size, reject):
+    batches = decoded_batches(paths, config.image_size, config.resize, batch_size, reject, view_of)
+    for indices, batch in batches:
         features = forward(batch).numpy()
         for i, row in zip(indices, features, strict=True):
-            computed[pending[i].relpath] = row.astype(config.dtype)
+            computed[(pending[i].relpath, pending[i].view)] = row.astype(config.dtype)
         yield int(indices[-1]) + 1
     yield len(pending)  # trailing rejects after the last batch
 
 
-def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, reject):
+def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, reject, transform=None):
     """(indices, uint8 images) batches, decoded in parallel by ``load_image`` in a tf.data pipeline.
 
     A file that cannot be used is skipped and reported as ``reject(index, reason)``; order is kept.
-    Extraction and prediction both read images through here.
+    ``transform(index, image)``, if given, replaces each decoded image (extraction's augmented
+    views). Extraction and prediction both read images through here.
     """
     import tensorflow as tf
 
@@ -180,10 +196,11 @@ def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, 
 
     def decode(i):
         try:
-            return load_image(paths[int(i)], size, resize), True
+            image = load_image(paths[int(i)], size, resize)
         except RejectedImage as exc:
             reject(int(i), str(exc))
             return blank, False
+        return (transform(int(i), image) if transform else image), True
 
     def tf_decode(i):
         image, ok = tf.numpy_function(decode, [i], (tf.uint8, tf.bool), stateful=False)
@@ -217,6 +234,7 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
         "dataset": {"root": str(dataset.root.resolve()), "layout": dataset.layout,
                     "images": len(dataset.samples)},
         "classes": list(dataset.classes),
+        "augmentation": augment.RECIPE if config.augment else None,
         "shard_size": shard_size,
         "splits": {
             split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits

@@ -33,7 +33,7 @@ def describe_cache(cache: Cache, console: Console) -> None:
     for warning in m.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(
-        f"last run: {m.get('rows_computed', 0)} images through the backbone, "
+        f"last run: {m.get('rows_computed', 0)} rows through the backbone, "
         f"{m.get('rows_reused', 0)} rows reused, {m.get('seconds', 0):.1f} s"
     )
 

@@ -27,7 +27,7 @@ def test_extract_every_layout_then_info(layout, split_data, class_data, tmp_path
         data.write_text("path,label\n" + "\n".join(rows) + "\n")
     result = invoke("extract", "--data", data, "--workdir", tmp_path / "out", *FAST)
     assert result.exit_code == 0, result.output
-    assert "images through the backbone" in result.output and "cache:" in result.output
+    assert "rows through the backbone" in result.output and "cache:" in result.output
     info = invoke("info", "--workdir", tmp_path / "out")
     assert info.exit_code == 0 and "rows per split and class" in info.output
     listing = invoke("info", "--all", "--workdir", tmp_path / "out")

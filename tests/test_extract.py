@@ -24,10 +24,14 @@ from tests.conftest import run_extract, write_image
 
 def direct_predict(paths, size=32, weights=None, layer="block5_pool", pooling="none", seed=0):
     """The reference: build the same base independently and predict the preprocessed images."""
+    return direct_features(np.stack([load_image(p, size) for p in paths]), weights, layer, pooling, seed)
+
+
+def direct_features(images, weights=None, layer="block5_pool", pooling="none", seed=0):
+    """Features of already decoded (N, size, size, 3) uint8 images, from an independently built base."""
     keras.utils.set_random_seed(seed)
-    model = build_extractor(get("vgg16"), weights, size, layer, pooling)
-    images = np.stack([load_image(p, size) for p in paths]).astype("float32")
-    return model.predict(keras.applications.vgg16.preprocess_input(images), verbose=0)
+    model = build_extractor(get("vgg16"), weights, images.shape[1], layer, pooling)
+    return model.predict(keras.applications.vgg16.preprocess_input(images.astype("float32")), verbose=0)
 
 
 def test_features_equal_direct_predict_and_rows_stay_aligned(split_data, tmp_path):
