@@ -150,3 +150,17 @@ def test_finetune_refuses_a_scikit_learn_head_and_changed_data(tmp_path):
     write_image(data / "train" / "cat" / "cat_000.png", (10, 10, 10), seed=99)
     changed = CliRunner().invoke(main, [*args, "--head", "dense256"])
     assert changed.exit_code == 1 and "is not the data of cache" in changed.output
+
+
+def test_finetune_on_an_augmented_cache_caches_and_trains_on_the_augmented_prefix_views(tmp_path):
+    from featcache.finetune import finetune
+
+    data = make_split_folders(tmp_path / "data", counts={"train": 3, "validation": 2, "test": 2})
+    cache = run_extract(data, tmp_path / "out", augment=2, seed=5).cache
+    fit_head(cache, "dense256", QUICK).save(head_dir(cache, "dense256"))
+    head, prefix = finetune(cache, "dense256", "block5_conv1", tmp_path / "out", options=QUICK,
+                            show_progress=False)
+    assert prefix.config["augment"] == 2 and prefix.config["seed"] == 5
+    assert prefix.manifest["splits"]["train"]["rows"] == 3 * 6 == len(prefix.views("train"))
+    assert sorted(set(prefix.views("train"))) == [0, 1, 2] and set(prefix.views("test")) == {0}
+    assert head.info["finetune"]["prefix_layer"] == "block4_pool"
