@@ -137,6 +137,14 @@ def test_finetune_command_end_to_end_then_predict_and_compare(tmp_path):
     predicted = invoke("predict", data / "test", "--head", "dense256-finetuned", "--format", "json", *fast)
     assert len(json.loads(predicted.stdout)) == 6
 
+    import keras
+
+    invoke("export", "--cache", prefix_key, "--head", "dense256-finetuned", "--output", tmp_path / "ft.keras",
+           *fast)
+    exported = keras.saving.load_model(tmp_path / "ft.keras", safe_mode=True)
+    pixels = np.stack([load_image(data / p, 32) for p in relpaths]).astype(np.float32)
+    np.testing.assert_allclose(exported.predict(pixels, verbose=0), predictions.probabilities, atol=1e-5)
+
 
 def test_finetune_refuses_a_scikit_learn_head_and_changed_data(tmp_path):
     data = make_split_folders(tmp_path / "data", counts={"train": 4, "validation": 2, "test": 2})
