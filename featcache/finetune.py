@@ -5,9 +5,9 @@ Fine-tuning unfreezes the top block (``--unfreeze-from block5_conv1``, or a laye
 layer is frozen, so its output never changes: featcache extracts it once, as an ordinary cache
 (same store, key, atomic shards, row reuse, augmented views), and each epoch runs only the
 unfrozen layers. BatchNorm layers stay in inference mode (frozen), as the Keras and TensorFlow
-tutorials prescribe. The result is saved as a Keras head of that prefix cache, so ``predict``, ``export``
-and ``compare`` treat it like any other head; its history continues the head's, with the epoch
-where fine-tuning began recorded for the learning-curve marker.
+tutorials prescribe. The result is saved as a Keras head of that prefix cache, so ``predict``,
+``export`` and ``compare`` treat it like any other head; its history continues the head's, with
+the epoch where fine-tuning began recorded for the learning-curve marker.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def plan_cut(extractor, backbone: str, unfreeze_from: str) -> Cut:
         return Cut(first, prefix, tuple(names[start:]))
     raise FeatcacheError(
         f"--unfreeze-from {unfreeze_from}: nothing of {backbone} below it can be cached as one tensor; "
-        "choose a later layer (`featcache backbones " + backbone + "` lists them)"
+        f"choose a later layer (`featcache backbones {backbone}` lists them)"
     )
 
 
