@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import time
@@ -33,7 +34,7 @@ import numpy as np
 
 from featcache import FeatcacheError, __version__, augment
 from featcache.dataset import Dataset, Sample
-from featcache.files import atomic_write, fsync
+from featcache.files import atomic_write
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -118,10 +119,20 @@ def write_shard(
     path: Path, plan: ShardPlan, provenance: dict, features: np.ndarray,
     rows: list[Sample], rejects: dict[str, str],
 ) -> None:
-    """Write all rows of one shard under a temporary name, fsync, then rename into place."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Build the shard in memory, then write it under a temporary name, fsync, and rename it into place.
+
+    HDF5 never touches the disk itself: a full disk fails one plain write (a clear error, the
+    temporary removed) instead of leaving the HDF5 library holding a half-written file.
+    """
+    buffer = io.BytesIO()
+    _write_rows(buffer, plan, provenance, features, rows, rejects)
+    atomic_write(path, buffer.getbuffer())
+
+
+def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
+                rows: list[Sample], rejects: dict[str, str]) -> None:
     n = len(rows)
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(target, "w") as f:
         chunks = (min(n, CHUNK_ROWS), *features.shape[1:]) if n else None
         f.create_dataset("features", data=features, chunks=chunks, fletcher32=bool(n))
         f.create_dataset("labels", data=np.array([s.label for s in rows], dtype=np.int32))
@@ -142,8 +153,6 @@ def write_shard(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
         )
-    fsync(tmp)
-    os.replace(tmp, path)
 
 
 def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool:

@@ -145,11 +145,15 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     flushed = 0
     with ImageProgress(len(pending), enabled=show_progress) as progress:
         batches = _run_backbone(model, config, pending, batch_size, xla, computed, rejected) if model else [0]
-        for resolved_upto in batches:
-            progress.advance_to(resolved_upto)
-            while flushed < len(todo) and ends[flushed] <= resolved_upto:
-                flush(todo[flushed])
-                flushed += 1
+        try:
+            for resolved_upto in batches:
+                progress.advance_to(resolved_upto)
+                while flushed < len(todo) and ends[flushed] <= resolved_upto:
+                    flush(todo[flushed])
+                    flushed += 1
+        finally:
+            if model:  # stop the decode threads now, not during interpreter shutdown
+                batches.close()
 
     return _finish(cache_dir, manifest, dataset, plans, sum(s.relpath not in rejected for s in pending),
                    sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+from featcache import FeatcacheError
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file size limit, quota
+
+
+def atomic_write(path: str | Path, data: bytes | memoryview | str) -> Path:
     """Write a sibling temporary file, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -15,6 +20,9 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise_if_out_of_space(exc, f"writing {path}")
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -27,3 +35,12 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def raise_if_out_of_space(exc: OSError, what: str) -> None:
+    """Turn a write that failed because the disk (or a quota or size limit) is full into one line."""
+    if exc.errno in FULL:
+        raise FeatcacheError(
+            f"{what}: {os.strerror(exc.errno)}; free space and run the same command again "
+            "(everything finished before is kept, nothing half-written is visible)"
+        ) from None

@@ -23,6 +23,7 @@ import numpy as np
 from featcache import FeatcacheError
 from featcache.cache import Cache
 from featcache.dataset import file_sha256
+from featcache.files import raise_if_out_of_space
 
 OPTIMIZERS = ("rmsprop", "adam")
 C_GRIDS = {"logreg": (0.001, 0.01, 0.1, 1.0, 10.0), "svm": (0.001, 0.01, 0.1, 1.0, 10.0),
@@ -107,6 +108,24 @@ class Head:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write(tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_out_of_space(exc, f"saving head {self.name} to {folder}")
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+
+    def _write(self, tmp: Path) -> None:
         model_file = tmp / ("model.joblib" if self.library == "sklearn" else "model.keras")
         if model_file.suffix == ".joblib":
             import joblib
@@ -117,12 +136,6 @@ class Head:
         self.info["model_file"] = model_file.name
         self.info["model_sha256"] = file_sha256(model_file)
         (tmp / "head.json").write_text(json.dumps(self.info, indent=2))
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
 
 
 def head_dir(cache: Cache, name: str) -> Path:
@@ -131,7 +144,10 @@ def head_dir(cache: Cache, name: str) -> Path:
 
 def saved_heads(cache: Cache) -> list[str]:
     folder = cache.path / "heads"
-    return sorted(p.name for p in folder.iterdir() if (p / "head.json").is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    saved = (p for p in folder.iterdir() if not p.name.startswith("."))  # skip half-written temporaries
+    return sorted(p.name for p in saved if (p / "head.json").is_file())
 
 
 def head_info(folder: Path) -> dict:

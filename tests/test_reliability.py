@@ -1,9 +1,10 @@
-"""Bad input at scale: a 200-file fuzz corpus never crashes, hangs or bloats an extract run."""
+"""Bad input and full disks: nothing crashes, hangs, bloats, or leaves a half-written file visible."""
 
 from __future__ import annotations
 
 import json
 import resource
+import signal
 import subprocess
 import sys
 
@@ -36,3 +37,35 @@ def test_fuzz_corpus_is_reported_file_by_file_and_the_run_completes(tmp_path):
     assert "rejected" in run.stdout and "empty.png" in run.stdout
     # bombs are refused from their headers, never decoded: memory stays that of TensorFlow itself
     assert peak_kib < 4 * 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+
+
+def _file_size_limit(limit_bytes: int):
+    """A full disk for one child process: writes past limit_bytes fail with EFBIG (no root needed)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_full_disk_during_extract_and_fit_head_is_one_clear_error_and_the_next_run_succeeds(tmp_path):
+    data = make_split_folders(tmp_path / "data", counts={"train": 20, "validation": 3, "test": 3})
+    workdir = tmp_path / "out"
+    cli = [sys.executable, "-m", "featcache.cli"]
+    extract = [*cli, "extract", "--data", str(data), "--workdir", str(workdir), "--weights", "none",
+               "--image-size", "32", "--dtype", "float32", "--shard-size", "16"]
+    full = subprocess.run(extract, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(30_000))
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert "File too large; free space and run the same command again" in full.stderr.splitlines()[-1]
+    cache_dir = next(workdir.iterdir())
+    assert not list(cache_dir.glob("*.h5")) and not list(cache_dir.glob("*.tmp-*"))
+    assert json.loads((cache_dir / "manifest.json").read_text())["status"] == "incomplete"
+    assert subprocess.run(extract, capture_output=True, timeout=300).returncode == 0
+
+    fit = [*cli, "fit-head", "--head", "dense256", "--epochs", "1", "--workdir", str(workdir)]
+    full = subprocess.run(fit, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(30_000))
+    assert full.returncode == 1 and "saving head dense256" in full.stderr.splitlines()[-1]
+    assert not list((cache_dir / "heads").iterdir())  # neither a half-written head nor its temporary
+    assert subprocess.run(fit, capture_output=True, timeout=300).returncode == 0
+    assert (cache_dir / "heads" / "dense256" / "head.json").is_file()
