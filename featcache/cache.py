@@ -156,15 +156,22 @@ def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
 
 
 def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool:
-    """A shard on disk is reusable only if it opens, belongs to this key (and plan), and is whole."""
+    """A shard on disk is reusable only if it opens, belongs to this key (and plan), is whole, and its
+    features pass their Fletcher-32 checksums (read chunk by chunk: a flipped bit is caught here,
+    not by a head halfway through training)."""
     try:
         with h5py.File(path, "r") as f:
-            return (
+            if not (
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
                 and all(name in f for name in SHARD_DATASETS)
                 and len({len(f[name]) for name in ROW_DATASETS if name in f}) == 1
-            )
+            ):
+                return False
+            features = f["features"]
+            for start in range(0, len(features), CHUNK_ROWS * 16):
+                features[start : start + CHUNK_ROWS * 16]  # reading verifies the checksum
+            return True
     except (OSError, KeyError):
         return False
 

@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import make_split_folders
+import pytest
+
+from featcache import FeatcacheError
+from tests.conftest import make_split_folders, run_extract
 from tests.fuzz_corpus import make_corpus
 
 
@@ -69,3 +72,38 @@ def test_a_full_disk_during_extract_and_fit_head_is_one_clear_error_and_the_next
     assert not list((cache_dir / "heads").iterdir())  # neither a half-written head nor its temporary
     assert subprocess.run(fit, capture_output=True, timeout=300).returncode == 0
     assert (cache_dir / "heads" / "dense256" / "head.json").is_file()
+
+
+def _truncate(shard):
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _flip_feature_bits(shard):
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    data = bytearray(shard.read_bytes())
+    for i in range(16):
+        data[offset + 8 * i] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _delete_dataset(shard):
+    import h5py
+
+    with h5py.File(shard, "a") as f:
+        del f["labels"]
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_feature_bits, _delete_dataset])
+def test_a_corrupted_shard_is_named_by_readers_and_extract_rebuilds_only_it(corrupt, class_data, tmp_path):
+    first = run_extract(class_data, tmp_path / "out")
+    shards = first.cache.shard_paths("train")
+    rows = first.cache.manifest["splits"]["train"]["rows"]
+    corrupt(shards[1])
+    with pytest.raises(FeatcacheError, match=f"shard {shards[1]}.*featcache extract"):
+        first.cache.read("train")
+    rebuilt = run_extract(class_data, tmp_path / "out")
+    assert rebuilt.shards_kept == len(list(first.cache.path.glob("*.h5"))) - 1 and 0 < rebuilt.computed <= 4
+    assert len(rebuilt.cache.read("train")[2]) == rows
