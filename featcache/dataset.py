@@ -167,10 +167,14 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
     entries = [e for e in entries if _is_utf8(e[1])]
     classes = tuple(sorted(class_names))
     index = {name: i for i, name in enumerate(classes)}
-    samples = [
-        Sample(path, rel, index[label], split or hash_split(rel, fractions), file_sha256(path))
-        for path, rel, label, split in sorted(entries, key=lambda e: e[1])
-    ]
+    samples = []
+    for path, rel, label, split in sorted(entries, key=lambda e: e[1]):
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:  # a symlink loop, a dangling link, no permission: skip and say why
+            rejects.append(Reject(rel, f"cannot read ({exc.strerror or exc})"))
+            continue
+        samples.append(Sample(path, rel, index[label], split or hash_split(rel, fractions), digest))
     if not samples:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")

@@ -107,3 +107,17 @@ def test_a_corrupted_shard_is_named_by_readers_and_extract_rebuilds_only_it(corr
     rebuilt = run_extract(class_data, tmp_path / "out")
     assert rebuilt.shards_kept == len(list(first.cache.path.glob("*.h5"))) - 1 and 0 < rebuilt.computed <= 4
     assert len(rebuilt.cache.read("train")[2]) == rows
+
+
+def test_symlink_loops_and_unreadable_links_are_skipped_and_reported(tmp_path):
+    import os
+
+    data = make_split_folders(tmp_path / "data", counts={"train": 3, "validation": 2, "test": 2})
+    os.symlink(data / "train", data / "train" / "cat" / "loop")  # a folder that contains itself
+    os.symlink("self.png", data / "train" / "cat" / "self.png")  # a link to itself
+    os.symlink(tmp_path / "nowhere.png", data / "train" / "dog" / "dangling.png")
+    result = run_extract(data, tmp_path / "out")
+    reasons = {r["relpath"]: r["reason"] for r in result.rejects}
+    assert reasons == {"train/cat/self.png": "cannot read (Too many levels of symbolic links)",
+                       "train/dog/dangling.png": "cannot read (No such file or directory)"}
+    assert result.cache.manifest["splits"]["train"]["rows"] == 6  # the looping folder is not followed
