@@ -38,6 +38,7 @@ from featcache.files import atomic_write
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+CURRENT = "current"  # file in the workdir naming the default cache
 CHUNK_ROWS = 64
 SHARD_DATASETS = ("features", "labels", "paths", "sha256")  # required; "views" is optional
 ROW_DATASETS = (*SHARD_DATASETS, "views")
@@ -358,9 +359,19 @@ def list_caches(workdir: Path) -> list[dict]:
     return sorted((m for m in manifests if m), key=lambda m: m.get("completed") or m.get("created", ""))
 
 
+def set_current(workdir: Path, key: str) -> None:
+    """Make ``key`` the default cache of the workdir: the one the user's last ``extract`` produced."""
+    atomic_write(Path(workdir) / CURRENT, key + "\n")
+
+
 def open_cache(workdir: Path, key: str | None = None) -> Cache:
-    """The cache named by a key (a prefix is enough), or the most recently completed one."""
+    """The cache named by a key (a prefix is enough), else the last extracted, else the newest complete."""
     complete = [m for m in list_caches(workdir) if m.get("status") == "complete"]
+    current = Path(workdir) / CURRENT
+    if key is None and current.is_file():
+        path = Path(workdir) / current.read_text().strip()[:16]
+        if (read_manifest(path) or {}).get("status") == "complete":
+            return Cache(path)
     if key is None:
         if not complete:
             interrupted = " (only interrupted ones: run the same `featcache extract` again to finish)"

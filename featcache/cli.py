@@ -106,6 +106,7 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
                          show_progress=True)
+    cache_store.set_current(workdir or cache_store.default_workdir(), result.cache.key)
     print_summary(result)
 
 
@@ -129,7 +130,8 @@ def print_summary(result) -> None:
 
 
 @main.command()
-@click.option("--cache", "key", default=None, help="Cache key or prefix [default: the most recent].")
+@click.option("--cache", "key", default=None,
+              help="Cache key or prefix [default: the cache of the last `featcache extract`].")
 @click.option("--all", "show_all", is_flag=True, help="List every cache in the workdir.")
 @workdir_option
 @user_errors
@@ -164,7 +166,7 @@ def list_backbones(name):
 
 
 cache_option = click.option("--cache", "key", default=None,
-                            help="Cache key or prefix [default: the most recent cache].")
+                            help="Cache key or prefix [default: the cache of the last `featcache extract`].")
 
 
 @main.command("fit-head")
@@ -280,7 +282,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
 @click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
               show_default=True, help="As given to extract, for class-folder and CSV data.")
 @click.option("--cache", "key", default=None,
-              help="Cache of the head [default: the most recent cache with that head fitted].")
+              help="Cache of the head [default: the last extracted, else the newest with that head].")
 @workdir_option
 @user_errors
 def finetune_command(head_name, unfreeze_from, epochs, batch_size, learning_rate, optimizer, seed,
@@ -308,6 +310,15 @@ def finetune_command(head_name, unfreeze_from, epochs, batch_size, learning_rate
                   f"prefix cache: {prefix.path} (`featcache compare --cache {prefix.key[:16]}`)")
 
 
+def head_cache(workdir: Path, key: str | None, head_name: str | None):
+    """--cache if given; for a named head, the default cache or else the one it was fitted on."""
+    from featcache.finetune import cache_with_head
+
+    if key or not head_name:
+        return cache_store.open_cache(workdir, key)
+    return cache_with_head(workdir, head_name)
+
+
 head_option = click.option("--head", "head_name", default=None,
                            help="A fitted head [default: the best by validation accuracy on the cache].")
 
@@ -328,7 +339,7 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
     """
     from featcache.predict import Predictor, format_predictions, image_files, open_head
 
-    cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
+    cache = head_cache(workdir or cache_store.default_workdir(), key, head_name)
     head = open_head(cache, head_name)
     files = image_files(list(inputs))
     err_console.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
@@ -356,7 +367,7 @@ def export_command(head_name, output, saved_model, tflite, key, workdir):
     from featcache.predict import open_head
 
     workdir = workdir or cache_store.default_workdir()
-    cache = cache_store.open_cache(workdir, key)
+    cache = head_cache(workdir, key, head_name)
     head = open_head(cache, head_name)
     output = output or workdir / "exports" / f"{cache.config['backbone']}_{head.name}.keras"
     for path in export(cache, head, output, saved_model=saved_model, tflite=tflite):

@@ -198,9 +198,15 @@ def finetune(
 
 
 def cache_with_head(workdir: Path, head_name: str) -> Cache:
-    """The most recent complete cache that has ``head_name`` fitted (fine-tuning adds newer caches)."""
-    from featcache.cache import list_caches
+    """The default cache if ``head_name`` is fitted there, else the newest complete cache that has it."""
+    from featcache.cache import list_caches, open_cache
 
+    try:
+        default = open_cache(workdir)
+    except FeatcacheError:
+        default = None
+    if default and (default.path / "heads" / head_name / "head.json").is_file():
+        return default
     for manifest in reversed(list_caches(workdir)):
         folder = workdir / manifest["key"][:16]
         if manifest.get("status") == "complete" and (folder / "heads" / head_name / "head.json").is_file():

@@ -79,3 +79,15 @@ def test_backbones_lists_registry_and_layers():
     assert all(name in listing.output for name in ("vgg16", "mobilenet_v2", "inception_v3", "resnet50"))
     layers = invoke("backbones", "vgg16")
     assert "block5_conv1" in layers.output and "14,714,688 trainable" in layers.output
+
+
+def test_commands_default_to_the_cache_of_the_last_extract(split_data, tmp_path):
+    from featcache.cache import open_cache
+
+    out = tmp_path / "out"
+    first = invoke("extract", "--data", split_data, "--workdir", out, *FAST)
+    key_a = first.output.split("cache: ")[1].split("/")[-1].strip()
+    invoke("extract", "--data", split_data, "--workdir", out, "--pooling", "avg", *FAST)
+    assert open_cache(out).path.name != key_a
+    again = invoke("extract", "--data", split_data, "--workdir", out, *FAST)  # nothing to compute
+    assert "nothing to compute" in again.output and open_cache(out).path.name == key_a

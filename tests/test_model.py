@@ -172,7 +172,7 @@ def test_export_command_writes_the_best_head_by_default(fitted, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "best.json").read_text())["head"] == "logreg"
     wrong = CliRunner().invoke(main, ["export", "--workdir", str(cache.path.parent), "--head", "svm"])
-    assert wrong.exit_code == 1 and "not fitted on cache" in wrong.output
+    assert wrong.exit_code == 1 and "has head svm fitted; run `featcache fit-head --head svm`" in wrong.output
 
 
 def test_cache_made_with_a_weights_file_needs_that_file_to_predict(tmp_path):
