@@ -169,18 +169,27 @@ cache_option = click.option("--cache", "key", default=None,
                             help="Cache key or prefix [default: the cache of the last `featcache extract`].")
 
 
+def training_options(learning_rate: float):
+    """The options fit-head and finetune share; only the default learning rate differs."""
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True),
+        click.option("--learning-rate", type=float, default=learning_rate, show_default=True),
+        click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+                     help="Weight classes inversely to their training frequency."),
+        click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+                     help="Early stopping on validation loss after this many epochs without gain (0: off)."),
+    ]
+    return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
+
+
 @main.command("fit-head")
 @click.option("--head", "names", multiple=True, default=("dense256",), show_default=True,
               help="Head to fit (repeat for several); `featcache heads` lists them.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--learning-rate", type=float, default=2e-5, show_default=True)
-@click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
-              help="Weight classes inversely to their training frequency.")
-@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Early stopping on validation loss after this many epochs without progress (0: off).")
+@training_options(learning_rate=2e-5)
 @click.option("--refit", is_flag=True,
               help="Train again even when the head is already fitted with the same options.")
 @cache_option
@@ -268,15 +277,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
               help="The fitted Keras head to start from.")
 @click.option("--unfreeze-from", required=True,
               help="First layer to train: a name (block5_conv1) or an index into the base's layers (100).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--learning-rate", type=float, default=1e-5, show_default=True)
-@click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
-              help="Weight classes inversely to their training frequency.")
-@click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Early stopping on validation loss after this many epochs without progress (0: off).")
+@training_options(learning_rate=1e-5)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="The dataset of the head's cache [default: where it was extracted from].")
 @click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache import cache, evaluate
+from featcache import evaluate
 from featcache import extract as extract_module
 from featcache.augment import RECIPE, Transform, apply_transform, augmented_view, random_transform
 from featcache.dataset import file_sha256
@@ -135,26 +135,6 @@ def test_rerun_with_views_does_no_backbone_work(split_data, tmp_path, monkeypatc
     monkeypatch.setattr(extract_module, "feature_model", lambda *a: pytest.fail("backbone built"))
     second = run_extract(split_data, tmp_path / "out", augment=2)
     assert second.cache.key == first.cache.key and second.computed == 0
-
-
-def test_interrupted_run_with_views_resumes_to_the_same_cache(split_data, tmp_path, monkeypatch):
-    reference = run_extract(split_data, tmp_path / "ref", augment=2)
-    real_write, written = cache.write_shard, []
-
-    def write_two_then_die(path, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(path.name)
-        real_write(path, *args)
-
-    monkeypatch.setattr(cache, "write_shard", write_two_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_extract(split_data, tmp_path / "out", augment=2)
-    monkeypatch.setattr(cache, "write_shard", real_write)
-    resumed = run_extract(split_data, tmp_path / "out", augment=2)
-    assert resumed.shards_kept == 2
-    assert_same_cache(reference.cache, resumed.cache)
-    assert (resumed.cache.views("train") == reference.cache.views("train")).all()
 
 
 def test_missing_shard_with_views_is_rebuilt_alone(split_data, tmp_path):

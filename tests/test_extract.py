@@ -84,8 +84,9 @@ def test_changed_weights_change_the_key(class_data, tmp_path):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_interrupted_run_resumes_at_first_missing_shard(split_data, tmp_path, monkeypatch):
-    reference = run_extract(split_data, tmp_path / "ref")
+@pytest.mark.parametrize("augment", [0, 2])
+def test_interrupted_run_resumes_at_first_missing_shard(augment, split_data, tmp_path, monkeypatch):
+    reference = run_extract(split_data, tmp_path / "ref", augment=augment)
     real_write, written = cache.write_shard, []
 
     def write_two_then_die(path, *args):
@@ -96,13 +97,14 @@ def test_interrupted_run_resumes_at_first_missing_shard(split_data, tmp_path, mo
 
     monkeypatch.setattr(cache, "write_shard", write_two_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_extract(split_data, tmp_path / "out")
+        run_extract(split_data, tmp_path / "out", augment=augment)
     monkeypatch.setattr(cache, "write_shard", real_write)
     with pytest.raises(FeatcacheError, match="only interrupted ones"):
         cache.open_cache(tmp_path / "out")
-    resumed = run_extract(split_data, tmp_path / "out")
+    resumed = run_extract(split_data, tmp_path / "out", augment=augment)
     assert resumed.shards_kept == 2
     assert_same_cache(reference.cache, resumed.cache)
+    assert (resumed.cache.views("train") == reference.cache.views("train")).all()
 
 
 def test_sigkilled_run_resumes_to_identical_cache(split_data, tmp_path):
