@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -199,19 +200,23 @@ def locked(cache_dir: Path, timeout: float = 0.0) -> Iterator[None]:
     """Exclusive lock on a cache folder: a second run on the same key waits, then fails clearly."""
     lock_path = cache_dir / ".lock"
     with open(lock_path, "a+") as handle:
-        deadline = time.monotonic() + timeout
+        deadline, waiting = time.monotonic() + timeout, False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
                 if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
                     raise FeatcacheError(
                         f"cache {cache_dir} is being written by another featcache run (pid {holder}); "
                         "wait for it to finish, or pass --lock-timeout SECONDS to wait for it"
                     ) from None
+                if not waiting:
+                    print(f"waiting up to {timeout:g} s for featcache run (pid {holder}) writing {cache_dir}",
+                          file=sys.stderr, flush=True)
+                    waiting = True
                 time.sleep(0.2)
         handle.seek(0)
         handle.truncate()

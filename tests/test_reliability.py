@@ -7,12 +7,14 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, cache
 from tests.conftest import make_split_folders, run_extract
 from tests.fuzz_corpus import make_corpus
+from tests.test_extract import assert_same_cache
 
 
 def test_fuzz_corpus_is_reported_file_by_file_and_the_run_completes(tmp_path):
@@ -121,3 +123,50 @@ def test_symlink_loops_and_unreadable_links_are_skipped_and_reported(tmp_path):
     assert reasons == {"train/cat/self.png": "cannot read (Too many levels of symbolic links)",
                        "train/dog/dangling.png": "cannot read (No such file or directory)"}
     assert result.cache.manifest["splits"]["train"]["rows"] == 6  # the looping folder is not followed
+
+
+def test_chaos_kills_in_every_phase_lose_nothing_and_no_partial_cache_is_accepted(tmp_path):
+    """The short version of scripts/chaos.py: five SIGKILLs, one in each phase, then resume."""
+    report = tmp_path / "chaos.json"
+    run = subprocess.run([sys.executable, "scripts/chaos.py", "--faults", "5", "--images", "16",
+                          "--json", str(report)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    totals = json.loads(report.read_text())
+    assert totals["faults_by_phase"] == {p: 1 for p in ("decode", "backbone", "shard", "rename", "manifest")}
+    assert totals["runs_resumed"] >= 1 and totals["shards_bitflipped"] == 1
+    assert totals["images_lost"] == 0 and totals["corrupt_caches_accepted"] == 0 and not totals["problems"]
+
+
+def _wait_for(condition, what: str, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_two_extract_processes_on_one_key_never_interleave(tmp_path):
+    """A second process fails clearly (or waits with --lock-timeout) while the first holds the cache."""
+    data = make_split_folders(tmp_path / "data", counts={"train": 12, "validation": 3, "test": 3})
+    workdir = tmp_path / "out"
+    extract = [sys.executable, "-m", "featcache.cli", "extract", "--data", str(data), "--workdir",
+               str(workdir), "--weights", "none", "--image-size", "32", "--dtype", "float32",
+               "--shard-size", "4", "--batch-size", "4"]
+    first = subprocess.Popen(extract, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: list(workdir.glob("*/*.h5")) or first.poll() is not None, "the first shard")
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock
+    try:
+        assert first.poll() is None, "the first run finished before it could be frozen"
+        refused = subprocess.run(extract, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1
+        assert "being written by another featcache run (pid" in refused.stderr.splitlines()[-1]
+        waiter = subprocess.Popen([*extract, "--lock-timeout", "120"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        lines = iter(waiter.stderr.readline, "")
+        assert any("waiting up to 120 s for featcache run (pid" in line for line in lines)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    waited, _ = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0 and "nothing to compute: the cache was already complete" in waited
+    reference = run_extract(data, tmp_path / "reference")
+    assert_same_cache(reference.cache, cache.open_cache(workdir))
