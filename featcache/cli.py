@@ -87,16 +87,38 @@ def main():
                    "validation and test are never augmented.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the augmented views (recorded in the cache key).")
+@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="Who writes the shards: this process, or Ray actors (pip install 'featcache[ray]').")
+@click.option("--address", default=None,
+              help="Ray cluster to join: auto (the one `ray start` runs here) or HOST:PORT "
+                   "[default: $RAY_ADDRESS, else a Ray instance on this machine for this run].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, each with the backbone loaded once [default: as many as the cluster fits].")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs each Ray actor reserves, and its TensorFlow threads [default: 1].")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs each Ray actor reserves; a fraction shares one GPU [default: 0].")
 @workdir_option
 @user_errors
 def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
-            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed, workdir):
+            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed,
+            engine_name, address, workers, cpus_per_worker, num_gpus_per_worker, workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
     from featcache.extract import check_options, make_config
     from featcache.extract import extract as run_extract
 
     check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed)
+    ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                   "--num-gpus-per-worker": num_gpus_per_worker}
+    engine = None  # extract's default: this process
+    if engine_name == "ray":
+        from featcache.ray_engine import RayEngine
+
+        engine = RayEngine(address, workers, cpus_per_worker or 1.0, num_gpus_per_worker or 0.0)
+    elif given := [name for name, value in ray_options.items() if value is not None]:
+        raise click.UsageError(f"{', '.join(given)}: Ray options; add --engine ray, or leave them out")
     dataset = load_dataset(data, split_fractions)
     for warning in dataset.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -105,7 +127,7 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
     console.print(f"{backbone} at {config.image_size} px, weights: {resolved.source}")
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
-                         show_progress=True)
+                         show_progress=True, engine=engine)
     cache_store.set_current(workdir or cache_store.default_workdir(), result.cache.key)
     print_summary(result)
 

@@ -5,6 +5,10 @@ images. Shards already on disk are kept, rows shared with other caches of the sa
 copied, and only the rest goes through the backbone. With ``augment`` K > 0 every training image
 also goes through the backbone as K augmented views (augment.py), each a row of its own;
 validation and test are never augmented.
+
+This module is the driver: it plans the shards, holds the cache lock and writes the manifest. An
+engine writes the missing shards, each through ``write_shards``: ``LocalEngine`` in this process,
+``ray_engine.RayEngine`` on Ray actors; both leave the same cache.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -88,9 +93,14 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 def extract(
     dataset: Dataset, config: cache.ExtractionConfig, resolved: weights.ResolvedWeights,
     workdir: Path, batch_size: int = 32, shard_size: int = 1024, xla: bool = False,
-    lock_timeout: float = 0.0, show_progress: bool = True,
+    lock_timeout: float = 0.0, show_progress: bool = True, engine: Engine | None = None,
 ) -> ExtractResult:
-    """Make sure the cache for (config, dataset) is complete on disk and return it."""
+    """Make sure the cache for (config, dataset) is complete on disk and return it.
+
+    ``engine`` writes the missing shards (default: this process, ``LocalEngine``); whatever it is,
+    this driver plans the shards, holds the lock and writes the manifest, so every engine leaves
+    the same cache.
+    """
     started = time.monotonic()
     key = cache.cache_key(config, dataset)
     cache_dir = Path(workdir) / key[:16]
@@ -101,7 +111,7 @@ def extract(
     try:
         with cache.locked(cache_dir, lock_timeout):
             return _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla,
-                         show_progress, started)
+                         show_progress, started, engine or LocalEngine())
     except BaseException:
         if not any(cache_dir.glob("*.h5")) and not (cache_dir / cache.MANIFEST).exists():
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -114,73 +124,143 @@ def _shards_intact(cache_dir: Path) -> bool:
     return all(cache.shard_is_intact(cache_dir / n, manifest["key"]) for n in names)
 
 
-def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started):
-    """Write every missing shard as soon as its images are through the backbone (the unit of resume)."""
+def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started,
+          engine):
+    """Write every missing shard (the unit of resume) with ``engine``, then mark the cache complete."""
     cache.remove_temporaries(cache_dir)
     plans = cache.plan_shards(dataset, shard_size, config.augment, config.seed)
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
     source = cache.RowSource(cache_dir.parent, config.row_key(), exclude=cache_dir)
-    pending = [s for p in todo for s in p.samples if s.sha256 not in source]
+    pending = pending_rows(todo, source)
+    # built here even when an engine builds its own: a bad layer or weights file fails before any
+    # work starts, and the manifest records the output layer and shape
     model = feature_model(config, resolved.keras_arg) if pending else None
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
+    manifest["engine"] = engine.name
     cache.write_manifest(cache_dir, manifest)
 
-    computed: dict[tuple[str, int], np.ndarray] = {}  # by (relpath, view)
-    rejected: dict[str, str] = {}  # by relpath: a rejected image takes its views with it
     provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
                   "classes": list(dataset.classes)}
+    job = ShardJob(cache_dir, config, resolved.keras_arg, provenance, batch_size, xla)
+    computed = engine(job, todo, source, model, show_progress)
+    return _finish(cache_dir, manifest, dataset, plans, computed,
+                   sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What writing any shard of one cache needs; small and picklable, so a Ray actor can receive it."""
+
+    cache_dir: Path
+    config: cache.ExtractionConfig
+    weights_arg: str | None  # ResolvedWeights.keras_arg: None (random init) or a weights file
+    provenance: dict  # key, row_key, config and classes: the attrs every shard carries
+    batch_size: int
+    xla: bool = False
+
+
+class Engine(Protocol):
+    """Writes the missing shards of a job (``write_shards`` for each) and returns the rows computed.
+
+    ``model`` is the feature model the driver built, None when no row needs the backbone.
+    """
+
+    name: str  # recorded in the manifest
+
+    def __call__(self, job: ShardJob, todo: list[cache.ShardPlan], source: cache.RowSource, model,
+                 show_progress: bool) -> int: ...
+
+
+class LocalEngine:
+    """Write the missing shards in this process: one decode pipeline over all of them, so the
+    backbone never waits at a shard boundary."""
+
+    name = "local"
+
+    def __call__(self, job: ShardJob, todo: list[cache.ShardPlan], source: cache.RowSource, model,
+                 show_progress: bool) -> int:
+        backbone = FeaturePass(model, job.xla) if model else None
+        with ImageProgress(len(pending_rows(todo, source)), enabled=show_progress) as progress:
+            return write_shards(job, todo, source, backbone, progress.advance_to)
+
+
+def pending_rows(plans: list[cache.ShardPlan], source: cache.RowSource) -> list[Sample]:
+    """The rows of ``plans`` that need the backbone: those no other cache of the same config holds."""
+    return [s for p in plans for s in p.samples if s.sha256 not in source]
+
+
+class FeaturePass:
+    """A feature model with its compiled forward pass: traced once, then reused for every shard."""
+
+    def __init__(self, model, xla: bool = False):
+        import tensorflow as tf
+
+        self.output_shape = tuple(model.output_shape[1:])
+
+        @tf.function(jit_compile=xla, reduce_retracing=True)
+        def forward(batch):
+            return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
+
+        self.forward = forward
+
+
+def write_shards(job: ShardJob, plans: list[cache.ShardPlan], source: cache.RowSource,
+                 backbone: FeaturePass | None, advance=lambda resolved: None) -> int:
+    """Decode -> feature model -> write each plan's shard as soon as its rows are through.
+
+    Every engine writes shards through here: the local engine once over all missing shards, a
+    Ray actor once per shard. Rows ``source`` holds are copied, not computed; ``backbone`` may be
+    None only when it holds them all. ``advance(n)`` is told how many pending rows are resolved
+    (computed or rejected). Returns the number of rows computed.
+    """
+    pending = pending_rows(plans, source)
+    computed: dict[tuple[str, int], np.ndarray] = {}  # by (relpath, view)
+    rejected: dict[str, str] = {}  # by relpath: a rejected image takes its views with it
 
     def flush(plan: cache.ShardPlan) -> None:
         reused = source.read([s.sha256 for s in plan.samples if s.sha256 in source])
         rows = [s for s in plan.samples if s.relpath not in rejected]
-        shape = model.output_shape[1:] if model else next(iter(reused.values())).shape
-        features = np.zeros((len(rows), *shape), dtype=config.dtype)
+        shape = backbone.output_shape if backbone else next(iter(reused.values())).shape
+        features = np.zeros((len(rows), *shape), dtype=job.config.dtype)
         for i, s in enumerate(rows):
             features[i] = reused[s.sha256] if s.sha256 in reused else computed.pop((s.relpath, s.view))
         shard_rejects = {s.relpath: rejected[s.relpath] for s in plan.samples if s.relpath in rejected}
-        cache.write_shard(cache_dir / plan.name, plan, provenance, features, rows, shard_rejects)
+        cache.write_shard(job.cache_dir / plan.name, plan, job.provenance, features, rows, shard_rejects)
 
-    # pending holds the todo shards' rows in order: shard i is done once ends[i] rows are
-    ends = np.cumsum([sum(s.sha256 not in source for s in p.samples) for p in todo]).tolist()
+    # pending holds the plans' rows in order: shard i is done once ends[i] rows are
+    ends = np.cumsum([sum(s.sha256 not in source for s in p.samples) for p in plans]).tolist()
     flushed = 0
-    with ImageProgress(len(pending), enabled=show_progress) as progress:
-        batches = _run_backbone(model, config, pending, batch_size, xla, computed, rejected) if model else [0]
-        try:
-            for resolved_upto in batches:
-                progress.advance_to(resolved_upto)
-                while flushed < len(todo) and ends[flushed] <= resolved_upto:
-                    flush(todo[flushed])
-                    flushed += 1
-        finally:
-            if model:  # stop the decode threads now, not during interpreter shutdown
-                batches.close()
-
-    return _finish(cache_dir, manifest, dataset, plans, sum(s.relpath not in rejected for s in pending),
-                   sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)
+    batches = _run_backbone(backbone, job, pending, computed, rejected) if pending else iter([0])
+    try:
+        for resolved_upto in batches:
+            advance(resolved_upto)
+            while flushed < len(plans) and ends[flushed] <= resolved_upto:
+                flush(plans[flushed])
+                flushed += 1
+    finally:
+        if pending:  # stop the decode threads now, not during interpreter shutdown
+            batches.close()
+    return sum(s.relpath not in rejected for s in pending)
 
 
-def _run_backbone(model, config, pending: list[Sample], batch_size, xla, computed, rejected):
+def _run_backbone(backbone: FeaturePass, job: ShardJob, pending: list[Sample], computed, rejected):
     """Stream pending rows through decode (-> augment) -> feature model, filling ``computed``.
 
     Yields, after each batch, how many pending rows are resolved (computed or rejected).
     """
-    import tensorflow as tf
+    config = job.config
 
     def reject(i: int, reason: str) -> None:
         rejected[pending[i].relpath] = reason
-
-    @tf.function(jit_compile=xla, reduce_retracing=True)
-    def forward(batch):
-        return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
 
     def view_of(i: int, image: np.ndarray) -> np.ndarray:
         s = pending[i]
         return augment.augmented_view(image, config.seed, s.source_sha256, s.view) if s.view else image
 
     paths = [s.path for s in pending]
-    batches = decoded_batches(paths, config.image_size, config.resize, batch_size, reject, view_of)
+    batches = decoded_batches(paths, config.image_size, config.resize, job.batch_size, reject, view_of)
     for indices, batch in batches:
-        features = forward(batch).numpy()
+        features = backbone.forward(batch).numpy()
         for i, row in zip(indices, features, strict=True):
             computed[(pending[i].relpath, pending[i].view)] = row.astype(config.dtype)
         yield int(indices[-1]) + 1

@@ -66,11 +66,12 @@ def class_data(tmp_path) -> Path:
 FAST = dict(backbone="vgg16", weights_spec="none", image_size=32, dtype="float32")
 
 
-def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_timeout=0.0, **options):
+def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_timeout=0.0, engine=None,
+                **options):
     """Extract with the fast defaults; any option of make_config can be overridden."""
     config, resolved = make_config(**{**FAST, **options})
     return extract(load_dataset(data), config, resolved, workdir, batch_size=batch_size,
-                   shard_size=shard_size, lock_timeout=lock_timeout, show_progress=False)
+                   shard_size=shard_size, lock_timeout=lock_timeout, show_progress=False, engine=engine)
 
 
 def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), shape=(2, 2, 8),
