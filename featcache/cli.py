@@ -208,17 +208,33 @@ def training_options(learning_rate: float):
     return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
 
 
+def parse_memory_budget(ctx, param, value: str | None) -> tuple[int | None, str]:
+    """(bytes or None for no limit, where that came from), validated before any work."""
+    from featcache import streaming
+
+    if value is None:
+        budget = streaming.default_budget()
+        return budget, "half of the memory available now" if budget else "available memory unknown"
+    try:
+        return streaming.parse_size(value), "--memory-budget"
+    except FeatcacheError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--memory-budget {value!r}: ")) from None
+
+
 @main.command("fit-head")
 @click.option("--head", "names", multiple=True, default=("dense256",), show_default=True,
               help="Head to fit (repeat for several); `featcache heads` lists them.")
 @training_options(learning_rate=2e-5)
+@click.option("--memory-budget", metavar="SIZE", callback=parse_memory_budget,
+              help="Most memory the features may take while fitting, e.g. 512M or 2G (powers of 1024), "
+                   "or none; over it logreg and svm stream by SGD [default: half of the available memory].")
 @click.option("--refit", is_flag=True,
               help="Train again even when the head is already fitted with the same options.")
 @cache_option
 @workdir_option
 @user_errors
 def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience,
-                     refit, key, workdir):
+                     memory_budget, refit, key, workdir):
     """Fit heads on a cache's train split; choose/stop on validation; save them with their metrics.
 
     A head already fitted on this cache with the same options and seed is kept (--refit to train again).
@@ -226,12 +242,17 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
     from dataclasses import asdict
 
     from featcache.evaluate import evaluate
-    from featcache.heads import FitOptions, fit_head, get_spec, head_dir, head_info
+    from featcache.heads import FitOptions, fit_head, get_spec, head_dir, head_info, memory_plan
+    from featcache.streaming import format_size
 
     for name in names:
         get_spec(name)
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
     options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
+    budget, source = memory_budget
+    for name in names:
+        memory_plan(cache, name, options, budget)  # refuse a head that cannot fit before fitting any
+    err_console.print(f"memory budget: {format_size(budget)} ({source})")
     for name in names:
         folder = head_dir(cache, name)
         fitted = head_info(folder) if (folder / "head.json").is_file() else {}
@@ -240,14 +261,16 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
             console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
                           f"kept, --refit to train again -> {folder}")
             continue
-        head = fit_head(cache, name, options, say=err_console.print)
-        head.info["metrics"] = evaluate(head, cache)
+        head = fit_head(cache, name, options, say=err_console.print, memory_budget=budget)
+        memory = head.info["memory"]
+        head.info["metrics"] = evaluate(head, cache, batch_size=memory["batch_rows"])
         folder = head.save(head_dir(cache, name))
         metrics = head.info["metrics"]
-        chosen = ", ".join(f"{k}={v}" for k, v in head.info.get("chosen", {}).items())
+        chosen = ", ".join(f"{k}={v:.3g}" for k, v in head.info.get("chosen", {}).items())
         done = f"{head.info['epochs_run']} epochs" if "epochs_run" in head.info else f"chosen {chosen}"
         scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in metrics.items())
-        console.print(f"{name}: {done}; {scores}; fit {head.info['fit_seconds']:.1f} s -> {folder}")
+        console.print(f"{name}: {done}; {scores}; {memory['path']}; fit {head.info['fit_seconds']:.1f} s "
+                      f"-> {folder}")
 
 
 @main.command("compare")

@@ -53,21 +53,21 @@ def _clipped(probabilities: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def predict_split(head: Head, cache: Cache, split: str) -> SplitResult:
-    """Stream the split's shards through the head."""
+def predict_split(head: Head, cache: Cache, split: str, batch_size: int = 2048) -> SplitResult:
+    """Stream the split's shards through the head, ``batch_size`` rows at a time."""
     head.check_cache(cache)
     started = time.perf_counter()
-    parts = [(head.predict_proba(x), y, p) for x, y, p in cache.iter_batches(split, batch_size=2048)]
+    parts = [(head.predict_proba(x), y, p) for x, y, p in cache.iter_batches(split, batch_size)]
     probabilities = np.concatenate([p for p, _, _ in parts])
     labels = np.concatenate([y for _, y, _ in parts])
     return SplitResult(probabilities, labels, [q for _, _, ps in parts for q in ps],
                        time.perf_counter() - started)
 
 
-def evaluate(head: Head, cache: Cache) -> dict[str, dict]:
-    """Metrics on validation and (when present) test."""
+def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict]:
+    """Metrics on validation and (when present) test; ``batch_size`` rows in memory at a time."""
     return {
-        split: predict_split(head, cache, split).metrics(len(cache.classes))
+        split: predict_split(head, cache, split, batch_size).metrics(len(cache.classes))
         for split in ("validation", "test") if split in cache.splits
     }
 

@@ -6,12 +6,18 @@ inside (Keras or scikit-learn). A saved head lives in ``CACHE/heads/NAME/`` with
 sha256 of the model file) next to ``model.keras`` or ``model.joblib``. Loading refuses a head of
 another cache, loads Keras models in safe mode, and unpickles joblib files only after their
 sha256 matches the one recorded at save time.
+
+Memory: every head fits within a budget of bytes for its feature data (``streaming``). Keras heads
+always stream shards through a shuffle buffer sized from the budget; scikit-learn heads read the
+cache into memory when it fits, and otherwise logreg and svm train by SGD over streamed shards
+(svm-rbf cannot, and is refused). ``head.json`` records the path taken under ``memory``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
@@ -181,10 +187,29 @@ def load_head(folder: Path) -> Head:
     return Head(info["name"], model, info)
 
 
-def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=lambda message: None) -> Head:
+def memory_plan(cache: Cache, name: str, options: FitOptions, budget: int | None):
+    """("in-memory" or "streamed", its StreamPlan) for head ``name`` under ``budget`` bytes (None: no
+    limit); refuses what cannot fit, before any work."""
+    if get_spec(name).library == "keras":
+        return "streamed", streaming.keras_plan(cache, budget, options.batch_size)
+    needed = streaming.in_memory_bytes(cache)
+    if budget is None or needed <= budget:
+        return "in-memory", streaming.in_memory_plan(cache, budget)
+    if name not in streaming.SGD_LOSSES:
+        raise FeatcacheError(
+            f"{name} cannot stream (a kernel SVM needs every training row in memory at once: about "
+            f"{streaming.format_size(needed)} for this cache, over --memory-budget "
+            f"{streaming.format_size(budget)}); raise --memory-budget, or fit logreg or svm, which stream"
+        )
+    return "streamed", streaming.sgd_plan(cache, budget)
+
+
+def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=lambda message: None,
+             memory_budget: int | None = None) -> Head:
     """Fit head ``name`` on the cache's train split, choosing/stopping on validation.
 
-    ``say`` receives one progress line per epoch (Keras) or per C tried (scikit-learn).
+    ``say`` receives one progress line per epoch (Keras, streamed SGD) or per C tried (scikit-learn
+    in memory). ``memory_budget`` bounds the bytes of feature data held at once (None: no limit).
     """
     spec = get_spec(name)
     if options.optimizer not in OPTIMIZERS:
@@ -193,9 +218,20 @@ def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=la
         raise FeatcacheError(f"--class-weight {options.class_weight!r}: only 'balanced' is supported")
     if "validation" not in cache.splits:
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
+    path, plan = memory_plan(cache, name, options, memory_budget)
     started = time.perf_counter()
-    fit = _fit_keras if spec.library == "keras" else _fit_sklearn
-    model, details = fit(cache, name, options, say)
+    if spec.library == "keras":
+        model, details = _fit_keras(cache, name, options, plan, say)
+    elif path == "streamed":
+        model, details = streaming.fit_sgd(cache, name, C_GRIDS[name], class_weights(cache, options),
+                                           options.seed, options.epochs, options.patience, plan, say)
+    else:
+        model, details = _fit_sklearn(cache, name, options, say)
+    details["memory"] = {"path": path, **plan.record(), **details.get("memory", {})}
+    if spec.library == "keras":
+        details["memory"]["epochs"] = details["epochs_run"]
+    else:
+        details["memory"]["in_memory_bytes"] = streaming.in_memory_bytes(cache)
     info = {
         "name": name, "library": spec.library, "cache_key": cache.key, "classes": cache.classes,
         "feature_shape": cache.manifest["feature_shape"], "options": asdict(options),
@@ -245,35 +281,30 @@ def compiled_keras_head(name: str, feature_shape, n_classes: int, optimizer: str
     return model
 
 
-def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None):
-    """A tf.data pipeline streaming shards (never the whole cache in memory).
+def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None,
+                  buffer_rows: int = streaming.KERAS_SHUFFLE_ROWS):
+    """A tf.data pipeline of float32 batches streamed from shards (never the whole cache in memory).
 
-    With a seed, every epoch visits the shards and their rows in a new order drawn from
-    (seed, epoch), and a 4096-row buffer mixes rows across shard boundaries.
+    With a seed, every epoch visits shards, blocks and rows in a new order drawn from (seed, epoch),
+    mixed in a buffer of ``buffer_rows`` rows (``streaming.batches``); memory holds that buffer and
+    two prefetched batches, whatever the size of the cache.
     """
     import tensorflow as tf
 
-    shards = cache.shard_paths(split)
     epochs = itertools.count()
 
-    def rows():
+    def generate():
         rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
-        for index in rng.permutation(len(shards)) if rng else range(len(shards)):
-            with cache.open_shard(shards[index]) as f:
-                features, labels = f["features"][:], f["labels"][:]
-            for i in rng.permutation(len(labels)) if rng else range(len(labels)):
-                yield features[i].astype(np.float32), labels[i]
+        yield from streaming.batches(cache, split, batch_size, max(buffer_rows, batch_size), rng)
 
-    signature = (tf.TensorSpec(tuple(cache.manifest["feature_shape"]), tf.float32),
-                 tf.TensorSpec((), tf.int32))
-    dataset = tf.data.Dataset.from_generator(rows, output_signature=signature)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(cache.manifest["splits"][split]["rows"]))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    signature = (tf.TensorSpec((None, *cache.manifest["feature_shape"]), tf.float32),
+                 tf.TensorSpec((None,), tf.int32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    steps = math.ceil(cache.manifest["splits"][split]["rows"] / batch_size)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
-def _fit_keras(cache: Cache, name: str, options: FitOptions, say):
+def _fit_keras(cache: Cache, name: str, options: FitOptions, plan: streaming.StreamPlan, say):
     import keras
 
     def report_epoch(epoch: int, logs: dict) -> None:
@@ -290,10 +321,10 @@ def _fit_keras(cache: Cache, name: str, options: FitOptions, say):
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                        restore_best_weights=True))
     history = model.fit(
-        split_batches(cache, "train", options.batch_size, options.seed),
-        validation_data=split_batches(cache, "validation", 256, None),
+        split_batches(cache, "train", options.batch_size, options.seed, plan.buffer_rows),
+        validation_data=split_batches(cache, "validation", plan.batch_rows, None),
         epochs=options.epochs, callbacks=callbacks, class_weight=class_weights(cache, options), verbose=0,
-        shuffle=False,  # split_batches shuffles shard order, rows and a 4096-row buffer itself
+        shuffle=False,  # split_batches shuffles shard order, blocks and rows in a buffer itself
     )
     details = {
         "history": {k: [float(v) for v in values] for k, values in history.history.items()},
@@ -325,7 +356,7 @@ def sklearn_model(name: str, c: float, seed: int, class_weight):
 
 
 def _fit_sklearn(cache: Cache, name: str, options: FitOptions, say):
-    """Try every C of the grid on train, keep the best validation accuracy (ties: smaller C)."""
+    """In memory: try every C of the grid on train, keep the best validation accuracy (ties: smaller C)."""
     x_train, y_train, _ = cache.read("train")
     x_val, y_val, _ = cache.read("validation")
     x_train, x_val = (x.reshape(len(x), -1).astype(np.float32) for x in (x_train, x_val))

@@ -5,7 +5,9 @@ people who have neither featcache nor a reason to unpickle a joblib file, so it 
 Keras layers only: no Lambda, no custom layer. The linear heads fit that exactly. The
 StandardScaler folds into the first Dense layer; logistic regression is one softmax; Platt's
 sigmoid calibration of a linear SVM is a softplus, a softmax and a mean over the calibration folds
-(see ``_calibrated_linear``). An RBF SVM or an isotonic calibration has no such form and is
+(see ``_calibrated_linear``). The heads fitted by streamed SGD are linear too: log-loss SGD is a
+sigmoid (two classes) or normalised one-vs-rest sigmoids, and the hinge SGD of a streamed svm is
+Platt-calibrated like a LinearSVC. An RBF SVM or an isotonic calibration has no such form and is
 refused rather than approximated.
 """
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import LogisticRegression
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -24,7 +27,7 @@ from sklearn.svm import SVC, LinearSVC
 from featcache import FeatcacheError
 
 # Classifiers whose decision function is exactly features @ coef_.T + intercept_.
-LINEAR_CLASSIFIERS = (LinearSVC, LogisticRegression)
+LINEAR_CLASSIFIERS = (LinearSVC, LogisticRegression, SGDClassifier)
 PREDICT = "use `featcache predict`, which runs any head"
 INSTEAD = f"export a Keras head, logreg or svm instead, or {PREDICT}"
 
@@ -45,8 +48,9 @@ class Standardisation:
 def keras_model(pipeline, feature_shape: tuple[int, ...], name: str = "head") -> keras.Model:
     """A Keras model from features of ``feature_shape`` to the pipeline's (N, n_classes) probabilities.
 
-    ``pipeline`` is a fitted head as ``heads.sklearn_model`` builds it (a StandardScaler, then a
-    LogisticRegression or a sigmoid-calibrated linear SVM), applied to the flattened features.
+    ``pipeline`` is a fitted head as ``heads.sklearn_model`` or ``streaming.fit_sgd`` builds it (a
+    StandardScaler, then a LogisticRegression, a log-loss SGDClassifier or a sigmoid-calibrated
+    linear SVM), applied to the flattened features.
     """
     steps = [step for _, step in pipeline.steps] if isinstance(pipeline, Pipeline) else [pipeline]
     *before, classifier = steps
@@ -91,6 +95,24 @@ def _logistic_regression(classifier: LogisticRegression, x, standardisation: Sta
     return _dense(x, *standardisation.fold(kernel, bias), name="probabilities", activation="softmax")
 
 
+def _log_loss_sgd(classifier: SGDClassifier, x, standardisation: Standardisation):
+    """Two classes: σ(z) as logistic regression. More: sklearn's one-vs-rest σ(z_k) / Σ σ(z_j), which
+    is softmax(log σ(z)) == softmax(-softplus(-z)): a Dense computing -z, softplus, a Dense with
+    kernel -I and a softmax."""
+    if classifier.loss != "log_loss":
+        raise FeatcacheError(
+            f"an SGDClassifier with {classifier.loss!r} loss gives no probabilities; calibrate it "
+            f"(featcache's streamed svm does) or {PREDICT}"
+        )
+    kernel, bias = _linear_scores(classifier)
+    if kernel.shape[1] == 1:
+        return _logistic_regression(classifier, x, standardisation)
+    kernel, bias = standardisation.fold(-kernel, -bias)
+    minus_scores = _dense(x, kernel, bias, name="minus_scores")
+    minus_log_p = keras.layers.Activation("softplus", name="minus_log_sigmoid")(minus_scores)
+    return _dense(minus_log_p, -np.eye(kernel.shape[1]), None, name="probabilities", activation="softmax")
+
+
 def _calibrated_linear(calibrated: CalibratedClassifierCV, x, standardisation: Standardisation):
     """The mean over calibration folds of Platt-calibrated linear scores, as sklearn's predict_proba.
 
@@ -104,7 +126,7 @@ def _calibrated_linear(calibrated: CalibratedClassifierCV, x, standardisation: S
     kernels, biases = [], []
     for index, fold in enumerate(calibrated.calibrated_classifiers_):
         _check_fold(fold, classes, index)
-        kernel, bias = _linear_scores(fold.estimator)
+        kernel, bias = _linear_scores(_unfrozen(fold.estimator))
         slope = np.array([calibrator.a_ for calibrator in fold.calibrators], np.float64)
         offset = np.array([calibrator.b_ for calibrator in fold.calibrators], np.float64)
         kernel, bias = kernel * slope, bias * slope + offset
@@ -133,14 +155,20 @@ def _check_fold(fold, classes: np.ndarray, index: int) -> None:
             f"{fold.method} calibration has no exact Keras layer equivalent (Platt's sigmoid has); "
             f"refit with method='sigmoid' (featcache's svm head does), or {PREDICT}"
         )
-    if not isinstance(fold.estimator, LINEAR_CLASSIFIERS):
-        raise FeatcacheError(_refusal(fold.estimator))
-    if not np.array_equal(fold.estimator.classes_, classes):
+    estimator = _unfrozen(fold.estimator)
+    if not isinstance(estimator, LINEAR_CLASSIFIERS):
+        raise FeatcacheError(_refusal(estimator))
+    if not np.array_equal(estimator.classes_, classes):
         raise FeatcacheError(
-            f"calibration fold {index} saw only classes {list(fold.estimator.classes_)} of {list(classes)}, "
+            f"calibration fold {index} saw only classes {list(estimator.classes_)} of {list(classes)}, "
             f"and sklearn gives the others an exact 0 that no softmax can; refit with stratified folds "
             f"(featcache's cv=3 uses them)"
         )
+
+
+def _unfrozen(estimator):
+    """The estimator inside a FrozenEstimator (a prefit model calibrated on held-out rows), else itself."""
+    return estimator.estimator if isinstance(estimator, FrozenEstimator) else estimator
 
 
 def _linear_scores(classifier) -> tuple[np.ndarray, np.ndarray]:
@@ -166,4 +194,5 @@ def _refusal(classifier) -> str:
     return f"{what} has no exact Keras layer equivalent; {INSTEAD}"
 
 
-BUILDERS = {LogisticRegression: _logistic_regression, CalibratedClassifierCV: _calibrated_linear}
+BUILDERS = {LogisticRegression: _logistic_regression, SGDClassifier: _log_loss_sgd,
+            CalibratedClassifierCV: _calibrated_linear}

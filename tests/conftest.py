@@ -83,7 +83,6 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
     """
     import hashlib
 
-    from featcache import cache
     from featcache.dataset import Dataset, Sample
 
     rng = np.random.default_rng(seed)
@@ -99,8 +98,45 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
             samples.append(Sample(Path(relpath), relpath, int(label), split, sha))
             features[relpath] = (means[true] + rng.normal(0, 1, shape)).astype(np.float32)
     dataset = Dataset(workdir, "synthetic", tuple(classes), samples)
-    config = cache.ExtractionConfig("synthetic", f"seed{seed}", None, "none", 32, "squash", "backbone",
-                                    "float32")
+    return write_cache(workdir, dataset, shape, "float32", seed,
+                       lambda plan: np.stack([features[s.relpath] for s in plan.samples]), shard_size)
+
+
+def blob_cache(workdir: Path, per_class=(3072, 512, 512), shape=(4, 4, 512), dtype="float16", seed=0,
+               shard_size=1024):
+    """A large cache of two separable Gaussian blobs (VGG16 block5_pool-sized rows by default),
+    generated one shard at a time so that building it never holds the whole cache in memory."""
+    import hashlib
+    import zlib
+
+    from featcache.dataset import Dataset, Sample
+
+    samples = []
+    for split, n in zip(("train", "validation", "test"), per_class, strict=True):
+        for label in (0, 1):
+            for i in range(n):
+                relpath = f"{split}/{'ab'[label]}/{i:06d}.png"
+                sha = hashlib.sha256(f"{seed}{relpath}".encode()).hexdigest()
+                samples.append(Sample(Path(relpath), relpath, label, split, sha))
+    dataset = Dataset(workdir, "blobs", ("a", "b"), samples)
+    mean = np.random.default_rng(seed).normal(0, 0.5, shape).astype(np.float32)
+
+    def features(plan):
+        rng = np.random.default_rng([seed, zlib.crc32(plan.split.encode()), plan.index])
+        signs = np.array([1 if s.label else -1 for s in plan.samples], np.float32)
+        rows = rng.normal(0, 1, (len(signs), *shape)).astype(np.float32)
+        return (rows + signs.reshape(-1, *[1] * len(shape)) * mean).astype(dtype)
+
+    return write_cache(workdir, dataset, shape, dtype, seed, features, shard_size)
+
+
+def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_of, shard_size: int):
+    """A complete cache written with the project's own shard writer, ``features_of(plan)`` giving
+    each shard's rows; no backbone."""
+    from featcache import cache
+
+    classes = dataset.classes
+    config = cache.ExtractionConfig("synthetic", f"seed{seed}", None, "none", 32, "squash", "backbone", dtype)
     key = cache.cache_key(config, dataset)
     cache_dir = workdir / key[:16]
     cache_dir.mkdir(parents=True)
@@ -109,11 +145,9 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
     manifest = {"format": 1, "featcache_version": "test", "key": key, "row_key": config.row_key(),
                 "status": "complete", "created": "", "completed": "", "config": config.__dict__,
                 "classes": list(classes), "feature_shape": list(shape), "splits": {}, "rejects": [],
-                "dataset": {"root": str(workdir), "layout": "synthetic", "images": len(samples)}}
+                "dataset": {"root": str(workdir), "layout": "synthetic", "images": len(dataset.samples)}}
     for plan in cache.plan_shards(dataset, shard_size):
-        rows = list(plan.samples)
-        cache.write_shard(cache_dir / plan.name, plan, provenance,
-                          np.stack([features[s.relpath] for s in rows]), rows, {})
+        cache.write_shard(cache_dir / plan.name, plan, provenance, features_of(plan), list(plan.samples), {})
         split = manifest["splits"].setdefault(plan.split, {"shards": []})
         split["shards"].append(plan.name)
     for split in manifest["splits"]:

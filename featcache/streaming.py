@@ -1,0 +1,341 @@
+"""Bounded-memory reading of a cache: the memory budget, and shuffled batches streamed from shards.
+
+A head's data never needs more memory than ``--memory-budget``: half of it holds the shuffle
+buffer (rows in their storage dtype), the other half the float32 batches in flight. Shards are
+visited in a random order and read in blocks of contiguous rows (fast for HDF5 chunks) in a
+random order, into a buffer that is emitted in a random order once full, so rows mix across blocks
+and shards while memory holds one buffer, whatever the size of the cache. The budget covers
+feature data only; the libraries themselves (TensorFlow alone is a few hundred MB) and model
+weights come on top.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.cache import CHUNK_ROWS, Cache
+
+KERAS_SHUFFLE_ROWS = 4096  # the shuffle buffer of Keras heads when the budget allows it
+BATCHES_IN_FLIGHT = 6  # float32 batches alive at once: the generator's, TensorFlow's copy, prefetch, the step
+SGD_BATCH_COPIES = 3  # a mini-batch lives as float32, standardised and once more inside scikit-learn
+IN_MEMORY_COPIES = 3  # measured peak of an in-memory scikit-learn fit, in float32 copies of its features
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in ``512M``, ``2G``, ``1.5GiB``, ``800000`` (K, M, G, T: powers of 1024); ``none``: no limit."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    match = SIZE.match(text)
+    if not match:
+        raise FeatcacheError(
+            f"--memory-budget {text!r}: expected a size like 512M, 2G or 1.5GiB (powers of 1024), or none"
+        )
+    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise FeatcacheError(f"--memory-budget {text!r}: must be more than 0 bytes (or none for no limit)")
+    return size
+
+
+def format_size(size: int | None) -> str:
+    if size is None:
+        return "no limit"
+    unit = next(u for u in ("T", "G", "M", "K", "") if size >= UNITS[u] or u == "")
+    return f"{size / UNITS[unit]:.1f} {unit}iB" if unit else f"{size} B"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, lowered by a cgroup (container) limit if any."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available or math.inf, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return int(available) if available is not None else None
+
+
+def default_budget() -> int | None:
+    """Half the memory available now: room for the libraries, the model and other programs."""
+    available = available_memory()
+    return available // 2 if available and available > 0 else None  # over a container's limit: unknown
+
+
+@dataclass(frozen=True)
+class RowSize:
+    """Bytes of one cached row, as stored and as the float32 that heads compute on."""
+
+    stored: int
+    float32: int
+    features: int  # numbers per row
+
+    @classmethod
+    def of(cls, cache: Cache) -> RowSize:
+        features = int(np.prod(cache.manifest["feature_shape"]))
+        return cls(features * np.dtype(cache.config["dtype"]).itemsize, features * 4, features)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Rows that each buffer of a streamed fit may hold; recorded in the head's info."""
+
+    budget: int | None
+    buffer_rows: int  # the shuffle buffer, in the storage dtype
+    batch_rows: int  # rows converted to float32 at once outside training steps (validation, evaluation)
+
+    def record(self) -> dict:
+        return {"budget": format_size(self.budget), "budget_bytes": self.budget,
+                "buffer_rows": self.buffer_rows, "batch_rows": self.batch_rows}
+
+
+def too_small(budget: int, what: str, needed: int) -> FeatcacheError:
+    return FeatcacheError(
+        f"--memory-budget {format_size(budget)} is too small: {what} needs about {format_size(needed)}; "
+        "raise --memory-budget or lower --batch-size"
+    )
+
+
+def keras_plan(cache: Cache, budget: int | None, batch_size: int) -> StreamPlan:
+    """Half the budget shuffles (at most the classic 4096 rows), half holds the float32 batches in flight."""
+    if budget is None:
+        return StreamPlan(None, KERAS_SHUFFLE_ROWS, 256)
+    row = RowSize.of(cache)
+    batches = BATCHES_IN_FLIGHT * batch_size * row.float32
+    if batches + batch_size * row.stored > budget:
+        raise too_small(budget, f"training batches of {batch_size} rows of {format_size(row.float32)}",
+                        batches + batch_size * row.stored)
+    buffer_rows = min(KERAS_SHUFFLE_ROWS, max(batch_size, budget // 2 // row.stored))
+    batch_rows = min(256, max(1, budget // 2 // (BATCHES_IN_FLIGHT * row.float32)))
+    return StreamPlan(budget, buffer_rows, batch_rows)
+
+
+def sgd_plan(cache: Cache, budget: int) -> StreamPlan:
+    """Half the budget shuffles; the other half holds one mini-batch and its scikit-learn copies."""
+    row = RowSize.of(cache)
+    batch_rows = budget // 2 // (row.stored + SGD_BATCH_COPIES * row.float32)
+    if batch_rows < 1:
+        raise too_small(budget, f"one row of {format_size(row.float32)} and its copies",
+                        2 * (row.stored + SGD_BATCH_COPIES * row.float32))
+    buffer_rows = max(batch_rows, budget // 2 // row.stored)
+    return StreamPlan(budget, buffer_rows, batch_rows)
+
+
+def in_memory_plan(cache: Cache, budget: int | None) -> StreamPlan:
+    """Plan of an in-memory scikit-learn fit: no buffer; evaluation batches as a Keras head's."""
+    if budget is None:
+        return StreamPlan(None, 0, 2048)
+    rows = budget // 2 // (BATCHES_IN_FLIGHT * RowSize.of(cache).float32)
+    return StreamPlan(budget, 0, max(1, min(2048, rows)))
+
+
+def in_memory_bytes(cache: Cache) -> int:
+    """What an in-memory scikit-learn fit takes: train and validation as float32, a few copies at once."""
+    rows = sum(cache.manifest["splits"][s]["rows"] for s in ("train", "validation"))
+    return IN_MEMORY_COPIES * rows * RowSize.of(cache).float32
+
+
+def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
+            rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(float32 features, int32 labels) of ``batch_rows`` rows each: every batch but the split's last is
+    whole, across shard boundaries (so a split of N rows gives ceil(N / batch_rows) batches, as
+    ``split_batches`` tells TensorFlow).
+
+    Without ``rng`` the split comes in order, one batch in memory at a time. With it, shards come in
+    a random order, read in blocks of contiguous rows in a random order into a buffer of
+    ``buffer_rows`` rows, which is emitted in a random order when full; rows not filling a last
+    batch stay for the next fill.
+    """
+    if rng is not None and buffer_rows < batch_rows:
+        raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
+    size = buffer_rows if rng is not None else batch_rows
+    buffer = np.empty((size, *cache.manifest["feature_shape"]), cache.config["dtype"])
+    labels = np.empty(size, np.int32)
+    filled = 0
+
+    def emit(final: bool):
+        nonlocal filled
+        order = rng.permutation(filled) if rng is not None else np.arange(filled)
+        whole = filled if final else filled - filled % batch_rows
+        for start in range(0, whole, batch_rows):
+            rows = order[start : start + batch_rows]
+            yield buffer[rows].astype(np.float32), labels[rows]
+        rest = order[whole:]
+        buffer[: len(rest)], labels[: len(rest)] = buffer[rest], labels[rest]
+        filled = len(rest)
+
+    # With rng: at least 8 blocks, from anywhere in the split, mix in a buffer; whole HDF5 chunks
+    # when a block holds one, so that no chunk is read (and checksummed) twice.
+    block_rows = size if rng is None else max(1, size // 8)
+    if block_rows > CHUNK_ROWS:
+        block_rows -= block_rows % CHUNK_ROWS
+    shards = cache.shard_paths(split)
+    if rng is not None:
+        shards = [shards[i] for i in rng.permutation(len(shards))]
+    for shard in shards:
+        with cache.open_shard(shard) as f:
+            shard_labels = f["labels"][:]
+            starts = np.arange(0, len(shard_labels), block_rows)
+            for start in rng.permutation(starts) if rng is not None else starts:
+                stop = min(start + block_rows, len(shard_labels))
+                while start < stop:
+                    take = min(stop - start, size - filled)
+                    _read_into(f, shard, buffer, slice(start, start + take), slice(filled, filled + take))
+                    labels[filled : filled + take] = shard_labels[start : start + take]
+                    filled, start = filled + take, start + take
+                    if filled == size:
+                        yield from emit(final=False)
+    yield from emit(final=True)
+
+
+def _read_into(f, shard: Path, buffer: np.ndarray, source: slice, dest: slice) -> None:
+    """Read rows straight into the buffer (no temporary), naming the shard if its checksum fails."""
+    try:
+        f["features"].read_direct(buffer, source, dest)
+    except OSError as exc:
+        raise FeatcacheError(
+            f"shard {shard} failed its checksum ({exc}); "
+            "delete it and run the same `featcache extract` again to rebuild it"
+        ) from None
+
+
+# --- scikit-learn heads by SGD, for caches over the budget -------------------------------------------
+
+SGD_LOSSES = {"logreg": "log_loss", "svm": "hinge"}
+
+
+@dataclass
+class _Candidate:
+    """One C of the grid trained by SGD, with the state of its best validation epoch so far."""
+
+    c: float
+    model: object
+    accuracy: float = -1.0
+    epoch: int = 0
+    best: object = None
+
+
+def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: int, epochs: int,
+            patience: int | None, plan: StreamPlan, say) -> tuple[object, dict]:
+    """logreg (log loss) or linear svm (hinge) fitted by SGD over streamed shards, in ``plan``'s memory.
+
+    A first pass fits the StandardScaler; then every C of the grid (as alpha = 1 / (C * n_train),
+    the same regularisation as the in-memory fit) trains on the same shuffled mini-batches, one
+    read of the cache per epoch for all of them. Each keeps its best validation epoch and stops
+    after ``patience`` epochs without gain; the best validation accuracy picks C (ties: the
+    smaller). An svm is then Platt-calibrated on validation rows, as many as half the budget holds.
+    """
+    import copy
+
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_train = cache.manifest["splits"]["train"]["rows"]
+    classes = np.arange(len(cache.classes))
+    missing = sorted(set(classes.tolist()) - set(split_labels(cache, "validation").tolist()))
+    if name == "svm" and missing:  # refused before training, not after
+        raise FeatcacheError(
+            f"the validation split has no rows of class {', '.join(cache.classes[i] for i in missing)}, "
+            "and a streamed svm is calibrated on validation rows; fit logreg, or raise --memory-budget "
+            "to fit svm in memory"
+        )
+    scaler = StandardScaler()
+    for x, _ in batches(cache, "train", plan.batch_rows):
+        scaler.partial_fit(x.reshape(len(x), -1))
+    candidates = [
+        _Candidate(c, SGDClassifier(loss=SGD_LOSSES[name], alpha=1 / (c * n_train), class_weight=class_weight,
+                                    shuffle=False, random_state=seed))  # the stream shuffles
+        for c in c_grid
+    ]
+    active, epoch = list(candidates), 0
+    while active and epoch < epochs:
+        epoch += 1
+        rng = np.random.default_rng([seed, epoch])
+        for x, y in batches(cache, "train", plan.batch_rows, plan.buffer_rows, rng):
+            x = scaler.transform(x.reshape(len(x), -1))
+            for candidate in active:
+                candidate.model.partial_fit(x, y, classes=classes)
+        for candidate, accuracy in zip(active, _accuracies(cache, scaler, active, plan), strict=True):
+            if accuracy > candidate.accuracy:
+                candidate.accuracy, candidate.epoch = accuracy, epoch
+                candidate.best = copy.deepcopy(candidate.model)
+        say(f"{name} epoch {epoch}/{epochs} (streamed SGD): val accuracy "
+            + ", ".join(f"C={c.c} {c.accuracy:.1%}" for c in active))
+        active = [c for c in active if not patience or epoch - c.epoch < patience]
+    chosen = max(candidates, key=lambda candidate: candidate.accuracy)  # first of equals: smaller C
+    details = {"chosen": {"C": chosen.c, "alpha": 1 / (chosen.c * n_train), "epoch": chosen.epoch},
+               "validation_accuracy_by_C": {str(c.c): c.accuracy for c in candidates}, "output": "proba",
+               "memory": {"path": "streamed", "estimator": f"SGDClassifier({SGD_LOSSES[name]})",
+                          "epochs": epoch, **plan.record()}}
+    model = chosen.best
+    if name == "svm":
+        model, details["memory"]["calibration_rows"] = _calibrated(cache, scaler, model, plan, seed)
+    return make_pipeline(scaler, model), details
+
+
+def _accuracies(cache: Cache, scaler, candidates: list[_Candidate], plan: StreamPlan) -> list[float]:
+    """Validation accuracy of every candidate, in one streamed pass."""
+    correct, rows = np.zeros(len(candidates)), 0
+    for x, y in batches(cache, "validation", plan.batch_rows):
+        x = scaler.transform(x.reshape(len(x), -1))
+        correct += [np.sum(candidate.model.predict(x) == y) for candidate in candidates]
+        rows += len(y)
+    return list(correct / max(rows, 1))
+
+
+def _calibrated(cache: Cache, scaler, svm, plan: StreamPlan, seed: int):
+    """Platt's sigmoid on the SVM's scores for validation rows: all of them, or a random sample that
+    half the budget holds (standardised float32, with scikit-learn's copy of it), with at least one
+    row of every class. One fold of all the rows: the SVM is frozen, so no rows are held out from it,
+    and no class needs as many rows as cross-validation folds."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    y_val = split_labels(cache, "validation")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y_val))
+    keep = np.zeros(len(y_val), bool)
+    keep[order[: plan.budget // 2 // (2 * RowSize.of(cache).float32)]] = True
+    keep[order[np.unique(y_val[order], return_index=True)[1]]] = True  # a first row of every class
+    rows = int(keep.sum())
+    sample, labels = np.empty((rows, RowSize.of(cache).features), np.float32), np.empty(rows, np.int32)
+    start = taken = 0
+    for x, y in batches(cache, "validation", plan.batch_rows):
+        mask = keep[start : start + len(y)]
+        start, k = start + len(y), int(mask.sum())
+        if k:
+            sample[taken : taken + k] = scaler.transform(x[mask].reshape(k, -1))
+            labels[taken : taken + k] = y[mask]
+            taken += k
+    every_row = [(np.arange(rows), np.arange(rows))]
+    calibrated = CalibratedClassifierCV(FrozenEstimator(svm), method="sigmoid", cv=every_row)
+    return calibrated.fit(sample, labels), rows
+
+
+def split_labels(cache: Cache, split: str) -> np.ndarray:
+    """Every label of a split, in order, without reading features."""
+    parts = [np.zeros(0, np.int32)]
+    for shard in cache.shard_paths(split):
+        with cache.open_shard(shard) as f:
+            parts.append(f["labels"][:])
+    return np.concatenate(parts)

@@ -1,0 +1,283 @@
+"""Heads within a memory budget: sizes parse, shards stream every row once in a bounded shuffle
+buffer, logreg/svm over the budget learn by SGD and export to Keras, svm-rbf is refused, and the
+peak RSS of a fit on a cache several times the budget stays near the budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache import FeatcacheError
+from featcache.cli import main
+from featcache.dataset import Dataset, Sample
+from featcache.evaluate import evaluate
+from featcache.heads import C_GRIDS, FitOptions, fit_head, head_dir, load_head, memory_plan, split_batches
+from featcache.streaming import batches, format_size, in_memory_bytes, parse_size
+from tests.conftest import blob_cache, synthetic_cache, write_cache
+
+MiB = 2**20
+SGD = FitOptions(epochs=15, batch_size=16, seed=0, patience=5)
+TINY_BUDGET = 16 * 2**10  # below in_memory_bytes of the default synthetic_cache (about 30 KiB)
+
+
+def numbered_cache(workdir: Path, rows: int = 95, shard_size: int = 10, features: int = 6,
+                   validation_classes: int = 2):
+    """A two-class cache whose feature 0 is each row's number in its split, to follow rows."""
+    samples = []
+    for split, n, k in (("train", rows, 2), ("validation", 7, validation_classes)):
+        for i in range(n):
+            relpath = f"{split}/{'ab'[i % k]}/{i:05d}.png"
+            sha = hashlib.sha256(relpath.encode()).hexdigest()
+            samples.append(Sample(Path(relpath), relpath, i % k, split, sha))
+
+    def features_of(plan):
+        rows = np.zeros((len(plan.samples), features), np.float16)
+        rows[:, 0] = [int(Path(s.relpath).stem) for s in plan.samples]
+        return rows
+
+    dataset = Dataset(workdir, "numbered", ("a", "b"), samples)
+    return write_cache(workdir, dataset, (features,), "float16", 0, features_of, shard_size)
+
+
+# --- sizes ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, size", [("512M", 512 * MiB), ("2G", 2 * 2**30), ("1.5GiB", int(1.5 * 2**30)),
+                                        ("800000", 800000), ("64mb", 64 * MiB), (" 4 K ", 4096),
+                                        ("none", None)])
+def test_parse_size_reads_powers_of_1024(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text, message", [("lots", "expected a size like 512M"), ("1.5X", "expected a size"),
+                                           ("-1M", "expected a size"), ("0", "must be more than 0 bytes")])
+def test_parse_size_errors_name_the_option_and_value(text, message):
+    with pytest.raises(FeatcacheError, match=message) as error:
+        parse_size(text)
+    assert str(error.value).startswith(f"--memory-budget {text!r}: ") and "\n" not in str(error.value)
+
+
+def test_format_size():
+    assert [format_size(s) for s in (None, 100, 1536, 64 * MiB, 2**30)] == [
+        "no limit", "100 B", "1.5 KiB", "64.0 MiB", "1.0 GiB"]
+
+
+# --- streaming.batches ------------------------------------------------------------------------------
+
+def epoch_rows(cache, batch_rows, buffer_rows, seed, epoch=0):
+    got = list(batches(cache, "train", batch_rows, buffer_rows, np.random.default_rng([seed, epoch])))
+    return [x[:, 0].astype(int) for x, _ in got], [y for _, y in got]
+
+
+def test_shuffled_batches_yield_every_row_once_per_epoch_mixed_across_shards(tmp_path):
+    cache = numbered_cache(tmp_path)
+    first, labels = epoch_rows(cache, batch_rows=8, buffer_rows=24, seed=0)
+    rows = np.concatenate(first)
+    assert sorted(rows) == list(range(95))
+    assert [len(b) for b in first] == [8] * 11 + [7]  # whole batches across shard boundaries, then the rest
+    assert all(np.array_equal(y, b % 2) for y, b in zip(labels, first, strict=True))  # labels follow rows
+    assert any(len(set(b // 10)) > 1 for b in first)  # a batch mixes rows of several shards
+    assert not np.array_equal(rows, np.arange(95))
+    second = np.concatenate(epoch_rows(cache, 8, 24, seed=0, epoch=1)[0])
+    other_seed = np.concatenate(epoch_rows(cache, 8, 24, seed=1)[0])
+    again = np.concatenate(epoch_rows(cache, 8, 24, seed=0)[0])
+    assert sorted(second) == list(range(95)) and not np.array_equal(rows, second)
+    assert not np.array_equal(rows, other_seed) and np.array_equal(rows, again)
+
+
+def test_batches_in_order_are_whole_across_shards(tmp_path):
+    cache = numbered_cache(tmp_path)
+    got = [x for x, _ in batches(cache, "train", 8)]
+    assert [len(x) for x in got] == [8] * 11 + [7] and got[0].dtype == np.float32
+    assert np.array_equal(np.concatenate(got)[:, 0], np.arange(95))
+
+
+def test_keras_pipeline_has_the_batches_it_announces(tmp_path):
+    """TensorFlow is told ceil(rows / batch) batches; a validation pass must see every row, even when
+    shards are not multiples of the batch."""
+    cache = numbered_cache(tmp_path)
+    for split, seed in (("train", 0), ("validation", None), ("train", None)):
+        seen = [x.numpy()[:, 0] for x, _ in split_batches(cache, split, 4, seed, buffer_rows=12)]
+        rows = cache.manifest["splits"][split]["rows"]
+        assert len(seen) == math.ceil(rows / 4) and sorted(np.concatenate(seen)) == list(range(rows))
+
+
+def test_shuffle_buffer_bounds_memory_whatever_the_shard_size(tmp_path):
+    """numpy reports its allocations to tracemalloc: an epoch over 16 MiB in shards of 4 MiB holds the
+    buffer (256 rows of 2 KiB) and a few float32 batches (64 rows of 4 KiB), never a shard."""
+    cache = blob_cache(tmp_path, per_class=(4096, 8, 0), shape=(1024,), dtype="float16", shard_size=2048)
+    tracemalloc.start()
+    try:
+        rows = sum(len(y) for _, y in batches(cache, "train", 64, 256, np.random.default_rng(0)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows == 8192
+    assert peak < 256 * 2048 + 3 * 64 * 4096 + 256 * 2**10, format_size(peak)
+
+
+# --- logreg and svm by SGD over the budget ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["logreg", "svm"])
+def test_linear_heads_over_the_budget_stream_and_learn(name, tmp_path):
+    cache = synthetic_cache(tmp_path)
+    assert in_memory_bytes(cache) > TINY_BUDGET
+    head = fit_head(cache, name, SGD, memory_budget=TINY_BUDGET)
+    memory = head.info["memory"]
+    assert memory["path"] == "streamed" and memory["estimator"].startswith("SGDClassifier")
+    assert memory["budget_bytes"] == TINY_BUDGET and 0 < memory["batch_rows"] <= memory["buffer_rows"]
+    assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
+
+
+def test_linear_heads_within_the_budget_stay_in_memory(tmp_path):
+    cache = synthetic_cache(tmp_path)
+    assert memory_plan(cache, "logreg", SGD, None)[0] == "in-memory"
+    assert memory_plan(cache, "svm-rbf", SGD, 64 * MiB)[0] == "in-memory"
+    assert memory_plan(cache, "svm", SGD, TINY_BUDGET)[0] == "streamed"
+
+
+def test_streamed_logreg_stays_near_chance_on_shuffled_labels(tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=(40, 20, 30), shuffle_labels=True)
+    head = fit_head(cache, "logreg", SGD, memory_budget=TINY_BUDGET)
+    assert head.info["memory"]["path"] == "streamed"
+    assert evaluate(head, cache)["test"]["accuracy"] < 0.72
+
+
+def test_streamed_logreg_keeps_the_c_and_epoch_best_on_validation(tmp_path):
+    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), per_class=(20, 10, 10), seed=3)
+    head = fit_head(cache, "logreg", SGD, memory_budget=TINY_BUDGET)
+    by_c = head.info["validation_accuracy_by_C"]
+    chosen = head.info["chosen"]
+    assert list(by_c) == [str(c) for c in C_GRIDS["logreg"]]
+    assert chosen["C"] == next(c for c in C_GRIDS["logreg"] if by_c[str(c)] == max(by_c.values()))
+    assert chosen["alpha"] == pytest.approx(1 / (chosen["C"] * 60)) and 1 <= chosen["epoch"] <= SGD.epochs
+    assert evaluate(head, cache)["validation"]["accuracy"] == pytest.approx(by_c[str(chosen["C"])])
+
+
+def test_streamed_svm_calibrates_on_a_few_validation_rows(tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=(30, 3, 10))  # fewer rows per class than 5 folds
+    head = fit_head(cache, "svm", SGD, memory_budget=TINY_BUDGET)
+    assert head.info["memory"]["path"] == "streamed" and head.info["memory"]["calibration_rows"] == 6
+    assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
+
+
+def test_streamed_svm_needs_every_class_in_validation_before_training(tmp_path):
+    cache = numbered_cache(tmp_path, validation_classes=1)
+    with pytest.raises(FeatcacheError, match="validation split has no rows of class b, and a streamed svm"):
+        fit_head(cache, "svm", SGD, memory_budget=1024, say=pytest.fail)
+
+
+def test_rbf_svm_over_the_budget_is_refused_in_one_line(tmp_path):
+    cache = synthetic_cache(tmp_path)
+    refusal = "svm-rbf cannot stream .* raise --memory-budget, or fit logreg or svm, which stream"
+    with pytest.raises(FeatcacheError, match=refusal) as err:
+        fit_head(cache, "svm-rbf", SGD, memory_budget=TINY_BUDGET)
+    assert "\n" not in str(err.value)
+
+
+def test_keras_head_refuses_a_budget_below_its_batches(tmp_path):
+    with pytest.raises(FeatcacheError, match="--memory-budget 1.0 KiB is too small: training batches of 16"):
+        fit_head(synthetic_cache(tmp_path), "dense256", SGD, memory_budget=1024)
+
+
+@pytest.mark.parametrize("name, classes", [("logreg", ("a", "b")), ("logreg", ("x", "y", "z")),
+                                           ("svm", ("x", "y", "z"))])
+def test_streamed_head_saves_loads_and_exports_to_keras(name, classes, tmp_path):
+    from featcache.sklearn_export import keras_model
+
+    cache = synthetic_cache(tmp_path, classes=classes, per_class=(20, 10, 10))
+    head = fit_head(cache, name, SGD, memory_budget=TINY_BUDGET)
+    loaded = load_head(head.save(head_dir(cache, name)))
+    x, _, _ = cache.read("test")
+    expected = head.predict_proba(x)
+    np.testing.assert_array_equal(loaded.predict_proba(x), expected)
+    assert loaded.info["memory"]["path"] == "streamed"
+    exported = np.asarray(keras_model(loaded.model, x.shape[1:])(x), np.float64)
+    np.testing.assert_allclose(exported, expected, atol=1e-5, rtol=0)
+
+
+# --- fit-head --memory-budget -----------------------------------------------------------------------
+
+def test_fit_head_memory_budget_option(tmp_path):
+    cache = synthetic_cache(tmp_path)
+    fit = ["fit-head", "--workdir", str(tmp_path), "--epochs", "5"]
+    bad = CliRunner().invoke(main, [*fit, "--memory-budget", "lots"])
+    assert bad.exit_code == 2
+    assert "Invalid value for '--memory-budget': expected a size like 512M" in bad.output
+
+    streamed = CliRunner().invoke(main, [*fit, "--head", "logreg", "--memory-budget", "16K"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "memory budget: 16.0 KiB (--memory-budget)" in streamed.stderr
+    assert "logreg epoch 1/5 (streamed SGD)" in streamed.stderr and "; streamed; fit" in streamed.stdout
+
+    default = CliRunner().invoke(main, [*fit, "--head", "svm", "--refit"])
+    assert default.exit_code == 0, default.output
+    assert "(half of the memory available now)" in default.stderr and "; in-memory; fit" in default.stdout
+
+    refused = CliRunner().invoke(main, [*fit, "--head", "svm", "--head", "svm-rbf", "--refit",
+                                        "--memory-budget", "16K"])
+    assert refused.exit_code == 1 and "Error: svm-rbf cannot stream" in refused.output
+    assert json.loads((head_dir(cache, "svm") / "head.json").read_text())["memory"]["path"] == "in-memory"
+
+
+# --- peak RSS ---------------------------------------------------------------------------------------
+
+PEAK_RSS = """
+import json, sys
+from pathlib import Path
+from featcache.cache import Cache
+from featcache.heads import FitOptions, fit_head
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024
+
+big, small, name, budget = Cache(Path(sys.argv[1])), Cache(Path(sys.argv[2])), sys.argv[3], int(sys.argv[4])
+options = FitOptions(epochs=1, batch_size=64, learning_rate=1e-3, optimizer="adam", patience=None)
+fit_head(small, name, options, memory_budget=budget)  # the libraries' one-off set-up, the same model
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # peak := now (Linux >= 4.0)
+except OSError:
+    pass
+baseline = status("VmRSS")
+head = fit_head(big, name, options, memory_budget=budget)
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": head.info["memory"],
+                  "params": head.info.get("trainable_params", 0)}))
+"""
+RSS_BUDGET = 32 * MiB
+RSS_MARGIN = 24 * MiB  # allocator slack, HDF5 chunk caches, TensorFlow's tensors of one step
+
+
+@pytest.fixture(scope="module")
+def caches_over_budget(tmp_path_factory):
+    """288 MiB of float16 rows the size of VGG16's block5_pool (9x a 32 MiB budget), in shards of
+    128 MiB, so that reading one shard whole breaks the bound; and a small cache of the same rows."""
+    root = tmp_path_factory.mktemp("rss")
+    big = blob_cache(root / "big", per_class=(8192, 1024, 0), shard_size=8192)
+    small = blob_cache(root / "small", per_class=(64, 32, 0), shard_size=64)
+    return big, small
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize("name", ["logreg", "dense256"])
+def test_peak_rss_stays_bounded_on_a_cache_many_times_the_budget(name, caches_over_budget):
+    big, small = caches_over_budget
+    cache_bytes = sum(p.stat().st_size for p in big.path.glob("*.h5"))
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(big.path), str(small.path), name,
+                           str(RSS_BUDGET)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    growth = result["peak"] - result["baseline"]
+    model = 4 * 4 * result["params"]  # float32 weights, gradients and two optimizer slots
+    assert result["memory"]["path"] == "streamed" and cache_bytes > 8 * RSS_BUDGET
+    assert growth < RSS_BUDGET + model + RSS_MARGIN, (format_size(growth), result)
+    assert growth < cache_bytes / 3
