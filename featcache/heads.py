@@ -341,17 +341,22 @@ def _fit_keras(cache: Cache, name: str, options: FitOptions, plan: streaming.Str
 def sklearn_model(name: str, c: float, seed: int, class_weight):
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC, LinearSVC
 
+    # Calibration folds are shuffled: cache rows come sorted by path, and unshuffled folds of sorted
+    # rows are blocks of neighbouring files (on elpv, whole modules), whose scores calibrate nothing.
+    folds = StratifiedKFold(3, shuffle=True, random_state=seed)
     if name == "logreg":
         estimator = LogisticRegression(C=c, max_iter=2000, class_weight=class_weight, random_state=seed)
     elif name == "svm":
-        estimator = CalibratedClassifierCV(LinearSVC(C=c, class_weight=class_weight, random_state=seed), cv=3)
+        svc = LinearSVC(C=c, class_weight=class_weight, random_state=seed)
+        estimator = CalibratedClassifierCV(svc, cv=folds)
     else:
         svc = SVC(C=c, kernel="rbf", class_weight=class_weight, random_state=seed)
-        estimator = CalibratedClassifierCV(svc, cv=3, ensemble=False)
+        estimator = CalibratedClassifierCV(svc, cv=folds, ensemble=False)
     return make_pipeline(StandardScaler(), estimator)
 
 

@@ -162,7 +162,7 @@ def _check_fold(fold, classes: np.ndarray, index: int) -> None:
         raise FeatcacheError(
             f"calibration fold {index} saw only classes {list(estimator.classes_)} of {list(classes)}, "
             f"and sklearn gives the others an exact 0 that no softmax can; refit with stratified folds "
-            f"(featcache's cv=3 uses them)"
+            f"(featcache's 3 shuffled stratified folds do)"
         )
 
 

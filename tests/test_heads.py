@@ -4,6 +4,7 @@ save/load is exact and safe, and a head refuses a cache it was not fitted on."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,37 @@ def test_heads_command_lists_the_registry():
     listing = CliRunner().invoke(main, ["heads"], terminal_width=200)
     assert listing.exit_code == 0
     assert all(name in listing.output for name in HEADS)
+
+
+def module_sorted_cache(workdir, seed=0):
+    """Two classes whose rows come, in path order, module by module (as elpv's cells do): every split
+    holds cells of every module, and what tells the classes apart differs from module to module."""
+    import hashlib
+
+    from featcache.dataset import Dataset, Sample
+    from tests.conftest import write_cache
+
+    rng = np.random.default_rng(seed)
+    shape = (16,)
+    modules, class_means = rng.normal(0, 6, (3, *shape)), rng.normal(0, 1.5, (3, 2, *shape))
+    samples, features = [], {}
+    for split, n in (("train", 60), ("validation", 30), ("test", 30)):
+        for label, name in enumerate("ab"):
+            for i in range(n):
+                module = i * 3 // n  # blocks of consecutive files: module 0, then 1, then 2
+                relpath = f"{split}/{name}/m{module}_{i:04d}.png"
+                sha = hashlib.sha256(f"{seed}{relpath}".encode()).hexdigest()
+                samples.append(Sample(Path(relpath), relpath, label, split, sha))
+                features[relpath] = modules[module] + class_means[module, label] + rng.normal(0, 1, shape)
+    dataset = Dataset(workdir, "modules", ("a", "b"), samples)
+    return write_cache(workdir, dataset, shape, "float32", seed,
+                       lambda plan: np.stack([features[s.relpath] for s in plan.samples]), 16)
+
+
+@pytest.mark.parametrize("name", ["svm", "svm-rbf"])
+def test_calibration_folds_are_shuffled_not_blocks_of_sorted_rows(name, tmp_path):
+    """Unshuffled folds of path-sorted rows hold out whole modules, whose scores calibrate nothing:
+    elpv's svm-rbf fell to the majority class (57%) that way."""
+    cache = module_sorted_cache(tmp_path)
+    metrics = evaluate(fit_head(cache, name, QUICK), cache)
+    assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
