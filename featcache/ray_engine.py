@@ -190,6 +190,7 @@ def connected(address: str | None):
             f"--address {address}: no Ray cluster found ({exc}); start one with `ray start --head`, "
             "or leave --address out to start Ray on this machine"
         ) from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress line, not Ray Data's every 10 s
     try:
         yield ray
     finally:
