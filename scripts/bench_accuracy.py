@@ -1,0 +1,148 @@
+"""elpv 4-class test accuracy of featcache recipes beside Deitsch et al. 2019 and the tutorials' recipe.
+
+Every recipe runs through the real CLI (`featcache extract`, `fit-head`, `finetune`) in one
+workdir, so caches and fitted heads are reused: a second run only prints. Each row of the table is
+one saved head; its numbers are read back from the head's `head.json` (cache key, options and seed
+recorded there), so every figure traces to the cache and the head that made it. The split is
+`featcache datasets elpv`'s: 25% test stratified by class and module type, as in the paper, and
+15% of the rest for validation; heads choose C / stop on validation only.
+
+    python scripts/bench_accuracy.py [--data data/elpv] [--workdir featcache-out/bench-accuracy]
+                                     [--only NAME ...] [--json accuracy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAPER = [("Deitsch et al. 2019: SVM on hand-crafted features (KAZE/VGG + VLAD)", 0.8244),
+         ("Deitsch et al. 2019: fine-tuned VGG19", 0.8842)]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One cache (extract options) and the heads fitted on it; ``finetune`` fine-tunes dense256 from
+    that layer afterwards."""
+
+    name: str
+    extract: tuple[str, ...]
+    heads: tuple[str, ...] = ("logreg", "svm", "svm-rbf", "dense256")
+    fit: tuple[str, ...] = ()
+    finetune: tuple[str, ...] = ()
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+
+# dense256 on a pooled 1280-vector learns slower than on VGG16's 4x4x512 map: more epochs, a higher rate
+POOLED_DENSE = ("--epochs", "100", "--patience", "10", "--learning-rate", "1e-4")
+MOBILENET_FINETUNE = ("--unfreeze-from", "100", "--epochs", "30", "--learning-rate", "1e-5",
+                      "--patience", "5")
+
+RECIPES = [
+    Recipe("tutorial", ("--backbone", "vgg16", "--image-size", "150", "--preprocess", "rescale"),
+           heads=("dense256",), fit=("--patience", "0"),
+           note="the tutorials' recipe: VGG16 150 px, 1/255, block5_pool, dense256, 30 epochs"),
+    Recipe("vgg16-150", ("--backbone", "vgg16", "--image-size", "150"),
+           note="Chollet's setup with VGG16's own preprocessing"),
+    Recipe("vgg16-224-block4-avg", ("--backbone", "vgg16", "--image-size", "224", "--layer", "block4_pool",
+                                    "--pooling", "avg"), heads=("logreg", "svm-rbf"),
+           note="a mid-level layer, averaged"),
+    Recipe("mobilenet_v2-300", ("--backbone", "mobilenet_v2", "--image-size", "300"),
+           heads=("logreg", "svm-rbf", "dense256"), fit=POOLED_DENSE,
+           finetune=MOBILENET_FINETUNE,
+           note="TF tutorial's backbone at the images' own 300 px; fine-tuned from layer 100"),
+    Recipe("mobilenet_v2-300-aug4", ("--backbone", "mobilenet_v2", "--image-size", "300", "--augment", "4"),
+           heads=("logreg",), note="4 augmented views (Chollet's recipe) per training image"),
+    Recipe("mobilenet_v2-448", ("--backbone", "mobilenet_v2", "--image-size", "448"),
+           heads=("logreg", "svm", "svm-rbf"), note="upsampled: thin cracks span more pixels"),
+    Recipe("efficientnet_lite0-300", ("--backbone", "efficientnet_lite0", "--image-size", "300"),
+           heads=("logreg", "svm-rbf")),
+    Recipe("efficientnet_lite0-448", ("--backbone", "efficientnet_lite0", "--image-size", "448"),
+           heads=("logreg", "svm-rbf")),
+]
+
+
+def featcache(*args: str) -> str:
+    """Run one featcache command, echo its one-line results, fail loudly with its output."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = Path(sys.executable).with_name("featcache")  # this environment's entry point
+    run = subprocess.run([str(command), *args], capture_output=True, text=True, env=env)
+    if run.returncode:
+        sys.exit(f"featcache {' '.join(args)} failed:\n{run.stdout}{run.stderr}")
+    return run.stdout
+
+
+def run_recipe(recipe: Recipe, data: Path, workdir: Path) -> list[dict]:
+    common = ("--workdir", str(workdir))
+    started = time.perf_counter()
+    featcache("extract", "--data", str(data), *recipe.extract, *common)
+    key = (workdir / "current").read_text().strip()
+    extract_seconds = time.perf_counter() - started
+    cache_args = (*common, "--cache", key)
+    featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit, *cache_args)
+    folders = {head: workdir / key[:16] / "heads" / head for head in recipe.heads}
+    if recipe.finetune:
+        printed = featcache("finetune", "--head", "dense256", "--data", str(data), *recipe.finetune,
+                            *cache_args)
+        prefix = re.search(r"prefix cache: (\S+)", printed).group(1)  # the fine-tuned head lives there
+        folders["dense256-finetuned"] = Path(prefix) / "heads" / "dense256-finetuned"
+    return [row_of(recipe, head, json.loads((folder / "head.json").read_text()), extract_seconds)
+            for head, folder in folders.items()]
+
+
+def row_of(recipe: Recipe, head: str, info: dict, extract_seconds: float) -> dict:
+    metrics = info["metrics"]
+    return {"recipe": recipe.name, "head": head, "note": recipe.note, "extract": list(recipe.extract),
+            "cache_key": info["cache_key"], "options": info.get("options"), "chosen": info.get("chosen"),
+            "validation_accuracy": metrics["validation"]["accuracy"],
+            "test_accuracy": metrics["test"]["accuracy"],
+            "test_balanced_accuracy": metrics["test"].get("balanced_accuracy"),
+            "test_confusion": metrics["test"].get("confusion"), "fit_seconds": info.get("fit_seconds"),
+            "extract_seconds_this_run": extract_seconds}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'recipe':<26}{'head':<20}{'val':>7}{'test':>7}{'test bal':>10}")
+    for row in rows:
+        bal = row["test_balanced_accuracy"]
+        print(f"{row['recipe']:<26}{row['head']:<20}{row['validation_accuracy']:>7.1%}"
+              f"{row['test_accuracy']:>7.1%}{'' if bal is None else f'{bal:.1%}':>10}")
+    for name, accuracy in PAPER:
+        print(f"{name:<53}{accuracy:>7.2%}")
+    cached = [r for r in rows if not r["head"].endswith("finetuned")]
+    best = max(cached, key=lambda r: r["validation_accuracy"])
+    print(f"best cached head by validation: {best['recipe']} {best['head']}, "
+          f"test {best['test_accuracy']:.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/elpv"))
+    parser.add_argument("--workdir", type=Path, default=Path("featcache-out/bench-accuracy"))
+    parser.add_argument("--only", nargs="*", choices=[r.name for r in RECIPES], help="Recipes to run.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not args.data.exists():
+        featcache("datasets", "elpv", "--dest", str(args.data.parent))
+    rows = []
+    for recipe in RECIPES:
+        if args.only and recipe.name not in args.only:
+            continue
+        rows += run_recipe(recipe, args.data, args.workdir)
+        print(f"{recipe.name}: " + ", ".join(f"{r['head']} {r['test_accuracy']:.1%}" for r in rows
+                                               if r["recipe"] == recipe.name), flush=True)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "paper": dict(PAPER)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
