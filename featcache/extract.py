@@ -14,6 +14,7 @@ engine writes the missing shards, each through ``write_shards``: ``LocalEngine``
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -190,14 +191,16 @@ def pending_rows(plans: list[cache.ShardPlan], source: cache.RowSource) -> list[
 
 
 class FeaturePass:
-    """A feature model with its compiled forward pass: traced once, then reused for every shard."""
+    """A feature model with its compiled forward pass: traced once for uint8 batches of any size (a last,
+    partial batch does not retrace), then reused for every shard."""
 
     def __init__(self, model, xla: bool = False):
         import tensorflow as tf
 
         self.output_shape = tuple(model.output_shape[1:])
+        images = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)
 
-        @tf.function(jit_compile=xla, reduce_retracing=True)
+        @tf.function(jit_compile=xla, input_signature=[images])
         def forward(batch):
             return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
 
@@ -292,16 +295,29 @@ def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, 
         ok.set_shape(())
         return i, image, ok
 
+    # No autotuning: when an iterator is deleted, tf.data's autotune thread can miss its wake-up and
+    # the deletion (GIL held, so the whole process) waits out its optimisation period, up to 60 s
+    # after every pipeline. A decoder per core and two batches ahead keep any backbone fed.
+    options = tf.data.Options()
+    options.autotune.enabled = False
     images = (
         tf.data.Dataset.range(len(paths))
-        .map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(tf_decode, num_parallel_calls=usable_cpus(), deterministic=True)
         .filter(lambda i, image, ok: ok)
         .map(lambda i, image, ok: (i, image))
         .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(2)
+        .with_options(options)
     )
     for indices, batch in images:
         yield indices.numpy(), batch
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model) -> dict:
