@@ -15,8 +15,10 @@ cell; ``+build`` is extract with it) and pay their first call's tracing inside i
 alternate order between repeats so load drifts hit both alike. Wall-clock ratios are only
 meaningful within one run, and on a shared machine they swing with other processes' load, so CPU
 time is reported too: GFLOP per CPU-second of each pass against the sgemm's (``cpu`` columns) is
-work efficiency, nearly untouched by load; ``cores`` is CPU-seconds per wall second, how much of
-the machine the pass actually got. Prints a table and writes JSON:
+work efficiency, which load moves much less (the passes' own figures stay within a few %; BLAS
+threads spin while they wait for a descheduled partner, so sgemm's drops under load and these
+ratios rise); ``cores`` is CPU-seconds per wall second, how much of the machine extract got.
+Prints a table and writes JSON:
 
     python scripts/bench_extract.py --data data/elpv [--images 240] [--repeats 3] [--json out.json]
 """
@@ -65,7 +67,7 @@ def image_tree(data: Path, n: int, root: Path) -> int:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process, all threads: unlike wall time, barely moved by other processes' load."""
+    """CPU time of this process, all threads: work done, whatever share of the machine it got."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
