@@ -242,7 +242,7 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
     from dataclasses import asdict
 
     from featcache.evaluate import evaluate
-    from featcache.heads import FitOptions, fit_head, get_spec, head_dir, head_info, memory_plan
+    from featcache.heads import FIT_RECIPE, FitOptions, fit_head, get_spec, head_dir, head_info, memory_plan
     from featcache.streaming import format_size
 
     for name in names:
@@ -256,7 +256,8 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
     for name in names:
         folder = head_dir(cache, name)
         fitted = head_info(folder) if (folder / "head.json").is_file() else {}
-        if not refit and fitted.get("options") == asdict(options):
+        same = fitted.get("options") == asdict(options) and fitted.get("fit_recipe") == FIT_RECIPE
+        if not refit and same:
             accuracy = fitted["metrics"]["validation"]["accuracy"]
             console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
                           f"kept, --refit to train again -> {folder}")

@@ -32,6 +32,9 @@ from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
 
 OPTIMIZERS = ("rmsprop", "adam")
+# Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
+# shuffled folds); fit-head keeps an already fitted head only when it was made by this recipe.
+FIT_RECIPE = 2
 C_GRIDS = {"logreg": (0.001, 0.01, 0.1, 1.0, 10.0), "svm": (0.001, 0.01, 0.1, 1.0, 10.0),
            "svm-rbf": (0.1, 1.0, 10.0, 100.0)}
 
@@ -235,7 +238,8 @@ def fit_head(cache: Cache, name: str, options: FitOptions = FitOptions(), say=la
     info = {
         "name": name, "library": spec.library, "cache_key": cache.key, "classes": cache.classes,
         "feature_shape": cache.manifest["feature_shape"], "options": asdict(options),
-        "seed": options.seed, "fit_seconds": round(time.perf_counter() - started, 3),
+        "fit_recipe": FIT_RECIPE, "seed": options.seed,
+        "fit_seconds": round(time.perf_counter() - started, 3),
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details,
     }
     return Head(name, model, info)

@@ -203,5 +203,10 @@ def test_fit_head_command_keeps_a_head_fitted_with_the_same_options(tmp_path):
     assert again.exit_code == 0 and "already fitted with these options" in again.output
     changed = CliRunner().invoke(main, [*args, "--seed", "1"])
     assert "chosen C=" in changed.output
+    head_json = next((tmp_path / "out").glob("*/heads/logreg/head.json"))
+    info = json.loads(head_json.read_text())
+    head_json.write_text(json.dumps({**info, "fit_recipe": 1}))  # fitted by an older featcache
+    older = CliRunner().invoke(main, [*args, "--seed", "1"])
+    assert "chosen C=" in older.output
     refit = CliRunner().invoke(main, [*args, "--seed", "1", "--refit"])
     assert "chosen C=" in refit.output
