@@ -65,15 +65,24 @@ class ExtractionConfig:
     precision: str = "float32"  # compute precision; "mixed_float16" on a GPU
     augment: int = 0
     seed: int = 0
+    average_views: str = "none"  # views.VIEW_SETS: features averaged over turned/mirrored copies
 
     def row_key(self) -> str:
         """What a row's features depend on besides its pixels; augment and seed live in view identities."""
-        return _digest(asdict(replace(self, augment=0, seed=0)))
+        return _digest(replace(self, augment=0, seed=0).identity())
+
+    def identity(self) -> dict:
+        """The fields keys are made of; an option left at a default added later is left out, so the
+        caches made before it existed keep their keys."""
+        fields = asdict(self)
+        if fields["average_views"] == "none":
+            del fields["average_views"]
+        return fields
 
 
 def cache_key(config: ExtractionConfig, dataset: Dataset) -> str:
     samples = sorted((s.relpath, s.label, s.split, s.sha256) for s in dataset.samples)
-    payload = {"config": asdict(config), "classes": list(dataset.classes), "samples": samples}
+    payload = {"config": config.identity(), "classes": list(dataset.classes), "samples": samples}
     if config.augment:
         payload["augmentation"] = augment.RECIPE
     return _digest(payload)

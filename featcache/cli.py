@@ -87,6 +87,12 @@ def main():
                    "validation and test are never augmented.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the augmented views (recorded in the cache key).")
+@click.option("--average-views", type=click.Choice(["none", "flips", "d4"]), default="none",
+              show_default=True,
+              help="Average each image's pooled features over its mirrored copies (flips: 4) or its "
+                   "mirrored and quarter-turned copies (d4: 8), in every split and at predict: features "
+                   "that ignore orientation, for images with no up (solar cells, micrographs, aerial "
+                   "tiles). Costs 4x or 8x the backbone work.")
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
               show_default=True,
               help="Who writes the shards: this process, or Ray actors (pip install 'featcache[ray]').")
@@ -103,13 +109,14 @@ def main():
 @user_errors
 def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
             weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed,
-            engine_name, address, workers, cpus_per_worker, num_gpus_per_worker, workdir):
+            average_views, engine_name, address, workers, cpus_per_worker, num_gpus_per_worker, workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
     from featcache.extract import check_options, make_config
     from featcache.extract import extract as run_extract
 
-    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed)
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed,
+                  average_views)
     ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
                    "--num-gpus-per-worker": num_gpus_per_worker}
     engine = None  # extract's default: this process
@@ -123,8 +130,10 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
     for warning in dataset.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
-                                   preprocess, dtype, precision, augment, seed, say=console.print)
-    console.print(f"{backbone} at {config.image_size} px, weights: {resolved.source}")
+                                   preprocess, dtype, precision, augment, seed, average_views,
+                                   say=console.print)
+    averaging = "" if average_views == "none" else f", features averaged over {average_views} views"
+    console.print(f"{backbone} at {config.image_size} px{averaging}, weights: {resolved.source}")
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
                          show_progress=True, engine=engine)

@@ -24,10 +24,10 @@ from typing import Protocol
 import h5py
 import numpy as np
 
-from featcache import FeatcacheError, __version__, augment, backbones, cache, weights
+from featcache import FeatcacheError, __version__, augment, backbones, cache, views, weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
-from featcache.model import feature_model
+from featcache.model import conv_base, feature_model
 from featcache.progress import ImageProgress
 
 DTYPES = ("float16", "float32")
@@ -49,14 +49,16 @@ def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
     preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
-    augment: int = 0, seed: int = 0, say=lambda message: None,
+    augment: int = 0, seed: int = 0, average_views: str = "none", say=lambda message: None,
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
     """Validate options, fill defaults from the backbone registry, and resolve the weights.
 
     ``augment`` is the number of augmented views per training image, ``seed`` the seed they are
-    drawn from; both are part of the cache key.
+    drawn from; both are part of the cache key. ``average_views`` (views.py) averages each
+    image's features over its turned and mirrored copies.
     """
-    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed)
+    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed,
+                  average_views)
     spec = backbones.get(backbone)
     size = image_size or spec.input_size
     resolved = weights.resolve(backbone, weights_spec, say)
@@ -64,15 +66,23 @@ def make_config(
         backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
         pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
         preprocess=preprocess, dtype=dtype, precision=precision, augment=augment, seed=seed,
+        average_views=average_views,
     )
     return config, resolved
 
 
 def check_options(backbone: str, pooling: str | None, image_size: int | None, resize: str,
-                  preprocess: str, dtype: str, precision: str, augment: int = 0, seed: int = 0) -> None:
+                  preprocess: str, dtype: str, precision: str, augment: int = 0, seed: int = 0,
+                  average_views: str = "none") -> None:
     """Cheap checks to run before scanning a dataset or fetching weights."""
     spec = backbones.get(backbone)
     _choice("--pooling", pooling or spec.default_pooling, backbones.POOLINGS)
+    _choice("--average-views", average_views, tuple(views.VIEW_SETS))
+    if average_views != "none" and (pooling or spec.default_pooling) == "none":
+        raise FeatcacheError(
+            f"--average-views {average_views} averages pooled features (a turned image turns its feature "
+            "map too): add --pooling avg or --pooling max"
+        )
     _choice("--resize", resize, RESIZE_MODES)
     _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
     _choice("--dtype", dtype, DTYPES)
@@ -339,9 +349,9 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
         "splits": {
             split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits
         },
-        "output_layer": model.layers[-1].layers[-1].name if model else previous.get("output_layer"),
+        "output_layer": conv_base(model).layers[-1].name if model else previous.get("output_layer"),
         "feature_shape": list(model.output_shape[1:]) if model else previous.get("feature_shape"),
-        "backbone_params": int(model.layers[-1].count_params()) if model else previous.get("backbone_params"),
+        "backbone_params": int(conv_base(model).count_params()) if model else previous.get("backbone_params"),
         "warnings": list(dataset.warnings),
     }
 

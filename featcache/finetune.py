@@ -146,6 +146,12 @@ def finetune(
             f"--head {head.name}: fine-tuning trains a Keras head through the base; "
             "fit dense256, dense1024 or linear first"
         )
+    if (views := head_cache.config.get("average_views", "none")) != "none":
+        raise FeatcacheError(
+            f"cache {head_cache.key[:16]} averages {views} views, which fine-tuning cannot train through "
+            "(the top would run once per view on a prefix cached per view); fine-tune a head fitted "
+            "on a cache extracted without --average-views"
+        )
     extractor = backbone_model(cache_config(head_cache), cache_weights(head_cache))
     cut = plan_cut(extractor, head_cache.config["backbone"], unfreeze_from)
     say(f"unfreezing {len(cut.trainable)} layers from {cut.unfreeze_from}; caching the frozen prefix "

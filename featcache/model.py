@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError, __version__, backbones, weights
+from featcache import FeatcacheError, __version__, backbones, views, weights
 from featcache.cache import Cache, ExtractionConfig
 from featcache.dataset import file_sha256
 from featcache.files import atomic_write
@@ -62,6 +62,9 @@ def preprocessing_layer(backbone: backbones.Backbone, mode: str, image_size: int
 def feature_model(config: ExtractionConfig, weights_arg: str | None):
     """float32 RGB pixels in [0, 255], (N, size, size, 3) -> features as extract computes them.
 
+    With ``config.average_views`` the features are the mean over the image's turned and mirrored
+    copies (views.py), made inside the model.
+
     The output is float32 (float16 under mixed precision); the cache stores it rounded to
     ``config.dtype``.
     """
@@ -71,7 +74,15 @@ def feature_model(config: ExtractionConfig, weights_arg: str | None):
     size = config.image_size
     pixels = keras.Input((size, size, 3), name="image")
     preprocessed = preprocessing_layer(backbones.get(config.backbone), config.preprocess, size)(pixels)
-    return keras.Model(pixels, base(preprocessed), name=f"{config.backbone}_features")
+    features = views.averaged(base, preprocessed, config.average_views, size)
+    return keras.Model(pixels, features, name=f"{config.backbone}_features")
+
+
+def conv_base(features):
+    """The cut, pooled conv base inside a feature model: its one nested model, however many views call it."""
+    import keras
+
+    return next(layer for layer in features.layers if isinstance(layer, keras.Model))
 
 
 def backbone_model(config: ExtractionConfig, weights_arg: str | None):
@@ -207,7 +218,8 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -
         },
         "output": {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes},
         "backbone": config["backbone"], "layer": cache.manifest.get("output_layer"),
-        "pooling": config["pooling"], "preprocess": config["preprocess"], "dtype": config["dtype"],
+        "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
+        "preprocess": config["preprocess"], "dtype": config["dtype"],
         "weights": config["weights"], "weights_source": cache.manifest.get("weights_source"),
         "cache_key": cache.key, "head": head.name, "head_sha256": head.info.get("model_sha256"),
         "head_metrics": head.info.get("metrics"), "featcache_version": __version__,
