@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from featcache import FeatcacheError, __version__, backbones
+from featcache import FeatcacheError, __version__, backbones, views
 from featcache import cache as cache_store
 from featcache.dataset import DEFAULT_FRACTIONS
 
@@ -87,7 +87,7 @@ def main():
                    "validation and test are never augmented.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the augmented views (recorded in the cache key).")
-@click.option("--average-views", type=click.Choice(["none", "flips", "d4"]), default="none",
+@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)), default="none",
               show_default=True,
               help="Average each image's pooled features over its mirrored copies (flips: 4) or its "
                    "mirrored and quarter-turned copies (d4: 8), in every split and at predict: features "
