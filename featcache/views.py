@@ -26,10 +26,6 @@ VIEW_SETS: dict[str, tuple[tuple[bool, bool, bool], ...]] = {
 }
 
 
-def view_count(name: str) -> int:
-    return len(VIEW_SETS[name])
-
-
 def apply_view(image: np.ndarray, view: tuple[bool, bool, bool]) -> np.ndarray:
     """One view of an (H, W, C) or (N, H, W, C) array, in NumPy: the reference the Keras graph must match."""
     transpose, rows, cols = view
@@ -57,13 +53,13 @@ def averaged(base, pixels, name: str, size: int):
         inverse = tuple(int(i) + 1 for i in np.argsort(axis_order))
         return keras.layers.Permute(inverse)(reverse(keras.layers.Permute(axis_order)(x)))
 
-    copies = {}
+    mirrored = {}  # (rows, cols) -> the image mirrored so, made once for every view that needs it
     for rows in (False, True):
         for cols in (False, True):
             x = mirror(pixels, (2, 3, 1)) if rows else pixels  # rows last: (N, W, C, H)
-            copies[False, rows, cols] = mirror(x, (1, 3, 2)) if cols else x  # columns last: (N, H, C, W)
+            mirrored[rows, cols] = mirror(x, (1, 3, 2)) if cols else x  # columns last: (N, H, C, W)
     features = []
     for transpose, rows, cols in VIEW_SETS[name]:
-        x = copies[False, rows, cols]
+        x = mirrored[rows, cols]
         features.append(base(keras.layers.Permute((2, 1, 3))(x) if transpose else x))
     return keras.layers.Average(name=f"average_{name}_views")(features)
