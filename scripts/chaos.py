@@ -9,7 +9,8 @@ Each fault runs the real CLI in a child process that kills itself at a chosen po
 - manifest: halfway through writing the manifest, or just after it was renamed into place
 
 After every kill the cache is opened the way `fit-head` would open it (it must be refused until
-complete), and every few kills one finished shard is bit-flipped on disk. The next run resumes;
+complete), and every fifth kill bit-flips one finished shard on disk (if that kill left none, the
+finished cache's, which is then run once more). The next run resumes;
 when a run finally completes, its cache is compared with an uninterrupted run's: same key, same
 rows in the same order (no duplicates, no missing image), same labels and rejects, features equal
 within float tolerance. Prints a table and writes JSON:
@@ -222,6 +223,7 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
               "shards_bitflipped": 0, "images_lost": 0, "corrupt_caches_accepted": 0, "episodes": 0,
               "faults_by_phase": {p: 0 for p in PHASES}, "problems": []}
     episode_dir, phases_left = None, []
+    flip_due = False  # every fifth kill corrupts a shard: the next time one is on disk
     while totals["faults_injected"] < faults or episode_dir is not None:
         if episode_dir is None:
             totals["episodes"] += 1
@@ -247,8 +249,10 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
                 if differences(reference, got):
                     totals["corrupt_caches_accepted"] += 1
                     totals["problems"].append(f"after a kill in {phase}: {differences(reference, got)}")
-            if totals["faults_injected"] % 5 == 0 and flip_a_byte(episode_dir, rng):
+            flip_due = flip_due or totals["faults_injected"] % 5 == 0
+            if flip_due and flip_a_byte(episode_dir, rng):
                 totals["shards_bitflipped"] += 1
+                flip_due = False
             continue
         if result.returncode != 0:
             raise SystemExit(f"a run failed (exit {result.returncode}): {result.stderr.strip()[-300:]}")
@@ -261,6 +265,11 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
             totals["problems"].append(f"episode {totals['episodes']}: {problems}")
         say(f"run completed episode {totals['episodes']}: "
             f"{'identical to the uninterrupted run' if not problems else problems}")
+        if flip_due and flip_a_byte(episode_dir, rng):  # the kill left no shard: corrupt the finished cache
+            totals["shards_bitflipped"] += 1
+            flip_due = False
+            say("bit-flipped a shard of the finished cache; running again")
+            continue
         episode_dir = None
     totals["seconds"] = round(time.monotonic() - started, 1)
     totals["images"] = images
