@@ -292,16 +292,19 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
               help="Folder for the PNG plots [default: CACHE/plots].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write one self-contained HTML page with the table, plots and misclassified images.")
+@click.option("--memory-budget", metavar="SIZE", callback=parse_memory_budget,
+              help="Most memory --cv's refits may take (they hold the training split), e.g. 2G, or none; "
+                   "over it --cv is refused before any work [default: half of the available memory].")
 @cache_option
 @workdir_option
 @user_errors
-def compare_command(cv_folds, fmt, plots_dir, report_path, key, workdir):
+def compare_command(cv_folds, fmt, plots_dir, report_path, memory_budget, key, workdir):
     """Compare every head fitted on a cache: accuracy, balanced accuracy, log loss, times."""
     from featcache import report
     from featcache.compare import compare
 
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
-    comparison = compare(cache, cv_folds)
+    comparison = compare(cache, cv_folds, memory_budget[0])
     click.echo(report.format_table(comparison.rows, fmt))
     plots_dir = plots_dir or cache.path / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)

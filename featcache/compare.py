@@ -10,7 +10,7 @@ import numpy as np
 
 from featcache import FeatcacheError
 from featcache.cache import Cache
-from featcache.evaluate import cross_validate, predict_split
+from featcache.evaluate import check_cross_validation_fits, cross_validate, predict_split
 from featcache.heads import head_dir, load_head, saved_heads
 from featcache.report import best_index
 
@@ -28,12 +28,16 @@ class Comparison:
         return self.rows[best_index(self.rows)]["head"]
 
 
-def compare(cache: Cache, cv_folds: int | None = None) -> Comparison:
+def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None = None) -> Comparison:
+    """Every saved head of the cache on validation and test (and ``cv_folds``-fold cross-validation,
+    refused up front if its in-memory refits would exceed ``memory_budget`` bytes)."""
     names = saved_heads(cache)
     if not names:
         raise FeatcacheError(
             f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
         )
+    if cv_folds:
+        check_cross_validation_fits(cache, cv_folds, memory_budget)
     final_split = "test" if "test" in cache.splits else "validation"
     comparison = Comparison(rows=[])
     results = {}

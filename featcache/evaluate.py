@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.heads import Head, compiled_keras_head, get_spec, sklearn_model
 
@@ -70,6 +71,23 @@ def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict
         split: predict_split(head, cache, split, batch_size).metrics(len(cache.classes))
         for split in ("validation", "test") if split in cache.splits
     }
+
+
+def cross_validation_bytes(cache: Cache) -> int:
+    """What ``cross_validate`` holds: the training split as float32, a few copies at once."""
+    rows = cache.manifest["splits"]["train"]["rows"]
+    return streaming.IN_MEMORY_COPIES * rows * streaming.RowSize.of(cache).float32
+
+
+def check_cross_validation_fits(cache: Cache, folds: int, budget: int | None) -> None:
+    """Refuse, before any work, cross-validation whose in-memory refits would exceed ``budget`` bytes."""
+    needed = cross_validation_bytes(cache)
+    if budget is not None and needed > budget:
+        raise FeatcacheError(
+            f"--cv {folds} refits each head on the training split in memory: about "
+            f"{streaming.format_size(needed)} for cache {cache.key[:16]}, over --memory-budget "
+            f"{streaming.format_size(budget)}; raise --memory-budget, or compare without --cv"
+        )
 
 
 def cross_validate(head: Head, cache: Cache, folds: int) -> list[float]:

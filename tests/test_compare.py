@@ -6,10 +6,13 @@ import csv
 import io
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from featcache import FeatcacheError
 from featcache.cli import main
 from featcache.compare import compare
+from featcache.evaluate import cross_validation_bytes
 from featcache.heads import FitOptions, fit_head, head_dir
 from featcache.report import COLUMNS
 from tests.conftest import synthetic_cache, write_image
@@ -30,6 +33,20 @@ def test_compare_rows_cover_every_head_and_mark_one_best(tmp_path):
     assert all(r["cv_accuracy"] is not None and r["test_accuracy"] >= 0.9 for r in comparison.rows)
     assert comparison.best in {"dense256", "logreg", "svm"}
     assert set(comparison.histories) == {"dense256"}
+
+
+def test_cross_validation_over_the_memory_budget_is_refused_before_any_work(tmp_path):
+    cache = fitted_cache(tmp_path, names=("logreg",))
+    needed = cross_validation_bytes(cache)
+    assert needed == 3 * 60 * (2 * 2 * 8) * 4  # three float32 copies of 60 training rows of 2x2x8
+    with pytest.raises(FeatcacheError, match="--cv 3 refits each head on the training split in memory"):
+        compare(cache, cv_folds=3, memory_budget=needed - 1)
+    assert compare(cache, cv_folds=3, memory_budget=needed).rows[0]["cv_accuracy"] is not None
+    args = ["compare", "--memory-budget", "1K", "--workdir", str(tmp_path)]
+    refused = CliRunner().invoke(main, [*args, "--cv", "3"])
+    assert refused.exit_code == 1 and "raise --memory-budget" in refused.output
+    assert "Traceback" not in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert CliRunner().invoke(main, args).exit_code == 0  # without --cv nothing is held in memory
 
 
 def test_json_and_csv_outputs_parse_with_the_right_columns(tmp_path):
