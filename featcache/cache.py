@@ -13,6 +13,11 @@ image and its ``sha256`` entry is ``augment.view_identity(file sha256, seed, vie
 covers the augmentation recipe, so view rows are reused only for the same bytes, seed, view and
 recipe. The row key leaves augment and seed out: an original row does not depend on them, so a
 cache with views reuses the rows of one without, and more views reuse fewer.
+
+``extract --also-layer L`` adds ``layers/L``: the same rows' unpooled output of an earlier layer,
+computed in the same backbone pass. Its rows carry the row key of a cache cut at L (attribute
+``also_row_key``), so extracting that cache, as ``finetune`` does for its frozen prefix, copies
+them instead of running the backbone again.
 """
 
 from __future__ import annotations
@@ -66,18 +71,34 @@ class ExtractionConfig:
     augment: int = 0
     seed: int = 0
     average_views: str = "none"  # views.VIEW_SETS: features averaged over turned/mirrored copies
+    also_layer: str | None = None  # a second, unpooled layer stored in the same pass (finetune's prefix)
 
     def row_key(self) -> str:
-        """What a row's features depend on besides its pixels; augment and seed live in view identities."""
-        return _digest(replace(self, augment=0, seed=0).identity())
+        """What a row's features depend on besides its pixels; augment and seed live in view identities,
+        and an also-layer does not change the features."""
+        return _digest(replace(self, augment=0, seed=0, also_layer=None).identity())
+
+    def at_layer(self, layer: str) -> ExtractionConfig:
+        """The config of a cache of ``layer``'s unpooled output for the same images: a fine-tune prefix,
+        or what an also-layer stores (whose rows thus carry this config's row key)."""
+        return replace(self, layer=layer, pooling="none", also_layer=None)
+
+    def also_row_key(self) -> str | None:
+        return self.at_layer(self.also_layer).row_key() if self.also_layer else None
 
     def identity(self) -> dict:
         """The fields keys are made of; an option left at a default added later is left out, so the
         caches made before it existed keep their keys."""
         fields = asdict(self)
-        if fields["average_views"] == "none":
-            del fields["average_views"]
+        for name, default in (("average_views", "none"), ("also_layer", None)):
+            if fields[name] == default:
+                del fields[name]
         return fields
+
+
+def also_dataset(layer: str) -> str:
+    """The shard dataset holding an also-layer's rows."""
+    return f"layers/{layer}"
 
 
 def cache_key(config: ExtractionConfig, dataset: Dataset) -> str:
@@ -128,24 +149,29 @@ def plan_shards(dataset: Dataset, shard_size: int, views: int = 0, seed: int = 0
 
 def write_shard(
     path: Path, plan: ShardPlan, provenance: dict, features: np.ndarray,
-    rows: list[Sample], rejects: dict[str, str],
+    rows: list[Sample], rejects: dict[str, str], also: np.ndarray | None = None,
 ) -> None:
     """Build the shard in memory, then write it under a temporary name, fsync, and rename it into place.
 
     HDF5 never touches the disk itself: a full disk fails one plain write (a clear error, the
-    temporary removed) instead of leaving the HDF5 library holding a half-written file.
+    temporary removed) instead of leaving the HDF5 library holding a half-written file. ``also``
+    holds the rows' also-layer features when the config has one.
     """
     buffer = io.BytesIO()
-    _write_rows(buffer, plan, provenance, features, rows, rejects)
+    _write_rows(buffer, plan, provenance, features, rows, rejects, also)
     atomic_write(path, buffer.getbuffer())
 
 
 def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
-                rows: list[Sample], rejects: dict[str, str]) -> None:
+                rows: list[Sample], rejects: dict[str, str], also: np.ndarray | None) -> None:
     n = len(rows)
     with h5py.File(target, "w") as f:
-        chunks = (min(n, CHUNK_ROWS), *features.shape[1:]) if n else None
-        f.create_dataset("features", data=features, chunks=chunks, fletcher32=bool(n))
+        for name, data in (("features", features), (_also_name(provenance["config"]), also)):
+            if data is not None:
+                chunks = (min(n, CHUNK_ROWS), *data.shape[1:]) if n else None
+                f.create_dataset(name, data=data, chunks=chunks, fletcher32=bool(n))
+        if also is not None:
+            f.attrs["also_row_key"] = provenance["also_row_key"]
         f.create_dataset("labels", data=np.array([s.label for s in rows], dtype=np.int32))
         f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
         f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
@@ -166,24 +192,31 @@ def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
         )
 
 
+def _also_name(config: dict) -> str | None:
+    return also_dataset(config["also_layer"]) if config.get("also_layer") else None
+
+
 def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool:
     """A shard on disk is reusable only if it opens, belongs to this key (and plan), is whole, and its
-    features pass their Fletcher-32 checksums (read chunk by chunk: a flipped bit is caught here,
-    not by a head halfway through training)."""
+    features (an also-layer's too) pass their Fletcher-32 checksums (read chunk by chunk: a flipped
+    bit is caught here, not by a head halfway through training)."""
     try:
         with h5py.File(path, "r") as f:
+            also = _also_name(json.loads(f.attrs.get("config", "{}")))
+            required = (*SHARD_DATASETS, also) if also else SHARD_DATASETS
             if not (
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
-                and all(name in f for name in SHARD_DATASETS)
-                and len({len(f[name]) for name in ROW_DATASETS if name in f}) == 1
+                and all(name in f for name in required)
+                and len({len(f[name]) for name in (*ROW_DATASETS, also) if name and name in f}) == 1
             ):
                 return False
-            features = f["features"]
-            for start in range(0, len(features), CHUNK_ROWS * 16):
-                features[start : start + CHUNK_ROWS * 16]  # reading verifies the checksum
+            for name in ("features", also) if also else ("features",):
+                data = f[name]
+                for start in range(0, len(data), CHUNK_ROWS * 16):
+                    data[start : start + CHUNK_ROWS * 16]  # reading verifies the checksum
             return True
-    except (OSError, KeyError):
+    except (OSError, KeyError, json.JSONDecodeError):
         return False
 
 
@@ -238,41 +271,68 @@ def locked(cache_dir: Path, timeout: float = 0.0) -> Iterator[None]:
 
 
 class RowSource:
-    """Feature rows already computed with the same row key in other caches, found by image sha256."""
+    """Rows already computed in other caches, found by image sha256.
 
-    def __init__(self, workdir: Path, row_key: str, exclude: Path):
-        self.where: dict[str, tuple[Path, int]] = {}
+    ``row_keys`` names what each row needs: its features' row key, and an also-layer's after it.
+    Each is found in a shard's ``features`` (attribute ``row_key``) or in its also-layer dataset
+    (attribute ``also_row_key``), so a fine-tune prefix is copied from the cache that stored it as
+    an also-layer. A row is reusable only when all its parts are found.
+    """
+
+    def __init__(self, workdir: Path, row_keys: tuple[str, ...], exclude: Path | None = None):
+        self.row_keys = row_keys
+        self.where: dict[str, dict[str, tuple[Path, int, str]]] = {key: {} for key in row_keys}
         for manifest_path in sorted(workdir.glob(f"*/{MANIFEST}")):
             cache_dir = manifest_path.parent
             manifest = read_manifest(cache_dir)
-            if cache_dir == exclude or not manifest or manifest.get("row_key") != row_key:
+            if cache_dir == exclude or not manifest:
+                continue
+            held = {manifest.get("row_key"), (manifest.get("also_layer") or {}).get("row_key")}
+            if not held & set(row_keys):
                 continue
             for shard in sorted(cache_dir.glob("*.h5")):
                 try:
                     with h5py.File(shard, "r") as f:
-                        if f.attrs.get("row_key") != row_key:
-                            continue
-                        for row, sha in enumerate(f["sha256"][:]):
-                            self.where.setdefault(sha.decode(), (shard, row))
-                except (OSError, KeyError):
+                        datasets = {f.attrs.get("row_key"): "features",
+                                    f.attrs.get("also_row_key"): _also_name(json.loads(f.attrs["config"]))}
+                        found = [(key, datasets[key]) for key in row_keys if key in datasets]
+                        shas = [sha.decode() for sha in f["sha256"][:]] if found else []
+                    for key, dataset in found:
+                        for row, sha in enumerate(shas):
+                            self.where[key].setdefault(sha, (shard, row, dataset))
+                except (OSError, KeyError, json.JSONDecodeError):
                     continue
 
     def __contains__(self, sha256: str) -> bool:
-        return sha256 in self.where
+        return all(sha256 in where for where in self.where.values())
 
-    def read(self, shas: list[str]) -> dict[str, np.ndarray]:
-        """Copy rows out of their shards, one sorted read per shard."""
-        by_shard: dict[Path, list[tuple[int, str]]] = defaultdict(list)
-        for sha in shas:
-            shard, row = self.where[sha]
-            by_shard[shard].append((row, sha))
-        found = {}
-        for shard, wanted in by_shard.items():
-            rows = sorted(set(row for row, _ in wanted))
-            with h5py.File(shard, "r") as f:
-                block = dict(zip(rows, f["features"][rows], strict=True))
-            found.update({sha: block[row] for row, sha in wanted})
-        return found
+    def only(self, shas: list[str]) -> RowSource:
+        """The part of this index that ``shas`` need, with absolute shard paths (for another process)."""
+        part = RowSource.__new__(RowSource)
+        part.row_keys = self.row_keys
+        part.where = {key: {sha: (shard.absolute(), row, dataset) for sha in shas if sha in self
+                            for shard, row, dataset in [where[sha]]}
+                      for key, where in self.where.items()}
+        return part
+
+    def read(self, shas: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+        """Copy rows out of their shards, one sorted read per shard and dataset: every part of each row,
+        in the order of ``row_keys``."""
+        parts: dict[str, list[np.ndarray]] = {sha: [] for sha in shas}
+        for where in self.where.values():
+            by_dataset: dict[tuple[Path, str], list[tuple[int, str]]] = defaultdict(list)
+            for sha in shas:
+                shard, row, dataset = where[sha]
+                by_dataset[shard, dataset].append((row, sha))
+            found = {}
+            for (shard, dataset), wanted in by_dataset.items():
+                rows = sorted(set(row for row, _ in wanted))
+                with h5py.File(shard, "r") as f:
+                    block = dict(zip(rows, f[dataset][rows], strict=True))
+                found.update({sha: block[row] for row, sha in wanted})
+            for sha in shas:
+                parts[sha].append(found[sha])
+        return {sha: tuple(values) for sha, values in parts.items()}
 
 
 Batch = tuple[np.ndarray, np.ndarray, list[str]]  # features, labels, relative paths

@@ -93,6 +93,10 @@ def main():
                    "mirrored and quarter-turned copies (d4: 8), in every split and at predict: features "
                    "that ignore orientation, for images with no up (solar cells, micrographs, aerial "
                    "tiles). Costs 4x or 8x the backbone work.")
+@click.option("--also-layer", default=None,
+              help="Also store this earlier layer's unpooled output, from the same pass: a `featcache "
+                   "finetune` unfreezing just above it copies its prefix from here instead of running the "
+                   "backbone again (block4_pool for --unfreeze-from block5_conv1).")
 @click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
               show_default=True,
               help="Who writes the shards: this process, or Ray actors (pip install 'featcache[ray]').")
@@ -109,14 +113,15 @@ def main():
 @user_errors
 def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
             weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed,
-            average_views, engine_name, address, workers, cpus_per_worker, num_gpus_per_worker, workdir):
+            average_views, also_layer, engine_name, address, workers, cpus_per_worker, num_gpus_per_worker,
+            workdir):
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.dataset import load_dataset
     from featcache.extract import check_options, make_config
     from featcache.extract import extract as run_extract
 
     check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed,
-                  average_views)
+                  average_views, also_layer)
     ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
                    "--num-gpus-per-worker": num_gpus_per_worker}
     engine = None  # extract's default: this process
@@ -131,9 +136,10 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
         console.print(f"[yellow]warning:[/] {warning}")
     config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
                                    preprocess, dtype, precision, augment, seed, average_views,
-                                   say=console.print)
+                                   also_layer, say=console.print)
     averaging = "" if average_views == "none" else f", features averaged over {average_views} views"
-    console.print(f"{backbone} at {config.image_size} px{averaging}, weights: {resolved.source}")
+    also = f", also storing {also_layer}" if also_layer else ""
+    console.print(f"{backbone} at {config.image_size} px{averaging}{also}, weights: {resolved.source}")
     result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
                          batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
                          show_progress=True, engine=engine)
@@ -154,8 +160,10 @@ def print_summary(result) -> None:
     else:
         work = (f"{result.computed} rows through the backbone, {result.reused} rows reused, "
                 f"{result.shards_kept} shards kept")
+    also = manifest.get("also_layer")
+    also_shape = f", {also['name']} {tuple(also['shape'])}" if also else ""
     console.print(
-        f"{work}; features {tuple(manifest['feature_shape'])} {manifest['config']['dtype']}; "
+        f"{work}; features {tuple(manifest['feature_shape'])}{also_shape} {manifest['config']['dtype']}; "
         f"{len(rejects)} rejected; {result.seconds:.1f} s\ncache: {result.cache.path}"
     )
 

@@ -27,7 +27,7 @@ import numpy as np
 from featcache import FeatcacheError, __version__, augment, backbones, cache, views, weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
-from featcache.model import conv_base, feature_model
+from featcache.model import conv_base, extraction_model
 from featcache.progress import ImageProgress
 
 DTYPES = ("float16", "float32")
@@ -49,16 +49,18 @@ def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
     preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
-    augment: int = 0, seed: int = 0, average_views: str = "none", say=lambda message: None,
+    augment: int = 0, seed: int = 0, average_views: str = "none", also_layer: str | None = None,
+    say=lambda message: None,
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
     """Validate options, fill defaults from the backbone registry, and resolve the weights.
 
     ``augment`` is the number of augmented views per training image, ``seed`` the seed they are
     drawn from; both are part of the cache key. ``average_views`` (views.py) averages each
-    image's features over its turned and mirrored copies.
+    image's features over its turned and mirrored copies. ``also_layer`` stores a second,
+    unpooled layer from the same pass (cache.py).
     """
     check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed,
-                  average_views)
+                  average_views, also_layer)
     spec = backbones.get(backbone)
     size = image_size or spec.input_size
     resolved = weights.resolve(backbone, weights_spec, say)
@@ -66,14 +68,14 @@ def make_config(
         backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
         pooling=pooling or spec.default_pooling, image_size=size, resize=resize,
         preprocess=preprocess, dtype=dtype, precision=precision, augment=augment, seed=seed,
-        average_views=average_views,
+        average_views=average_views, also_layer=also_layer,
     )
     return config, resolved
 
 
 def check_options(backbone: str, pooling: str | None, image_size: int | None, resize: str,
                   preprocess: str, dtype: str, precision: str, augment: int = 0, seed: int = 0,
-                  average_views: str = "none") -> None:
+                  average_views: str = "none", also_layer: str | None = None) -> None:
     """Cheap checks to run before scanning a dataset or fetching weights."""
     spec = backbones.get(backbone)
     _choice("--pooling", pooling or spec.default_pooling, backbones.POOLINGS)
@@ -82,6 +84,11 @@ def check_options(backbone: str, pooling: str | None, image_size: int | None, re
         raise FeatcacheError(
             f"--average-views {average_views} averages pooled features (a turned image turns its feature "
             "map too): add --pooling avg or --pooling max"
+        )
+    if average_views != "none" and also_layer:
+        raise FeatcacheError(
+            f"--also-layer {also_layer} stores a layer for fine-tuning, which cannot train through "
+            f"--average-views {average_views}: extract them as two caches"
         )
     _choice("--resize", resize, RESIZE_MODES)
     _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
@@ -141,17 +148,18 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     cache.remove_temporaries(cache_dir)
     plans = cache.plan_shards(dataset, shard_size, config.augment, config.seed)
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
-    source = cache.RowSource(cache_dir.parent, config.row_key(), exclude=cache_dir)
+    row_keys = (config.row_key(), config.also_row_key()) if config.also_layer else (config.row_key(),)
+    source = cache.RowSource(cache_dir.parent, row_keys, exclude=cache_dir)
     pending = pending_rows(todo, source)
     # built here even when an engine builds its own: a bad layer or weights file fails before any
     # work starts, and the manifest records the output layer and shape
-    model = feature_model(config, resolved.keras_arg) if pending else None
+    model = extraction_model(config, resolved.keras_arg) if pending else None
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     manifest["engine"] = engine.name
     cache.write_manifest(cache_dir, manifest)
 
-    provenance = {"key": key, "row_key": config.row_key(), "config": asdict(config),
-                  "classes": list(dataset.classes)}
+    provenance = {"key": key, "row_key": config.row_key(), "also_row_key": config.also_row_key(),
+                  "config": asdict(config), "classes": list(dataset.classes)}
     job = ShardJob(cache_dir, config, resolved.keras_arg, provenance, batch_size, xla)
     computed = engine(job, todo, source, model, show_progress)
     return _finish(cache_dir, manifest, dataset, plans, computed,
@@ -202,17 +210,20 @@ def pending_rows(plans: list[cache.ShardPlan], source: cache.RowSource) -> list[
 
 class FeaturePass:
     """A feature model with its compiled forward pass: traced once for uint8 batches of any size (a last,
-    partial batch does not retrace), then reused for every shard."""
+    partial batch does not retrace), then reused for every shard. The pass returns a tuple: the
+    features, then the also-layer's output when the model has one."""
 
     def __init__(self, model, xla: bool = False):
         import tensorflow as tf
 
-        self.output_shape = tuple(model.output_shape[1:])
+        self.output_shapes = [tuple(output.shape[1:]) for output in model.outputs]
         images = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)
 
         @tf.function(jit_compile=xla, input_signature=[images])
         def forward(batch):
-            return tf.cast(model(tf.cast(batch, tf.float32), training=False), tf.float32)
+            outputs = model(tf.cast(batch, tf.float32), training=False)
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            return tuple(tf.cast(output, tf.float32) for output in outputs)
 
         self.forward = forward
 
@@ -227,18 +238,21 @@ def write_shards(job: ShardJob, plans: list[cache.ShardPlan], source: cache.RowS
     (computed or rejected). Returns the number of rows computed.
     """
     pending = pending_rows(plans, source)
-    computed: dict[tuple[str, int], np.ndarray] = {}  # by (relpath, view)
+    computed: dict[tuple[str, int], tuple[np.ndarray, ...]] = {}  # by (relpath, view): features[, also]
     rejected: dict[str, str] = {}  # by relpath: a rejected image takes its views with it
 
     def flush(plan: cache.ShardPlan) -> None:
         reused = source.read([s.sha256 for s in plan.samples if s.sha256 in source])
         rows = [s for s in plan.samples if s.relpath not in rejected]
-        shape = backbone.output_shape if backbone else next(iter(reused.values())).shape
-        features = np.zeros((len(rows), *shape), dtype=job.config.dtype)
+        shapes = backbone.output_shapes if backbone else [part.shape for part in next(iter(reused.values()))]
+        arrays = [np.zeros((len(rows), *shape), dtype=job.config.dtype) for shape in shapes]
         for i, s in enumerate(rows):
-            features[i] = reused[s.sha256] if s.sha256 in reused else computed.pop((s.relpath, s.view))
+            parts = reused[s.sha256] if s.sha256 in reused else computed.pop((s.relpath, s.view))
+            for array, part in zip(arrays, parts, strict=True):
+                array[i] = part
         shard_rejects = {s.relpath: rejected[s.relpath] for s in plan.samples if s.relpath in rejected}
-        cache.write_shard(job.cache_dir / plan.name, plan, job.provenance, features, rows, shard_rejects)
+        cache.write_shard(job.cache_dir / plan.name, plan, job.provenance, arrays[0], rows, shard_rejects,
+                          also=arrays[1] if len(arrays) > 1 else None)
 
     # pending holds the plans' rows in order: shard i is done once ends[i] rows are
     ends = np.cumsum([sum(s.sha256 not in source for s in p.samples) for p in plans]).tolist()
@@ -273,9 +287,9 @@ def _run_backbone(backbone: FeaturePass, job: ShardJob, pending: list[Sample], c
     paths = [s.path for s in pending]
     batches = decoded_batches(paths, config.image_size, config.resize, job.batch_size, reject, view_of)
     for indices, batch in batches:
-        features = backbone.forward(batch).numpy()
-        for i, row in zip(indices, features, strict=True):
-            computed[(pending[i].relpath, pending[i].view)] = row.astype(config.dtype)
+        outputs = [output.numpy().astype(config.dtype) for output in backbone.forward(batch)]
+        for j, i in enumerate(indices):
+            computed[(pending[i].relpath, pending[i].view)] = tuple(output[j] for output in outputs)
         yield int(indices[-1]) + 1
     yield len(pending)  # trailing rejects after the last batch
 
@@ -350,7 +364,9 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
             split: {"shards": [p.name for p in plans if p.split == split]} for split in dataset.splits
         },
         "output_layer": conv_base(model).layers[-1].name if model else previous.get("output_layer"),
-        "feature_shape": list(model.output_shape[1:]) if model else previous.get("feature_shape"),
+        "feature_shape": list(model.outputs[0].shape[1:]) if model else previous.get("feature_shape"),
+        "also_layer": {"name": config.also_layer, "row_key": config.also_row_key(), "dataset":
+                       cache.also_dataset(config.also_layer)} if config.also_layer else None,
         "backbone_params": int(conv_base(model).count_params()) if model else previous.get("backbone_params"),
         "warnings": list(dataset.warnings),
     }
@@ -365,6 +381,8 @@ def _finish(cache_dir, manifest, dataset, plans, computed, reused, kept, started
             shard_rejects = json.loads(f.attrs["rejects"])
             if manifest["feature_shape"] is None:
                 manifest["feature_shape"] = list(f["features"].shape[1:])
+            if also := manifest["also_layer"]:
+                also["shape"] = list(f[also["dataset"]].shape[1:])
         rejects += [{"relpath": p, "split": plan.split, "reason": r} for p, r in shard_rejects.items()]
         rows_by_split[plan.split] += [s for s in plan.samples if s.relpath not in shard_rejects]
     for split, rows in rows_by_split.items():

@@ -4,15 +4,16 @@ Fine-tuning unfreezes the top block (``--unfreeze-from block5_conv1``, or a laye
 100 for MobileNetV2) and trains it with the head at a low learning rate. Everything below that
 layer is frozen, so its output never changes: featcache extracts it once, as an ordinary cache
 (same store, key, atomic shards, row reuse, augmented views), and each epoch runs only the
-unfrozen layers. BatchNorm layers stay in inference mode (frozen), as the Keras and TensorFlow
-tutorials prescribe. The result is saved as a Keras head of that prefix cache, so ``predict``,
-``export`` and ``compare`` treat it like any other head; its history continues the head's, with
-the epoch where fine-tuning began recorded for the learning-curve marker.
+unfrozen layers. A head cache extracted with ``--also-layer`` at the cut already holds those rows,
+so the prefix cache is copied from it without a backbone pass. BatchNorm layers stay in inference
+mode (frozen), as the Keras and TensorFlow tutorials prescribe. The result is saved as a Keras
+head of that prefix cache, so ``predict``, ``export`` and ``compare`` treat it like any other head;
+its history continues the head's, with the epoch where fine-tuning began recorded for the
+learning-curve marker.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from featcache import FeatcacheError
 from featcache.cache import Cache, cache_key
 from featcache.dataset import DEFAULT_FRACTIONS, load_dataset
+from featcache.extract import ExtractResult, extract
 from featcache.heads import FitOptions, Head, class_weights, head_dir, load_head, split_batches
 from featcache.model import backbone_model, cache_config, cache_weights
 from featcache.weights import ResolvedWeights
@@ -108,10 +110,9 @@ def trainable_model(extractor, cut: Cut, head_model):
 def prefix_cache(
     head_cache: Cache, cut: Cut, workdir: Path, data: Path | None = None,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, show_progress: bool = True,
-) -> Cache:
-    """The cache of the frozen prefix's output for exactly the head cache's images (extracted once)."""
-    from featcache.extract import extract
-
+) -> ExtractResult:
+    """The cache of the frozen prefix's output for exactly the head cache's images (extracted once, or
+    copied from the head cache's also-layer)."""
     config = cache_config(head_cache)
     root = data or Path(head_cache.manifest["dataset"]["root"])
     dataset = load_dataset(root, fractions)
@@ -121,10 +122,9 @@ def prefix_cache(
             f"splits changed since it was extracted); pass the same --data and --split-fractions, or "
             f"extract and fit the head again"
         )
-    prefix_config = dataclasses.replace(config, layer=cut.prefix_layer, pooling="none")
     resolved = ResolvedWeights(cache_weights(head_cache), config.weights,
                                head_cache.manifest.get("weights_source", ""))
-    return extract(dataset, prefix_config, resolved, workdir, show_progress=show_progress).cache
+    return extract(dataset, config.at_layer(cut.prefix_layer), resolved, workdir, show_progress=show_progress)
 
 
 def finetune(
@@ -156,7 +156,13 @@ def finetune(
     cut = plan_cut(extractor, head_cache.config["backbone"], unfreeze_from)
     say(f"unfreezing {len(cut.trainable)} layers from {cut.unfreeze_from}; caching the frozen prefix "
         f"up to {cut.prefix_layer}")
-    prefix = prefix_cache(head_cache, cut, workdir, data, fractions, show_progress)
+    if (also := head_cache.config.get("also_layer")) and also != cut.prefix_layer:
+        say(f"cache {head_cache.key[:16]} stores {also}, not {cut.prefix_layer}: running the backbone for it "
+            f"(extract with --also-layer {cut.prefix_layer} to skip this)")
+    extracted = prefix_cache(head_cache, cut, workdir, data, fractions, show_progress)
+    prefix = extracted.cache
+    say(f"prefix cache {prefix.key[:16]}: {extracted.computed} rows through the backbone, "
+        f"{extracted.reused} copied")
     keras.utils.set_random_seed(options.seed)
     model = trainable_model(extractor, cut, head.model)
     binary = head.binary_sigmoid

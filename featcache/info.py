@@ -25,6 +25,8 @@ def describe_cache(cache: Cache, console: Console) -> None:
         provenance.add_row(name, str(value))
     provenance.add_row("output layer", str(m.get("output_layer")))
     provenance.add_row("feature shape", str(tuple(m["feature_shape"])))
+    if also := m.get("also_layer"):
+        provenance.add_row("also-layer shape", f"{also['name']} {tuple(also['shape'])} in {also['dataset']}")
     provenance.add_row("backbone params", f"{m['backbone_params']:,}" if m.get("backbone_params") else "-")
     console.print(provenance)
     console.print(counts_table(m))

@@ -70,12 +70,38 @@ def feature_model(config: ExtractionConfig, weights_arg: str | None):
     """
     import keras
 
+    pixels, preprocessed = _preprocessed_input(config)
+    features = views.averaged(backbone_model(config, weights_arg), preprocessed, config.average_views,
+                              config.image_size)
+    return keras.Model(pixels, features, name=f"{config.backbone}_features")
+
+
+def extraction_model(config: ExtractionConfig, weights_arg: str | None):
+    """What extract runs: ``feature_model``, and with ``config.also_layer`` a second output, that layer's
+    unpooled output from the same pass (the rows a fine-tune prefix cut there would hold)."""
+    import keras
+
+    if not config.also_layer:
+        return feature_model(config, weights_arg)
     base = backbone_model(config, weights_arg)
+    try:
+        also = base.get_layer(config.also_layer).output
+    except ValueError:
+        raise FeatcacheError(
+            f"--also-layer {config.also_layer!r}: not a layer of {config.backbone} at or below the cached "
+            f"layer {config.layer or '(its last)'}; `featcache backbones {config.backbone}` lists them"
+        ) from None
+    both = keras.Model(base.input, [base.output, also], name=base.name)
+    pixels, preprocessed = _preprocessed_input(config)
+    return keras.Model(pixels, both(preprocessed), name=f"{config.backbone}_features")
+
+
+def _preprocessed_input(config: ExtractionConfig):
+    import keras
+
     size = config.image_size
     pixels = keras.Input((size, size, 3), name="image")
-    preprocessed = preprocessing_layer(backbones.get(config.backbone), config.preprocess, size)(pixels)
-    features = views.averaged(base, preprocessed, config.average_views, size)
-    return keras.Model(pixels, features, name=f"{config.backbone}_features")
+    return pixels, preprocessing_layer(backbones.get(config.backbone), config.preprocess, size)(pixels)
 
 
 def conv_base(features):

@@ -13,7 +13,6 @@ Ray is an optional extra and is imported here only, when the engine is used.
 
 from __future__ import annotations
 
-import copy
 import logging
 import pickle
 import socket
@@ -25,7 +24,7 @@ import numpy as np
 
 from featcache import FeatcacheError, cache
 from featcache.extract import FeaturePass, ShardJob, pending_rows, write_shards
-from featcache.model import feature_model
+from featcache.model import extraction_model
 from featcache.progress import ImageProgress
 
 INSTALL = "pip install 'featcache[ray]'"
@@ -118,9 +117,7 @@ def shard_item(plan: cache.ShardPlan, source: cache.RowSource) -> dict:
     """One row of the Ray Dataset: a shard plan with the reusable rows it needs, pickled (Arrow holds
     bytes), with every path absolute because workers do not share the driver's working directory."""
     plan = replace(plan, samples=tuple(replace(s, path=s.path.absolute()) for s in plan.samples))
-    reusable = copy.copy(source)  # only this shard's part of the workdir's index
-    reusable.where = {s.sha256: (shard.absolute(), row) for s in plan.samples if s.sha256 in source
-                      for shard, row in [source.where[s.sha256]]}
+    reusable = source.only([s.sha256 for s in plan.samples])  # only this shard's part of the index
     return {"shard": plan.name, "pending": len(pending_rows([plan], reusable)),
             "work": pickle.dumps((plan, reusable))}
 
@@ -170,7 +167,7 @@ class ShardWriter:
                     "weights store ($FEATCACHE_WEIGHTS) between nodes, or run `featcache weights install "
                     f"{self.job.config.backbone}` on every node"
                 )
-            self.backbone = FeaturePass(feature_model(self.job.config, weights), self.job.xla)
+            self.backbone = FeaturePass(extraction_model(self.job.config, weights), self.job.xla)
         return self.backbone
 
 

@@ -60,7 +60,7 @@ def main() -> None:
     head = load_head(head_dir(cache, args.head))
     extractor = backbone_model(config, cache_weights(cache))
     cut = plan_cut(extractor, config.backbone, args.unfreeze_from)
-    prefix = prefix_cache(cache, cut, args.workdir, args.data)
+    prefix = prefix_cache(cache, cut, args.workdir, args.data).cache
     model = trainable_model(extractor, cut, head.model)
     for layer in extractor.layers:  # the full path trains exactly the same layers
         layer.trainable = layer.trainable and layer.name in cut.trainable

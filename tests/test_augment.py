@@ -132,7 +132,7 @@ def test_rows_are_reused_by_source_bytes_view_and_seed(split_data, tmp_path):
 
 def test_rerun_with_views_does_no_backbone_work(split_data, tmp_path, monkeypatch):
     first = run_extract(split_data, tmp_path / "out", augment=2)
-    monkeypatch.setattr(extract_module, "feature_model", lambda *a: pytest.fail("backbone built"))
+    monkeypatch.setattr(extract_module, "extraction_model", lambda *a: pytest.fail("backbone built"))
     second = run_extract(split_data, tmp_path / "out", augment=2)
     assert second.cache.key == first.cache.key and second.computed == 0
 
@@ -204,7 +204,7 @@ def test_caches_written_before_views_existed_still_read_and_stay_complete(split_
             del f["views"]
     assert len(first.cache.read("train")[2]) == len(first.cache.views("train")) == TRAIN_IMAGES
     assert not first.cache.views("train").any()
-    monkeypatch.setattr(extract_module, "feature_model", lambda *a: pytest.fail("backbone built"))
+    monkeypatch.setattr(extract_module, "extraction_model", lambda *a: pytest.fail("backbone built"))
     assert run_extract(split_data, tmp_path / "out").computed == 0
 
 

@@ -54,7 +54,7 @@ def test_float16_storage_and_pooling(class_data, tmp_path):
 
 def test_rerun_on_unchanged_dataset_does_no_backbone_work(class_data, tmp_path, monkeypatch):
     first = run_extract(class_data, tmp_path / "out")
-    monkeypatch.setattr(extract_module, "feature_model", lambda *a: pytest.fail("backbone built"))
+    monkeypatch.setattr(extract_module, "extraction_model", lambda *a: pytest.fail("backbone built"))
     second = run_extract(class_data, tmp_path / "out")
     assert second.cache.key == first.cache.key and second.computed == 0
 
@@ -89,11 +89,11 @@ def test_interrupted_run_resumes_at_first_missing_shard(augment, split_data, tmp
     reference = run_extract(split_data, tmp_path / "ref", augment=augment)
     real_write, written = cache.write_shard, []
 
-    def write_two_then_die(path, *args):
+    def write_two_then_die(path, *args, **kwargs):
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(path.name)
-        real_write(path, *args)
+        real_write(path, *args, **kwargs)
 
     monkeypatch.setattr(cache, "write_shard", write_two_then_die)
     with pytest.raises(KeyboardInterrupt):

@@ -69,7 +69,7 @@ def test_a_step_on_the_prefix_cache_equals_the_step_through_the_full_model(
     config = cache_config(cache)
     extractor = backbone_model(config, None)
     cut = plan_cut(extractor, backbone, unfreeze_from)
-    prefix = prefix_cache(cache, cut, tmp_path / "out", show_progress=False)
+    prefix = prefix_cache(cache, cut, tmp_path / "out", show_progress=False).cache
     assert prefix.config["layer"] == cut.prefix_layer and prefix.config["dtype"] == "float32"
     model = trainable_model(extractor, cut, head.model)
 
