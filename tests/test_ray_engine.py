@@ -21,9 +21,10 @@ pytestmark = pytest.mark.ray
 
 from featcache.ray_engine import RayEngine  # noqa: E402  (after the skip: needs no Ray, tests do)
 
-OPTIONS = dict(shard_size=4, batch_size=4, augment=1)  # 38 files (2 corrupt) + 21 train views: 16 shards
+# 38 files (2 corrupt) + 21 train views: 16 shards, each with a second layer
+OPTIONS = dict(shard_size=4, batch_size=4, augment=1, also_layer="block4_pool")
 CLI_OPTIONS = ["--weights", "none", "--image-size", "32", "--dtype", "float32", "--shard-size", "4",
-               "--batch-size", "4", "--augment", "1"]
+               "--batch-size", "4", "--augment", "1", "--also-layer", "block4_pool"]
 REJECTS = {"train/cat/broken.jpg": "not an image (unrecognised format)", "test/dog/empty.png": "empty file"}
 VOLATILE = {"created", "completed", "seconds", "engine"}  # manifest fields that may differ between runs
 
@@ -64,7 +65,14 @@ def by_ray(data, local_ray):
 def shard_contents(path):
     with h5py.File(path, "r") as f:
         attrs = {k: v for k, v in f.attrs.items() if k != "created"}
-        return {name: f[name][:] for name in f}, attrs
+        datasets = {}  # also those inside groups (layers/NAME)
+
+        def collect(name, item):
+            if isinstance(item, h5py.Dataset):
+                datasets[name] = item[:]
+
+        f.visititems(collect)
+        return datasets, attrs
 
 
 def test_ray_writes_the_local_engines_cache_shard_for_shard(local, by_ray):
@@ -78,7 +86,9 @@ def test_ray_writes_the_local_engines_cache_shard_for_shard(local, by_ray):
         assert our_attrs == their_attrs
         for dataset in ("paths", "labels", "sha256", "views"):
             assert (ours[dataset] == theirs[dataset]).all(), (name, dataset)
-        np.testing.assert_allclose(ours["features"], theirs["features"], rtol=1e-5, atol=1e-5)
+        assert sorted(ours) == sorted(theirs) and "layers/block4_pool" in ours
+        for dataset in ("features", "layers/block4_pool"):
+            np.testing.assert_allclose(ours[dataset], theirs[dataset], rtol=1e-5, atol=1e-5)
     strip = lambda manifest: {k: v for k, v in manifest.items() if k not in VOLATILE}  # noqa: E731
     assert strip(by_ray.manifest) == strip(local.cache.manifest)
     assert (by_ray.manifest["engine"], local.cache.manifest["engine"]) == ("ray", "local")
