@@ -154,3 +154,16 @@ def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_o
         manifest["splits"][split].update(cache.split_summary(dataset.split(split), list(classes)))
     cache.write_manifest(cache_dir, manifest)
     return cache.Cache(cache_dir)
+
+
+def flip_bits(shard: Path, dataset: str = "features") -> None:
+    """Corrupt the first stored chunk of a shard's dataset on disk, behind HDF5's back (its checksum
+    then fails)."""
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        offset = f[dataset].id.get_chunk_info(0).byte_offset
+    data = bytearray(shard.read_bytes())
+    for i in range(16):
+        data[offset + 8 * i] ^= 0xFF
+    shard.write_bytes(bytes(data))

@@ -11,7 +11,7 @@ from featcache import FeatcacheError, cache
 from featcache.cli import main
 from featcache.finetune import finetune
 from featcache.heads import FitOptions, fit_head, head_dir
-from tests.conftest import make_split_folders, run_extract
+from tests.conftest import flip_bits, make_split_folders, run_extract
 
 QUICK = FitOptions(epochs=1, batch_size=4, learning_rate=1e-3, optimizer="adam")
 ALSO = "layers/block4_pool"
@@ -98,12 +98,7 @@ def test_an_unusable_also_layer_is_a_one_line_error_and_writes_nothing(args, mes
 
 
 def _flip_also_bits(shard):
-    with h5py.File(shard, "r") as f:
-        offset = f[ALSO].id.get_chunk_info(0).byte_offset
-    data = bytearray(shard.read_bytes())
-    for i in range(16):
-        data[offset + 8 * i] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_bits(shard, ALSO)
 
 
 def _delete_also(shard):

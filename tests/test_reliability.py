@@ -12,7 +12,7 @@ import time
 import pytest
 
 from featcache import FeatcacheError, cache
-from tests.conftest import make_split_folders, run_extract
+from tests.conftest import flip_bits, make_split_folders, run_extract
 from tests.fuzz_corpus import make_corpus
 from tests.test_extract import assert_same_cache
 
@@ -80,17 +80,6 @@ def _truncate(shard):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
-def _flip_feature_bits(shard):
-    import h5py
-
-    with h5py.File(shard, "r") as f:
-        offset = f["features"].id.get_chunk_info(0).byte_offset
-    data = bytearray(shard.read_bytes())
-    for i in range(16):
-        data[offset + 8 * i] ^= 0xFF
-    shard.write_bytes(bytes(data))
-
-
 def _delete_dataset(shard):
     import h5py
 
@@ -98,7 +87,7 @@ def _delete_dataset(shard):
         del f["labels"]
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _flip_feature_bits, _delete_dataset])
+@pytest.mark.parametrize("corrupt", [_truncate, flip_bits, _delete_dataset])
 def test_a_corrupted_shard_is_named_by_readers_and_extract_rebuilds_only_it(corrupt, class_data, tmp_path):
     first = run_extract(class_data, tmp_path / "out")
     shards = first.cache.shard_paths("train")
