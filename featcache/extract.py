@@ -70,6 +70,8 @@ def make_config(
         preprocess=preprocess, dtype=dtype, precision=precision, augment=augment, seed=seed,
         average_views=average_views, also_layer=also_layer,
     )
+    if also_layer and config.also_row_key() == config.row_key():
+        raise FeatcacheError(f"--also-layer {also_layer} is the cached layer itself, unpooled: leave it out")
     return config, resolved
 
 

@@ -35,6 +35,8 @@ def test_also_layer_rows_equal_a_cache_cut_there_and_the_features_are_unchanged(
     assert also == {"name": "block4_pool", "dataset": ALSO, "shape": [2, 2, 512],
                     "row_key": cut.manifest["row_key"]}
     assert both.key != plain.key and both.manifest["row_key"] == plain.manifest["row_key"]
+    for field in ("output_layer", "feature_shape", "backbone_params"):
+        assert both.manifest[field] == plain.manifest[field]
     for split in ("train", "validation", "test"):
         features, labels, paths = both.read(split)
         plain_features, plain_labels, plain_paths = plain.read(split)
@@ -86,6 +88,7 @@ def test_an_also_layer_that_is_not_the_prefix_is_said_and_the_backbone_runs(tmp_
 @pytest.mark.parametrize("args, message", [
     (["--layer", "block4_pool", "--also-layer", "block5_conv1"], "at or below the cached layer"),
     (["--also-layer", "block9_pool"], "--also-layer 'block9_pool': not a layer of vgg16"),
+    (["--layer", "block4_pool", "--also-layer", "block4_pool"], "is the cached layer itself"),
     (["--pooling", "avg", "--also-layer", "block4_pool", "--average-views", "flips"],
      "cannot train through --average-views"),
 ])
