@@ -418,6 +418,16 @@ class Cache:
         features, labels, paths = zip(*parts, strict=True)
         return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
 
+    def row_index(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Labels, relative paths and view indices of a split's rows, in the order of ``read``, without
+        reading a feature."""
+        labels, paths = [np.zeros(0, np.int32)], []
+        for shard in self.shard_paths(split):
+            with self.open_shard(shard) as f:
+                labels.append(f["labels"][:])
+                paths += [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+        return np.concatenate(labels), paths, self.views(split)
+
     def views(self, split: str) -> np.ndarray:
         """The view index of every row of a split, in the order of ``read``: 0 for original images."""
         parts = [np.zeros(0, np.int32)]

@@ -301,8 +301,9 @@ def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, 
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write one self-contained HTML page with the table, plots and misclassified images.")
 @click.option("--memory-budget", metavar="SIZE", callback=parse_memory_budget,
-              help="Most memory --cv's refits may take (they hold the training split), e.g. 2G, or none; "
-                   "over it --cv is refused before any work [default: half of the available memory].")
+              help="Most memory --cv's refits may take, e.g. 2G, or none; a training split over it is "
+                   "streamed fold by fold (svm-rbf, which cannot stream, is then refused before any work) "
+                   "[default: half of the available memory].")
 @cache_option
 @workdir_option
 @user_errors

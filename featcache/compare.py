@@ -30,14 +30,15 @@ class Comparison:
 
 def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None = None) -> Comparison:
     """Every saved head of the cache on validation and test (and ``cv_folds``-fold cross-validation,
-    refused up front if its in-memory refits would exceed ``memory_budget`` bytes)."""
+    streamed within ``memory_budget`` bytes when the training split would not fit, refused up front
+    for heads that cannot stream)."""
     names = saved_heads(cache)
     if not names:
         raise FeatcacheError(
             f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
         )
     if cv_folds:
-        check_cross_validation_fits(cache, cv_folds, memory_budget)
+        check_cross_validation_fits(cache, names, cv_folds, memory_budget)
     final_split = "test" if "test" in cache.splits else "validation"
     comparison = Comparison(rows=[])
     results = {}
@@ -47,7 +48,7 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
         final = predict_split(head, cache, final_split)
         results[name] = final
         comparison.rows.append(_row(head, cache, validation, final if final_split == "test" else None,
-                                    cv_folds))
+                                    cv_folds, memory_budget))
         if "history" in head.info:
             comparison.histories[name] = head.info["history"]
         if "finetune" in head.info:
@@ -61,11 +62,12 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
     return comparison
 
 
-def _row(head, cache: Cache, validation, test, cv_folds: int | None) -> dict:
+def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budget: int | None) -> dict:
     n = len(cache.classes)
     val, tst = validation.metrics(n), test.metrics(n) if test else None
     # a fine-tuned head's recipe includes its parent head's training: not refitted per fold
-    scores = cross_validate(head, cache, cv_folds) if cv_folds and "finetune" not in head.info else None
+    refit = cv_folds and "finetune" not in head.info
+    scores = cross_validate(head, cache, cv_folds, memory_budget) if refit else None
     return {
         "head": head.name,
         "val_accuracy": val["accuracy"], "test_accuracy": tst and tst["accuracy"],

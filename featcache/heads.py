@@ -286,12 +286,13 @@ def compiled_keras_head(name: str, feature_shape, n_classes: int, optimizer: str
 
 
 def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None,
-                  buffer_rows: int = streaming.KERAS_SHUFFLE_ROWS):
+                  buffer_rows: int = streaming.KERAS_SHUFFLE_ROWS, rows: np.ndarray | None = None):
     """A tf.data pipeline of float32 batches streamed from shards (never the whole cache in memory).
 
     With a seed, every epoch visits shards, blocks and rows in a new order drawn from (seed, epoch),
     mixed in a buffer of ``buffer_rows`` rows (``streaming.batches``); memory holds that buffer and
-    two prefetched batches, whatever the size of the cache.
+    two prefetched batches, whatever the size of the cache. ``rows`` (a mask over the split) keeps
+    only those rows.
     """
     import tensorflow as tf
 
@@ -299,12 +300,13 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
 
     def generate():
         rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
-        yield from streaming.batches(cache, split, batch_size, max(buffer_rows, batch_size), rng)
+        yield from streaming.batches(cache, split, batch_size, max(buffer_rows, batch_size), rng, rows)
 
     signature = (tf.TensorSpec((None, *cache.manifest["feature_shape"]), tf.float32),
                  tf.TensorSpec((None,), tf.int32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    steps = math.ceil(cache.manifest["splits"][split]["rows"] / batch_size)
+    count = cache.manifest["splits"][split]["rows"] if rows is None else int(rows.sum())
+    steps = math.ceil(count / batch_size)
     return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 

@@ -155,7 +155,8 @@ def in_memory_bytes(cache: Cache) -> int:
 
 
 def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
-            rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            rng: np.random.Generator | None = None,
+            rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(float32 features, int32 labels) of ``batch_rows`` rows each: every batch but the split's last is
     whole, across shard boundaries (so a split of N rows gives ceil(N / batch_rows) batches, as
     ``split_batches`` tells TensorFlow).
@@ -163,7 +164,8 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
     Without ``rng`` the split comes in order, one batch in memory at a time. With it, shards come in
     a random order, read in blocks of contiguous rows in a random order into a buffer of
     ``buffer_rows`` rows, which is emitted in a random order when full; rows not filling a last
-    batch stay for the next fill.
+    batch stay for the next fill. ``rows``, a boolean mask over the split in order, keeps only
+    those rows (a cross-validation fold): N is then its count.
     """
     if rng is not None and buffer_rows < batch_rows:
         raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
@@ -188,29 +190,45 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
     block_rows = size if rng is None else max(1, size // 8)
     if block_rows > CHUNK_ROWS:
         block_rows -= block_rows % CHUNK_ROWS
-    shards = cache.shard_paths(split)
+    shards = list(enumerate(cache.shard_paths(split)))
     if rng is not None:
         shards = [shards[i] for i in rng.permutation(len(shards))]
-    for shard in shards:
+    offsets = _shard_offsets(cache, split) if rows is not None else None
+    for index, shard in shards:
         with cache.open_shard(shard) as f:
             shard_labels = f["labels"][:]
+            kept = rows[offsets[index] : offsets[index + 1]] if rows is not None else None
             starts = np.arange(0, len(shard_labels), block_rows)
             for start in rng.permutation(starts) if rng is not None else starts:
                 stop = min(start + block_rows, len(shard_labels))
-                while start < stop:
-                    take = min(stop - start, size - filled)
-                    _read_into(f, shard, buffer, slice(start, start + take), slice(filled, filled + take))
-                    labels[filled : filled + take] = shard_labels[start : start + take]
-                    filled, start = filled + take, start + take
+                wanted = np.arange(start, stop) if kept is None else start + np.flatnonzero(kept[start:stop])
+                while len(wanted):
+                    part, wanted = wanted[: size - filled], wanted[size - filled :]
+                    _read_into(f, shard, buffer, part, slice(filled, filled + len(part)), kept is None)
+                    labels[filled : filled + len(part)] = shard_labels[part]
+                    filled += len(part)
                     if filled == size:
                         yield from emit(final=False)
     yield from emit(final=True)
 
 
-def _read_into(f, shard: Path, buffer: np.ndarray, source: slice, dest: slice) -> None:
-    """Read rows straight into the buffer (no temporary), naming the shard if its checksum fails."""
+def _shard_offsets(cache: Cache, split: str) -> np.ndarray:
+    """Where each shard's rows start in the split, and its end."""
+    sizes = []
+    for shard in cache.shard_paths(split):
+        with cache.open_shard(shard) as f:
+            sizes.append(len(f["labels"]))
+    return np.cumsum([0, *sizes])
+
+
+def _read_into(f, shard: Path, buffer: np.ndarray, rows: np.ndarray, dest: slice, contiguous: bool) -> None:
+    """Read rows into the buffer, straight (no temporary) when they are contiguous, naming the shard
+    if its checksum fails."""
     try:
-        f["features"].read_direct(buffer, source, dest)
+        if contiguous:
+            f["features"].read_direct(buffer, np.s_[rows[0] : rows[-1] + 1], dest)
+        else:
+            buffer[dest] = f["features"][rows]
     except OSError as exc:
         raise FeatcacheError(
             f"shard {shard} failed its checksum ({exc}); "
@@ -235,8 +253,10 @@ class _Candidate:
 
 
 def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: int, epochs: int,
-            patience: int | None, plan: StreamPlan, say) -> tuple[object, dict]:
-    """logreg (log loss) or linear svm (hinge) fitted by SGD over streamed shards, in ``plan``'s memory.
+            patience: int | None, plan: StreamPlan, say,
+            rows: np.ndarray | None = None) -> tuple[object, dict]:
+    """logreg (log loss) or linear svm (hinge) fitted by SGD over streamed shards, in ``plan``'s memory,
+    on the training rows that the mask ``rows`` keeps (all without it).
 
     A first pass fits the StandardScaler; then every C of the grid (as alpha = 1 / (C * n_train),
     the same regularisation as the in-memory fit) trains on the same shuffled mini-batches, one
@@ -250,7 +270,7 @@ def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: in
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    n_train = cache.manifest["splits"]["train"]["rows"]
+    n_train = cache.manifest["splits"]["train"]["rows"] if rows is None else int(rows.sum())
     classes = np.arange(len(cache.classes))
     missing = sorted(set(classes.tolist()) - set(split_labels(cache, "validation").tolist()))
     if name == "svm" and missing:  # refused before training, not after
@@ -260,7 +280,7 @@ def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: in
             "to fit svm in memory"
         )
     scaler = StandardScaler()
-    for x, _ in batches(cache, "train", plan.batch_rows):
+    for x, _ in batches(cache, "train", plan.batch_rows, rows=rows):
         scaler.partial_fit(x.reshape(len(x), -1))
     candidates = [
         _Candidate(c, SGDClassifier(loss=SGD_LOSSES[name], alpha=1 / (c * n_train), class_weight=class_weight,
@@ -271,7 +291,7 @@ def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: in
     while active and epoch < epochs:
         epoch += 1
         rng = np.random.default_rng([seed, epoch])
-        for x, y in batches(cache, "train", plan.batch_rows, plan.buffer_rows, rng):
+        for x, y in batches(cache, "train", plan.batch_rows, plan.buffer_rows, rng, rows):
             x = scaler.transform(x.reshape(len(x), -1))
             for candidate in active:
                 candidate.model.partial_fit(x, y, classes=classes)

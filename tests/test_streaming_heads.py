@@ -100,6 +100,20 @@ def test_batches_in_order_are_whole_across_shards(tmp_path):
     assert np.array_equal(np.concatenate(got)[:, 0], np.arange(95))
 
 
+def test_a_row_mask_keeps_exactly_its_rows_in_order_or_shuffled(tmp_path):
+    cache = numbered_cache(tmp_path)
+    kept = np.zeros(95, bool)
+    kept[[0, 3, 9, 10, 11, 47, 48, 90, 94]] = True  # across shard boundaries, first and last rows
+    ordered = np.concatenate([x[:, 0] for x, _ in batches(cache, "train", 4, rows=kept)]).astype(int)
+    assert ordered.tolist() == np.flatnonzero(kept).tolist()
+    shuffled = list(batches(cache, "train", 4, 8, np.random.default_rng(0), kept))
+    assert [len(y) for _, y in shuffled] == [4, 4, 1]
+    assert sorted(np.concatenate([x[:, 0] for x, _ in shuffled]).astype(int)) == np.flatnonzero(kept).tolist()
+    assert all(np.array_equal(y, x[:, 0].astype(int) % 2) for x, y in shuffled)  # labels follow rows
+    seen = [x.numpy()[:, 0] for x, _ in split_batches(cache, "train", 4, 0, buffer_rows=8, rows=kept)]
+    assert len(seen) == 3 and sorted(np.concatenate(seen).astype(int)) == np.flatnonzero(kept).tolist()
+
+
 def test_keras_pipeline_has_the_batches_it_announces(tmp_path):
     """TensorFlow is told ceil(rows / batch) batches; a validation pass must see every row, even when
     shards are not multiples of the batch."""
