@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.evaluate import check_cross_validation_fits, cross_validate, predict_split
 from featcache.heads import head_dir, load_head, saved_heads
@@ -40,12 +40,13 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
     if cv_folds:
         check_cross_validation_fits(cache, names, cv_folds, memory_budget)
     final_split = "test" if "test" in cache.splits else "validation"
+    batch_rows = streaming.in_memory_plan(cache, memory_budget).batch_rows  # as fit-head evaluates
     comparison = Comparison(rows=[])
     results = {}
     for name in names:
         head = load_head(head_dir(cache, name))
-        validation = predict_split(head, cache, "validation")
-        final = predict_split(head, cache, final_split)
+        validation = predict_split(head, cache, "validation", batch_rows)
+        final = predict_split(head, cache, final_split, batch_rows)
         results[name] = final
         comparison.rows.append(_row(head, cache, validation, final if final_split == "test" else None,
                                     cv_folds, memory_budget))
