@@ -245,7 +245,7 @@ def test_fit_head_memory_budget_option(tmp_path):
 # --- peak RSS ---------------------------------------------------------------------------------------
 
 PEAK_RSS = """
-import json, sys
+import json, shutil, sys
 from pathlib import Path
 from featcache.cache import Cache
 from featcache.compare import compare
@@ -259,7 +259,9 @@ big, small, name, budget = Cache(Path(sys.argv[1])), Cache(Path(sys.argv[2])), s
 cross_validation = sys.argv[5] == "cv"  # measure compare --cv 2 on the big cache instead of fit-head
 options = FitOptions(epochs=1, batch_size=64, learning_rate=1e-3, optimizer="adam", patience=None)
 head = fit_head(small, name, options, memory_budget=budget)  # the libraries' one-off set-up, the same model
-if cross_validation:
+if cross_validation:  # compare cross-validates every saved head: this one alone
+    for cache in (small, big):
+        shutil.rmtree(cache.path / "heads", ignore_errors=True)
     head.save(head_dir(small, name))
     compare(small, cv_folds=2, memory_budget=budget)
     head = fit_head(big, name, options, memory_budget=budget)
