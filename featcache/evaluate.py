@@ -91,8 +91,11 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
     if budget is None or needed <= budget:
         return
     for name in names:
+        info = json.loads((head_dir(cache, name) / "head.json").read_text())
+        if "finetune" in info:  # not refitted per fold (see compare)
+            continue
         if get_spec(name).library == "keras":
-            streaming.keras_plan(cache, budget, _options(cache, name)["batch_size"])
+            streaming.keras_plan(cache, budget, info["options"]["batch_size"])
         elif name in streaming.SGD_LOSSES:
             streaming.sgd_plan(cache, budget)
         else:
@@ -102,10 +105,6 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
                 f"--memory-budget {streaming.format_size(budget)}; raise --memory-budget, or compare "
                 "without --cv"
             )
-
-
-def _options(cache: Cache, name: str) -> dict:
-    return json.loads((head_dir(cache, name) / "head.json").read_text())["options"]
 
 
 def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = None) -> list[float]:

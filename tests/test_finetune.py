@@ -125,6 +125,10 @@ def test_finetune_command_end_to_end_then_predict_and_compare(tmp_path):
 
     compared = invoke("compare", "--cache", prefix_key, "--format", "json", *fast)
     assert json.loads(compared.stdout)[0]["head"] == "dense256-finetuned"
+    # --cv over the budget: a fine-tuned head is not refitted per fold, so nothing is refused
+    over_budget = invoke("compare", "--cache", prefix_key, "--format", "json", "--cv", "2",
+                         "--memory-budget", "1K", *fast)
+    assert json.loads(over_budget.stdout)[0]["cv_accuracy"] is None
     assert (prefix_dir / "plots" / "learning_curves.png").is_file()
 
     from featcache.cache import Cache
