@@ -19,6 +19,7 @@ from featcache import extract as extract_module
 from featcache.backbones import build_extractor, get
 from featcache.dataset import file_sha256
 from featcache.images import load_image
+from featcache.model import conv_base
 from tests.conftest import run_extract, write_image
 
 
@@ -232,10 +233,27 @@ def test_imagenet_from_the_weights_store(class_data, tmp_path, monkeypatch):
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_mixed_precision_is_close_to_float32_and_has_its_own_key(class_data, tmp_path):
+def test_mixed_precision_computes_in_float16_close_to_float32_and_has_its_own_key(class_data, tmp_path,
+                                                                                    monkeypatch):
     full = run_extract(class_data, tmp_path / "out", pooling="avg")
+    built = []
+
+    def recording(*args):
+        built.append(extract_module.extraction_model.__wrapped__(*args))
+        return built[-1]
+
+    recording.__wrapped__ = extract_module.extraction_model
+    monkeypatch.setattr(extract_module, "extraction_model", recording)
     mixed = run_extract(class_data, tmp_path / "out", pooling="avg", precision="mixed_float16")
     assert mixed.cache.key != full.cache.key and mixed.computed == full.computed
     assert keras.mixed_precision.global_policy().name == "float32"
+    convolutions = [layer for layer in conv_base(built[0]).layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convolutions) == 13  # VGG16's, all of them computing in float16 with float32 weights
+    assert {(layer.dtype_policy.name, layer.compute_dtype) for layer in convolutions} == {
+        ("mixed_float16", "float16")}
     a, b = full.cache.read("train")[0], mixed.cache.read("train")[0]
-    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())
+    tolerance = 0.005 * np.abs(a).max()  # float16 rounding is about 0.001 of it here
+    closest = min(np.abs(a[i] - a[j]).max() for i in range(len(a)) for j in range(i))
+    assert tolerance < closest / 2  # so rows of the wrong images, or in the wrong order, fail
+    np.testing.assert_allclose(b, a, rtol=0, atol=tolerance)
+    assert np.abs(b - a).max() > 0  # float16 arithmetic rounds: identical rows mean it ran in float32
