@@ -41,17 +41,30 @@ def test_one_pixel_image_is_rejected_as_too_small(tmp_path):
         load_image(path, 32)
 
 
-def test_huge_declared_dimensions_are_rejected_without_decoding(tmp_path):
-    """A 100k x 100k PNG header (a decompression bomb) is refused from the header alone."""
+def png_header_only(path, width, height, colour_type=2):
+    """A PNG that declares width x height but holds 64 bytes of pixel data (a decompression bomb)."""
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    png = b"\x89PNG\r\n\x1a\n" + body
-    path = tmp_path / "bomb.png"
-    path.write_bytes(png)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+def test_huge_declared_dimensions_are_rejected_without_decoding(tmp_path):
+    """A 100k x 100k PNG header (a decompression bomb) is refused from the header alone."""
     with pytest.raises(RejectedImage, match="too large"):
+        load_image(png_header_only(tmp_path / "bomb.png", 100_000, 100_000), 32)
+
+
+def test_featcaches_own_100_megapixel_limit_refuses_what_pillow_would_open(tmp_path, monkeypatch):
+    """144 MP is over featcache's limit and under Pillow's bomb error (twice its MAX_IMAGE_PIXELS);
+    with Pillow's check off, only featcache's own check stands between the header and a decode."""
+    assert 12_000 * 12_000 < 2 * Image.MAX_IMAGE_PIXELS
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    path = png_header_only(tmp_path / "big.png", 12_000, 12_000, colour_type=0)  # grey: 144 MB decoded
+    with pytest.raises(RejectedImage, match=r"^too large \(12000x12000 px; limit 100 MP\)$"):
         load_image(path, 32)
 
 
