@@ -140,3 +140,20 @@ def test_unexpected_decoder_error_is_a_reject_not_a_crash(tmp_path, monkeypatch)
     monkeypatch.setattr(Image, "open", broken_plugin)
     with pytest.raises(RejectedImage, match="cannot decode .IndexError: tile index out of range"):
         load_image(path, 32)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_crop_takes_the_centred_square(tmp_path, wide):
+    """Thirds of a 90x30 (or 30x90) image coloured red, green, blue: the crop sees only the green one."""
+    thirds = np.zeros((30, 90, 3), np.uint8)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        thirds[:, 30 * i: 30 * (i + 1)] = colour
+    path = tmp_path / "thirds.png"
+    Image.fromarray(thirds if wide else thirds.transpose(1, 0, 2)).save(path)
+    crop = load_image(path, 16, "crop")
+    seen = f"the crop's mean colour is {crop.mean(axis=(0, 1)).round().tolist()}, not green"
+    assert (crop[1:-1, 1:-1] == (0, 255, 0)).all(), seen  # its border pixels blend in a little of the rest
+    assert np.abs(crop.mean(axis=(0, 1)) - (0, 255, 0)).max() < 10
+    squash = load_image(path, 16, "squash")  # all three colours, in order
+    ends = (squash[:, 0], squash[:, -1]) if wide else (squash[0], squash[-1])
+    assert (ends[0] == (255, 0, 0)).all() and (ends[1] == (0, 0, 255)).all()
