@@ -16,7 +16,7 @@ from featcache.cache import Cache
 from featcache.cli import main
 from featcache.heads import FitOptions, fit_head, head_dir, load_head
 from featcache.images import load_image
-from featcache.model import end_to_end, export, preprocessing_affine
+from featcache.model import end_to_end, export, preprocessing_affine, preprocessing_layer
 from featcache.predict import Predictor, best_head, format_predictions, image_files
 from tests.conftest import make_split_folders, run_extract, write_image
 
@@ -50,12 +50,22 @@ def cached_test_split(cache: Cache, head):
 
 @pytest.mark.parametrize("name", backbones.names())
 def test_preprocessing_inside_the_model_equals_each_backbones_preprocess_input(name):
+    """The measured map, and the Keras layer built from it inside a model, both give what the
+    backbone's own ``preprocess_input`` gives on the same pixels (distinct per channel and place)."""
+    import keras
+
     spec = backbones.get(name)
-    pixels = np.random.default_rng(1).uniform(0, 255, (2, 5, 5, 3))
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
     for mode in backbones.PREPROCESSINGS:
         matrix, offset = preprocessing_affine(spec, mode)
-        expected = np.asarray(spec.preprocess_fn(mode)(pixels.copy()))
+        expected = np.asarray(spec.preprocess_fn(mode)(pixels.astype(np.float64)))
         np.testing.assert_allclose(pixels @ matrix + offset, expected, rtol=1e-9, atol=1e-9)
+        image = keras.Input((5, 5, 3), name="image")
+        model = keras.Model(image, preprocessing_layer(spec, mode, 5)(image))
+        inside = keras.ops.convert_to_numpy(model(pixels))
+        assert inside.dtype == np.float32 and inside.shape == pixels.shape
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(inside, expected, rtol=0, atol=1e-6 * scale, err_msg=f"{name} {mode}")
 
 
 @pytest.mark.parametrize("name", ["dense256", "logreg"])
