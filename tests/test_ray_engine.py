@@ -14,12 +14,10 @@ from click.testing import CliRunner
 
 from featcache import FeatcacheError, cache
 from featcache.cli import main
+from featcache.ray_engine import RayEngine  # imports no Ray: the tests of the no-Ray errors run everywhere
 from tests.conftest import make_split_folders, run_extract, write_image
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
-
-from featcache.ray_engine import RayEngine  # noqa: E402  (after the skip: needs no Ray, tests do)
 
 # 38 files (2 corrupt) + 21 train views: 16 shards, each with a second layer
 OPTIONS = dict(shard_size=4, batch_size=4, augment=1, also_layer="block4_pool")
@@ -30,7 +28,13 @@ VOLATILE = {"created", "completed", "seconds", "engine"}  # manifest fields that
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def ray():
+    """Ray itself, for the tests that need it: they skip without it, and fail where CI is set (conftest)."""
+    return pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray):
     """One Ray instance for the module (starting one takes seconds); the engine uses it as it is."""
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield
@@ -143,7 +147,7 @@ def test_ray_copies_shared_rows_and_computes_only_a_changed_image(data, local, l
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_workers_beyond_the_cluster_are_one_clear_error():
+def test_workers_beyond_the_cluster_are_one_clear_error(ray):
     engine = RayEngine(workers=3, cpus_per_worker=1, gpus_per_worker=1)
     fits_not = r"3 Ray workers of 1 CPU \+ 1 GPU each do not fit .*2 CPUs, 0 GPUs"
     with pytest.raises(FeatcacheError, match=fits_not):
