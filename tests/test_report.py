@@ -176,8 +176,15 @@ def test_report_survives_unreadable_images_and_caps_gallery(tmp_path, rows, figu
     assert items[4]["relpath"] in page and items[5]["relpath"] not in page
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def pixels_of(image: np.ndarray, colour, tolerance=0) -> int:
+    """How many pixels of an (H, W, 3) image are ``colour``, each channel within ``tolerance``."""
+    return int((np.abs(image.astype(int) - colour).max(axis=-1) <= tolerance).sum())
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (CI installs it)")
 def test_report_renders_in_headless_chromium(tmp_path, rows, figures):
+    """What a reader sees in the first 1600 px: the table with the best row shaded, and the
+    comparison figure decoded from its data URI, its validation and test bars in their colours."""
     report = write_report(tmp_path / "report.html", "featcache compare: vgg16 on elpv", rows, figures,
                           write_images(tmp_path / "data", 10), {"cache": "0123abcd", "seed": "0"})
     shot = tmp_path / "shot.png"
@@ -189,5 +196,12 @@ def test_report_renders_in_headless_chromium(tmp_path, rows, figures):
         check=True, timeout=120, capture_output=True,
     )
     with Image.open(shot) as image:
-        assert image.size == (1200, 1600)
-        assert np.asarray(image.convert("L"), dtype=float).std() > 10
+        assert image.format == "PNG" and image.size == (1200, 1600)
+        seen = np.asarray(image.convert("RGB"))
+    assert seen.std() > 10 and len(np.unique(seen.reshape(-1, 3), axis=0)) > 100  # not blank, not flat
+    with Image.open(figures["accuracy by head"]) as figure:
+        shown = np.asarray(figure.convert("RGB"))
+    for name, colour in (("validation bars", (31, 119, 180)), ("test bars", (255, 127, 14))):  # C0, C1
+        assert pixels_of(shown, colour) > 10_000  # the figure itself has them...
+        assert pixels_of(seen, colour, 2) > 0.8 * pixels_of(shown, colour), f"the page shows no {name}"
+    assert pixels_of(seen, (0xFF, 0xF4, 0xC2)) > 10_000, "the best row is not shaded"  # tr.best's CSS
