@@ -32,8 +32,21 @@ def test_compare_rows_cover_every_head_and_mark_one_best(tmp_path):
     comparison = compare(fitted_cache(tmp_path), cv_folds=3)
     assert sorted(r["head"] for r in comparison.rows) == ["dense256", "logreg", "svm"]
     assert all(r["cv_accuracy"] is not None and r["test_accuracy"] >= 0.9 for r in comparison.rows)
-    assert comparison.best in {"dense256", "logreg", "svm"}
+    top = max(r["val_accuracy"] for r in comparison.rows)  # the rule, applied by hand to the rows:
+    tied = sorted((r["val_log_loss"], r["head"]) for r in comparison.rows if r["val_accuracy"] == top)
+    assert len(tied) == 1 or tied[0][0] < tied[1][0]  # one best: ties to the lower validation log loss
+    assert comparison.best == tied[0][1], comparison.rows
     assert set(comparison.histories) == {"dense256"}
+
+
+def test_best_is_the_highest_validation_accuracy_then_the_lowest_validation_log_loss(tmp_path):
+    """Both heads separate the blobs; svm, listed second, is best on its lower log loss alone."""
+    comparison = compare(fitted_cache(tmp_path, names=("logreg", "svm")))
+    logreg, svm = comparison.rows
+    assert (logreg["head"], svm["head"]) == ("logreg", "svm")
+    assert logreg["val_accuracy"] == svm["val_accuracy"] == 1.0
+    assert svm["val_log_loss"] < logreg["val_log_loss"] / 2
+    assert comparison.best == "svm"
 
 
 def test_cross_validation_over_the_memory_budget_streams_each_fold(tmp_path, monkeypatch):
