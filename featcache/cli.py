@@ -12,7 +12,13 @@ from rich.table import Table
 
 from featcache import FeatcacheError, __version__, backbones, views
 from featcache import cache as cache_store
+from featcache.api import ExtractOptions
 from featcache.dataset import DEFAULT_FRACTIONS
+from featcache.finetune import DEFAULTS as FINETUNE_DEFAULTS
+from featcache.heads import FitOptions
+
+FIT_DEFAULTS = FitOptions()
+EXTRACT_DEFAULTS = ExtractOptions()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
@@ -57,37 +63,39 @@ def main():
 @main.command()
 @click.option("--backbone", default="vgg16", show_default=True, help="A name from `featcache backbones`.")
 @click.option("--data", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
-              help="Dataset folder (split or class folders) or CSV with path,label[,split].")
+              help="Dataset folder (split or class folders), CSV with path,label[,split], or .npz with "
+                   "arrays images (uint8 N,H,W[,3]) and labels, optional splits and classes.")
 @click.option("--layer", default=None, help="Cut the base at this named layer [default: the backbone's].")
 @click.option("--pooling", type=click.Choice(backbones.POOLINGS), default=None,
               help="Pool the feature map to a vector [default: the backbone's].")
 @click.option("--image-size", type=int, default=None,
               help="Square input size in px [default: the backbone's].")
-@click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
-              help="squash like Keras, or centre-crop to a square first.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage type of the features (computed in float32).")
-@click.option("--preprocess", type=click.Choice(backbones.PREPROCESSINGS), default="backbone",
+@click.option("--resize", type=click.Choice(["squash", "crop"]), default=EXTRACT_DEFAULTS.resize,
+              show_default=True, help="squash like Keras, or centre-crop to a square first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.batch_size, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=EXTRACT_DEFAULTS.dtype,
+              show_default=True, help="Storage type of the features (computed in float32).")
+@click.option("--preprocess", type=click.Choice(backbones.PREPROCESSINGS), default=EXTRACT_DEFAULTS.preprocess,
               show_default=True, help="The backbone's own preprocess_input, or the tutorials' 1/255.")
-@click.option("--weights", "weights_spec", default="imagenet", show_default=True,
+@click.option("--weights", default=EXTRACT_DEFAULTS.weights, show_default=True,
               help="imagenet, none (random init, fixed seed) or a weights file.")
-@click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
-              show_default=True,
-              help="train,validation,test fractions for class-folder and CSV data without splits.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--split-fractions", callback=parse_fractions,
+              default=",".join(map(str, EXTRACT_DEFAULTS.split_fractions)), show_default=True,
+              help="train,validation,test fractions for class-folder, CSV and .npz data without splits.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.shard_size, show_default=True,
               help="Rows per HDF5 shard (the unit of resume; an image and its views share one).")
-@click.option("--xla/--no-xla", default=False, show_default=True, help="Compile the backbone with XLA.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]), default="float32",
+@click.option("--xla/--no-xla", default=EXTRACT_DEFAULTS.xla, show_default=True,
+              help="Compile the backbone with XLA.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]), default=EXTRACT_DEFAULTS.precision,
               show_default=True, help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
-@click.option("--lock-timeout", type=float, default=0.0, show_default=True,
+@click.option("--lock-timeout", type=float, default=EXTRACT_DEFAULTS.lock_timeout, show_default=True,
               help="Seconds to wait for another run writing the same cache.")
-@click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--augment", type=click.IntRange(min=0), default=EXTRACT_DEFAULTS.augment, show_default=True,
               help="Augmented views per training image (flip, rotation, shift, zoom, shear); "
                    "validation and test are never augmented.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=EXTRACT_DEFAULTS.seed, show_default=True,
               help="Seed of the augmented views (recorded in the cache key).")
-@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)), default="none",
+@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)), default=EXTRACT_DEFAULTS.average_views,
               show_default=True,
               help="Average each image's pooled features over its mirrored copies (flips: 4) or its "
                    "mirrored and quarter-turned copies (d4: 8), in every split and at predict: features "
@@ -111,17 +119,12 @@ def main():
               help="GPUs each Ray actor reserves; a fraction shares one GPU [default: 0].")
 @workdir_option
 @user_errors
-def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtype, preprocess,
-            weights_spec, split_fractions, shard_size, xla, precision, lock_timeout, augment, seed,
-            average_views, also_layer, engine_name, address, workers, cpus_per_worker, num_gpus_per_worker,
-            workdir):
+def extract(backbone, data, engine_name, address, workers, cpus_per_worker, num_gpus_per_worker, workdir,
+            **options):
     """Run the conv base once over every image and store the features in HDF5 shards."""
-    from featcache.dataset import load_dataset
-    from featcache.extract import check_options, make_config
-    from featcache.extract import extract as run_extract
+    from featcache.api import run_extraction
 
-    check_options(backbone, pooling, image_size, resize, preprocess, dtype, precision, augment, seed,
-                  average_views, also_layer)
+    options = ExtractOptions(**options)
     ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
                    "--num-gpus-per-worker": num_gpus_per_worker}
     engine = None  # extract's default: this process
@@ -131,19 +134,9 @@ def extract(backbone, data, layer, pooling, image_size, resize, batch_size, dtyp
         engine = RayEngine(address, workers, cpus_per_worker or 1.0, num_gpus_per_worker or 0.0)
     elif given := [name for name, value in ray_options.items() if value is not None]:
         raise click.UsageError(f"{', '.join(given)}: Ray options; add --engine ray, or leave them out")
-    dataset = load_dataset(data, split_fractions)
-    for warning in dataset.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    config, resolved = make_config(backbone, weights_spec, layer, pooling, image_size, resize,
-                                   preprocess, dtype, precision, augment, seed, average_views,
-                                   also_layer, say=console.print)
-    averaging = "" if average_views == "none" else f", features averaged over {average_views} views"
-    also = f", also storing {also_layer}" if also_layer else ""
-    console.print(f"{backbone} at {config.image_size} px{averaging}{also}, weights: {resolved.source}")
-    result = run_extract(dataset, config, resolved, workdir or cache_store.default_workdir(),
-                         batch_size=batch_size, shard_size=shard_size, xla=xla, lock_timeout=lock_timeout,
-                         show_progress=True, engine=engine)
-    cache_store.set_current(workdir or cache_store.default_workdir(), result.cache.key)
+    result = run_extraction(data, backbone=backbone, workdir=workdir or cache_store.default_workdir(),
+                            options=options, engine=engine, say=console.print,
+                            warn=lambda warning: console.print(f"[yellow]warning:[/] {warning}"))
     print_summary(result)
 
 
@@ -208,21 +201,32 @@ cache_option = click.option("--cache", "key", default=None,
                             help="Cache key or prefix [default: the cache of the last `featcache extract`].")
 
 
-def training_options(learning_rate: float):
-    """The options fit-head and finetune share; only the default learning rate differs."""
+def training_options(defaults):
+    """The options fit-head and finetune share, their defaults read from a ``FitOptions``."""
+    from featcache.heads.protocol import OPTIMIZERS, SCALINGS
+
     options = [
-        click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True),
-        click.option("--learning-rate", type=float, default=learning_rate, show_default=True),
-        click.option("--optimizer", type=click.Choice(["rmsprop", "adam"]), default="rmsprop",
-                     show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=defaults.epochs, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=defaults.batch_size, show_default=True),
+        click.option("--learning-rate", type=float, default=defaults.learning_rate, show_default=True),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=defaults.optimizer, show_default=True),
+        click.option("--seed", type=int, default=defaults.seed, show_default=True),
         click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
                      help="Weight classes inversely to their training frequency."),
-        click.option("--patience", type=click.IntRange(min=0), default=5, show_default=True,
+        click.option("--patience", type=click.IntRange(min=0), default=defaults.patience or 0, show_default=True,
                      help="Early stopping on validation loss after this many epochs without gain (0: off)."),
+        click.option("--scaling", type=click.Choice(SCALINGS), default=defaults.scaling, show_default=True,
+                     help="Feature scaling: auto chooses on validation (linear heads; standard for Keras "
+                          "heads); Chollet's recipe is --scaling none --optimizer rmsprop --learning-rate 2e-5."),
     ]
     return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
+
+
+def fit_options(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience, scaling):
+    from featcache.heads import FitOptions
+
+    return FitOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
+                      seed=seed, class_weight=class_weight, patience=patience or None, scaling=scaling)
 
 
 def parse_memory_budget(ctx, param, value: str | None) -> tuple[int | None, str]:
@@ -241,54 +245,52 @@ def parse_memory_budget(ctx, param, value: str | None) -> tuple[int | None, str]
 @main.command("fit-head")
 @click.option("--head", "names", multiple=True, default=("dense256",), show_default=True,
               help="Head to fit (repeat for several); `featcache heads` lists them.")
-@training_options(learning_rate=2e-5)
+@training_options(FIT_DEFAULTS)
 @click.option("--memory-budget", metavar="SIZE", callback=parse_memory_budget,
               help="Most memory the features may take while fitting, e.g. 512M or 2G (powers of 1024), "
-                   "or none; over it logreg and svm stream by SGD [default: half of the available memory].")
+                   "or none; over it heads fit from streamed shards, logreg and svm by SGD "
+                   "[default: half of the available memory].")
 @click.option("--refit", is_flag=True,
               help="Train again even when the head is already fitted with the same options.")
 @cache_option
 @workdir_option
 @user_errors
-def fit_head_command(names, epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience,
-                     memory_budget, refit, key, workdir):
+def fit_head_command(names, memory_budget, refit, key, workdir, **training):
     """Fit heads on a cache's train split; choose/stop on validation; save them with their metrics.
 
     A head already fitted on this cache with the same options and seed is kept (--refit to train again).
     """
-    from dataclasses import asdict
-
-    from featcache.evaluate import evaluate
-    from featcache.heads import FIT_RECIPE, FitOptions, fit_head, get_spec, head_dir, head_info, memory_plan
+    from featcache.heads import fit_and_save, get_spec, memory_plan
     from featcache.streaming import format_size
 
     for name in names:
         get_spec(name)
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
-    options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
+    options = fit_options(**training)
     budget, source = memory_budget
     for name in names:
         memory_plan(cache, name, options, budget)  # refuse a head that cannot fit before fitting any
     err_console.print(f"memory budget: {format_size(budget)} ({source})")
     for name in names:
-        folder = head_dir(cache, name)
-        fitted = head_info(folder) if (folder / "head.json").is_file() else {}
-        same = fitted.get("options") == asdict(options) and fitted.get("fit_recipe") == FIT_RECIPE
-        if not refit and same:
-            accuracy = fitted["metrics"]["validation"]["accuracy"]
-            console.print(f"{name}: already fitted with these options (validation accuracy {accuracy:.1%}); "
-                          f"kept, --refit to train again -> {folder}")
+        head, kept = fit_and_save(cache, name, options, refit=refit, say=err_console.print, memory_budget=budget)
+        record = head.record
+        metrics = record["metrics"]
+        if kept:
+            console.print(f"{name}: already fitted with these options (validation accuracy "
+                          f"{metrics['validation']['accuracy']:.1%}); kept, --refit to train again")
             continue
-        head = fit_head(cache, name, options, say=err_console.print, memory_budget=budget)
-        memory = head.info["memory"]
-        head.info["metrics"] = evaluate(head, cache, batch_size=memory["batch_rows"])
-        folder = head.save(head_dir(cache, name))
-        metrics = head.info["metrics"]
-        chosen = ", ".join(f"{k}={v:.3g}" for k, v in head.info.get("chosen", {}).items())
-        done = f"{head.info['epochs_run']} epochs" if "epochs_run" in head.info else f"chosen {chosen}"
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.get("chosen", {}).items())
+        done = f"{record['epochs_run']} epochs, {chosen}" if "epochs_run" in record else f"chosen {chosen}"
         scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in metrics.items())
-        console.print(f"{name}: {done}; {scores}; {memory['path']}; fit {head.info['fit_seconds']:.1f} s "
-                      f"-> {folder}")
+        console.print(f"{name}: {done}; {scores}; {record['memory']['path']}; fit {record['fit_seconds']:.1f} s "
+                      f"-> {head_dir_of(cache, name)}")
+
+
+def head_dir_of(cache, name: str) -> Path:
+    from featcache.heads import head_dir
+
+    return head_dir(cache, name)
 
 
 @main.command("compare")
@@ -344,7 +346,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, memory_budget, key, w
               help="The fitted Keras head to start from.")
 @click.option("--unfreeze-from", required=True,
               help="First layer to train: a name (block5_conv1) or an index into the base's layers (100).")
-@training_options(learning_rate=1e-5)
+@training_options(FINETUNE_DEFAULTS)
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="The dataset of the head's cache [default: where it was extracted from].")
 @click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
@@ -353,8 +355,7 @@ def compare_command(cv_folds, fmt, plots_dir, report_path, memory_budget, key, w
               help="Cache of the head [default: the last extracted, else the newest with that head].")
 @workdir_option
 @user_errors
-def finetune_command(head_name, unfreeze_from, epochs, batch_size, learning_rate, optimizer, seed,
-                     class_weight, patience, data, split_fractions, key, workdir):
+def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workdir, **training):
     """Fine-tune the top of the conv base with a fitted head, on a cache of the frozen prefix.
 
     The prefix is extracted once (a cache like any other); each epoch runs only the unfrozen layers.
@@ -362,11 +363,11 @@ def finetune_command(head_name, unfreeze_from, epochs, batch_size, learning_rate
     """
     from featcache.evaluate import evaluate
     from featcache.finetune import cache_with_head, finetune
-    from featcache.heads import FitOptions, head_dir
+    from featcache.heads import head_dir
 
     workdir = workdir or cache_store.default_workdir()
     cache = cache_store.open_cache(workdir, key) if key else cache_with_head(workdir, head_name)
-    options = FitOptions(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience or None)
+    options = fit_options(**training)
     head, prefix = finetune(cache, head_name, unfreeze_from, workdir, data, split_fractions, options,
                             say=err_console.print)
     head.info["metrics"] = evaluate(head, prefix)
@@ -448,10 +449,10 @@ def list_heads():
     from featcache.heads import HEADS
 
     table = Table(title="heads")
-    for column in ("name", "library", "what it is"):
+    for column in ("name", "what it is"):
         table.add_column(column)
     for spec in HEADS.values():
-        table.add_row(spec.name, spec.library, spec.description)
+        table.add_row(spec.name, spec.description)
     console.print(table)
 
 

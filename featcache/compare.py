@@ -66,8 +66,7 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
 def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budget: int | None) -> dict:
     n = len(cache.classes)
     val, tst = validation.metrics(n), test.metrics(n) if test else None
-    # a fine-tuned head's recipe includes its parent head's training: not refitted per fold
-    refit = cv_folds and "finetune" not in head.info
+    refit = cv_folds and head.refittable
     scores = cross_validate(head, cache, cv_folds, memory_budget) if refit else None
     return {
         "head": head.name,

@@ -15,17 +15,18 @@ learning-curve marker.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from featcache import FeatcacheError
 from featcache.cache import Cache, cache_key
 from featcache.dataset import DEFAULT_FRACTIONS, load_dataset
 from featcache.extract import ExtractResult, extract
-from featcache.heads import FitOptions, Head, class_weights, head_dir, load_head, split_batches
+from featcache.heads import FitOptions, Head, head_dir, keras_head_of, load_head
+from featcache.heads.keras_heads import compile_head, parameter_counts
+from featcache.heads.protocol import class_weight_of
 from featcache.model import backbone_model, cache_config, cache_weights
+from featcache.streaming import split_batches, split_labels
 from featcache.weights import ResolvedWeights
 
 DEFAULTS = FitOptions(epochs=30, batch_size=20, learning_rate=1e-5, optimizer="rmsprop", seed=0, patience=5)
@@ -141,11 +142,7 @@ def finetune(
 
     head = load_head(head_dir(head_cache, head_name))
     head.check_cache(head_cache)
-    if head.library != "keras":
-        raise FeatcacheError(
-            f"--head {head.name}: fine-tuning trains a Keras head through the base; "
-            "fit dense256, dense1024 or linear first"
-        )
+    head_layers = head.to_keras(tuple(head_cache.manifest["feature_shape"]))  # refuses a head with no Keras form
     if (views := head_cache.config.get("average_views", "none")) != "none":
         raise FeatcacheError(
             f"cache {head_cache.key[:16]} averages {views} views, which fine-tuning cannot train through "
@@ -164,12 +161,8 @@ def finetune(
     say(f"prefix cache {prefix.key[:16]}: {extracted.computed} rows through the backbone, "
         f"{extracted.reused} copied")
     keras.utils.set_random_seed(options.seed)
-    model = trainable_model(extractor, cut, head.model)
-    binary = head.binary_sigmoid
-    optimizer = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[options.optimizer]
-    model.compile(optimizer=optimizer(learning_rate=options.learning_rate),
-                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = compile_head(trainable_model(extractor, cut, head_layers), len(prefix.classes), options.optimizer,
+                         options.learning_rate, one_column=head_layers.output_shape[-1] == 1)
 
     def report_epoch(epoch: int, logs: dict) -> None:
         say(f"finetune epoch {epoch + 1}/{options.epochs}: loss {logs['loss']:.4f}, "
@@ -184,16 +177,17 @@ def finetune(
     history = model.fit(
         split_batches(prefix, "train", options.batch_size, options.seed),
         validation_data=split_batches(prefix, "validation", 256, None), epochs=options.epochs,
-        callbacks=callbacks, class_weight=class_weights(prefix, options), verbose=0,
+        callbacks=callbacks, verbose=0,
+        class_weight=class_weight_of(split_labels(prefix, "train"), len(prefix.classes), options.class_weight),
         shuffle=False,  # split_batches shuffles shards, rows and a buffer itself
     )
     seconds = time.perf_counter() - started
     before = head.info.get("history", {})
     after = {k: [float(v) for v in values] for k, values in history.history.items()}
     info = {
-        "name": f"{head.name}-finetuned", "library": "keras", "cache_key": prefix.key,
+        "name": f"{head.name}-finetuned", "kind": "keras", "cache_key": prefix.key,
         "classes": prefix.classes, "feature_shape": prefix.manifest["feature_shape"],
-        "options": asdict(options), "seed": options.seed, "output": head.info.get("output"),
+        "options": options.to_json(), "seed": options.seed,
         "finetune": {
             "from_head": head.name, "from_cache": head_cache.key, "requested": unfreeze_from,
             "unfreeze_from": cut.unfreeze_from, "prefix_layer": cut.prefix_layer,
@@ -202,11 +196,10 @@ def finetune(
         "history": {k: before.get(k, []) + after[k] for k in after},
         "epochs_run": len(after["loss"]),
         "seconds_per_epoch": round(seconds / len(after["loss"]), 3),
-        "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
-        "non_trainable_params": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
+        **parameter_counts(model),
         "fit_seconds": round(seconds, 3), "fitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return Head(info["name"], model, info), prefix
+    return keras_head_of(info["name"], model, options, info), prefix
 
 
 def cache_with_head(workdir: Path, head_name: str) -> Cache:

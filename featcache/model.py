@@ -163,20 +163,7 @@ def cache_weights(cache: Cache) -> str | None:
 
 def head_model(head: Head, feature_shape: tuple[int, ...]):
     """The head as a Keras model from cached features to (N, n_classes) probabilities."""
-    import keras
-
-    if head.library == "sklearn":
-        from featcache.sklearn_export import keras_model
-
-        return keras_model(head.model, feature_shape, name=f"head_{head.name}")
-    if not head.binary_sigmoid:
-        return head.model
-    features = keras.Input(tuple(feature_shape), name="features")
-    p = head.model(features)
-    both = keras.layers.Dense(2, name="probabilities")  # [1 - p, p]: one column per class
-    both.build((None, 1))
-    both.set_weights([np.array([[-1.0, 1.0]], np.float32), np.array([1.0, 0.0], np.float32)])
-    return keras.Model(features, both(p), name=f"head_{head.name}")
+    return head.to_keras(tuple(feature_shape))
 
 
 def end_to_end(cache: Cache, head: Head):
@@ -247,7 +234,7 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -
         "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
         "preprocess": config["preprocess"], "dtype": config["dtype"],
         "weights": config["weights"], "weights_source": cache.manifest.get("weights_source"),
-        "cache_key": cache.key, "head": head.name, "head_sha256": head.info.get("model_sha256"),
+        "cache_key": cache.key, "head": head.name, "head_files": head.info.get("files"),
         "head_metrics": head.info.get("metrics"), "featcache_version": __version__,
         "keras_version": keras_version, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -236,120 +236,31 @@ def _read_into(f, shard: Path, buffer: np.ndarray, rows: np.ndarray, dest: slice
         ) from None
 
 
-# --- scikit-learn heads by SGD, for caches over the budget -------------------------------------------
+def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None,
+                  buffer_rows: int = KERAS_SHUFFLE_ROWS, rows: np.ndarray | None = None):
+    """A tf.data pipeline of float32 batches streamed from shards (never the whole cache in memory).
 
-SGD_LOSSES = {"logreg": "log_loss", "svm": "hinge"}
-
-
-@dataclass
-class _Candidate:
-    """One C of the grid trained by SGD, with the state of its best validation epoch so far."""
-
-    c: float
-    model: object
-    accuracy: float = -1.0
-    epoch: int = 0
-    best: object = None
-
-
-def fit_sgd(cache: Cache, name: str, c_grid, class_weight: dict | None, seed: int, epochs: int,
-            patience: int | None, plan: StreamPlan, say,
-            rows: np.ndarray | None = None) -> tuple[object, dict]:
-    """logreg (log loss) or linear svm (hinge) fitted by SGD over streamed shards, in ``plan``'s memory,
-    on the training rows that the mask ``rows`` keeps (all without it).
-
-    A first pass fits the StandardScaler; then every C of the grid (as alpha = 1 / (C * n_train),
-    the same regularisation as the in-memory fit) trains on the same shuffled mini-batches, one
-    read of the cache per epoch for all of them. Each keeps its best validation epoch and stops
-    after ``patience`` epochs without gain; the best validation accuracy picks C (ties: the
-    smaller). An svm is then Platt-calibrated on validation rows, as many as half the budget holds.
+    With a seed, every epoch visits shards, blocks and rows in a new order drawn from (seed, epoch),
+    mixed in a buffer of ``buffer_rows`` rows (``batches``); memory holds that buffer and
+    two prefetched batches, whatever the size of the cache. ``rows`` (a mask over the split) keeps
+    only those rows.
     """
-    import copy
+    import itertools
 
-    from sklearn.linear_model import SGDClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    import tensorflow as tf
 
-    n_train = cache.manifest["splits"]["train"]["rows"] if rows is None else int(rows.sum())
-    classes = np.arange(len(cache.classes))
-    missing = sorted(set(classes.tolist()) - set(split_labels(cache, "validation").tolist()))
-    if name == "svm" and missing:  # refused before training, not after
-        raise FeatcacheError(
-            f"the validation split has no rows of class {', '.join(cache.classes[i] for i in missing)}, "
-            "and a streamed svm is calibrated on validation rows; fit logreg, or raise --memory-budget "
-            "to fit svm in memory"
-        )
-    scaler = StandardScaler()
-    for x, _ in batches(cache, "train", plan.batch_rows, rows=rows):
-        scaler.partial_fit(x.reshape(len(x), -1))
-    candidates = [
-        _Candidate(c, SGDClassifier(loss=SGD_LOSSES[name], alpha=1 / (c * n_train), class_weight=class_weight,
-                                    shuffle=False, random_state=seed))  # the stream shuffles
-        for c in c_grid
-    ]
-    active, epoch = list(candidates), 0
-    while active and epoch < epochs:
-        epoch += 1
-        rng = np.random.default_rng([seed, epoch])
-        for x, y in batches(cache, "train", plan.batch_rows, plan.buffer_rows, rng, rows):
-            x = scaler.transform(x.reshape(len(x), -1))
-            for candidate in active:
-                candidate.model.partial_fit(x, y, classes=classes)
-        for candidate, accuracy in zip(active, _accuracies(cache, scaler, active, plan), strict=True):
-            if accuracy > candidate.accuracy:
-                candidate.accuracy, candidate.epoch = accuracy, epoch
-                candidate.best = copy.deepcopy(candidate.model)
-        say(f"{name} epoch {epoch}/{epochs} (streamed SGD): val accuracy "
-            + ", ".join(f"C={c.c} {c.accuracy:.1%}" for c in active))
-        active = [c for c in active if not patience or epoch - c.epoch < patience]
-    chosen = max(candidates, key=lambda candidate: candidate.accuracy)  # first of equals: smaller C
-    details = {"chosen": {"C": chosen.c, "alpha": 1 / (chosen.c * n_train), "epoch": chosen.epoch},
-               "validation_accuracy_by_C": {str(c.c): c.accuracy for c in candidates}, "output": "proba",
-               "memory": {"path": "streamed", "estimator": f"SGDClassifier({SGD_LOSSES[name]})",
-                          "epochs": epoch, **plan.record()}}
-    model = chosen.best
-    if name == "svm":
-        model, details["memory"]["calibration_rows"] = _calibrated(cache, scaler, model, plan, seed)
-    return make_pipeline(scaler, model), details
+    epochs = itertools.count()
 
+    def generate():
+        rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
+        yield from batches(cache, split, batch_size, max(buffer_rows, batch_size), rng, rows)
 
-def _accuracies(cache: Cache, scaler, candidates: list[_Candidate], plan: StreamPlan) -> list[float]:
-    """Validation accuracy of every candidate, in one streamed pass."""
-    correct, rows = np.zeros(len(candidates)), 0
-    for x, y in batches(cache, "validation", plan.batch_rows):
-        x = scaler.transform(x.reshape(len(x), -1))
-        correct += [np.sum(candidate.model.predict(x) == y) for candidate in candidates]
-        rows += len(y)
-    return list(correct / max(rows, 1))
-
-
-def _calibrated(cache: Cache, scaler, svm, plan: StreamPlan, seed: int):
-    """Platt's sigmoid on the SVM's scores for validation rows: all of them, or a random sample that
-    half the budget holds (standardised float32, with scikit-learn's copy of it), with at least one
-    row of every class. One fold of all the rows: the SVM is frozen, so no rows are held out from it,
-    and no class needs as many rows as cross-validation folds."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.frozen import FrozenEstimator
-
-    y_val = split_labels(cache, "validation")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y_val))
-    keep = np.zeros(len(y_val), bool)
-    keep[order[: plan.budget // 2 // (2 * RowSize.of(cache).float32)]] = True
-    keep[order[np.unique(y_val[order], return_index=True)[1]]] = True  # a first row of every class
-    rows = int(keep.sum())
-    sample, labels = np.empty((rows, RowSize.of(cache).features), np.float32), np.empty(rows, np.int32)
-    start = taken = 0
-    for x, y in batches(cache, "validation", plan.batch_rows):
-        mask = keep[start : start + len(y)]
-        start, k = start + len(y), int(mask.sum())
-        if k:
-            sample[taken : taken + k] = scaler.transform(x[mask].reshape(k, -1))
-            labels[taken : taken + k] = y[mask]
-            taken += k
-    every_row = [(np.arange(rows), np.arange(rows))]
-    calibrated = CalibratedClassifierCV(FrozenEstimator(svm), method="sigmoid", cv=every_row)
-    return calibrated.fit(sample, labels), rows
+    signature = (tf.TensorSpec((None, *cache.manifest["feature_shape"]), tf.float32),
+                 tf.TensorSpec((None,), tf.int32))
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    count = cache.manifest["splits"][split]["rows"] if rows is None else int(rows.sum())
+    steps = math.ceil(count / batch_size)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
 def split_labels(cache: Cache, split: str) -> np.ndarray:

@@ -1,10 +1,10 @@
-"""Heads on the cache: every head learns a separable cache, none learns shuffled labels,
-save/load is exact and safe, and a head refuses a cache it was not fitted on."""
+"""Heads through the protocol alone: every registered head learns a separable cache, in memory and
+streamed; fit, predict, save, load and export agree; stored heads are data only; choices made on
+validation match plain scikit-learn on the same arrays."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,99 +13,216 @@ from click.testing import CliRunner
 from featcache import FeatcacheError
 from featcache.cli import main
 from featcache.evaluate import cross_validate, evaluate, predict_split
-from featcache.heads import C_GRIDS, HEADS, FitOptions, fit_head, head_dir, load_head
+from featcache.heads import HEADS, FitOptions, build_head, fit_head, head_dir, load_head
 from tests.conftest import synthetic_cache
 
 QUICK = FitOptions(epochs=40, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=8)
+STREAMING = [name for name in HEADS if build_head(name).streams]
+
+
+def fitted(cache, name, options=QUICK, streamed=False):
+    """A head fitted in memory, or from shards streamed under a budget far below the cache."""
+    return fit_head(cache, name, options, memory_budget=20_000 if streamed else None)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+@pytest.mark.parametrize("name", list(HEADS))
+def test_every_head_fits_predicts_saves_loads_and_exports_the_same(name, streamed, tmp_path):
+    if streamed and name not in STREAMING:
+        with pytest.raises(FeatcacheError, match="cannot stream"):
+            fitted(synthetic_cache(tmp_path), name, streamed=True)
+        return
+    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"))
+    head = fitted(cache, name, streamed=streamed)
+    assert head.record["memory"]["path"] == ("streamed" if streamed else "in-memory")
+    metrics = evaluate(head, cache)
+    assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
+    x, _, _ = cache.read("test")
+    p = head.predict_proba(x)
+    assert p.shape == (30, 3)
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+    loaded = load_head(head.save(head_dir(cache, name)))
+    np.testing.assert_allclose(loaded.predict_proba(x), p, rtol=1e-6, atol=1e-7)
+    assert not any(f.suffix in (".joblib", ".pkl") for f in head_dir(cache, name).iterdir())
+    try:
+        exported = loaded.to_keras(tuple(cache.manifest["feature_shape"]))
+    except FeatcacheError as refusal:
+        assert name == "svm-rbf" and "no exact Keras layer equivalent" in str(refusal)
+        assert "\n" not in str(refusal)
+        return
+    np.testing.assert_allclose(np.asarray(exported(x.astype(np.float32))), p, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", list(HEADS))
-def test_every_head_learns_a_separable_cache(name, tmp_path):
+def test_two_class_heads_give_two_columns_everywhere(name, tmp_path):
     cache = synthetic_cache(tmp_path)
-    metrics = evaluate(fit_head(cache, name, QUICK), cache)
-    assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
+    head = fitted(cache, name)
+    x, y, _ = cache.read("test")
+    p = head.predict_proba(x)
+    assert p.shape == (20, 2) and (p.argmax(axis=1) == y).mean() >= 0.9
+    if name != "svm-rbf":
+        exported = head.to_keras(tuple(cache.manifest["feature_shape"]))
+        np.testing.assert_allclose(np.asarray(exported(x.astype(np.float32))), p, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["dense256", "logreg"])
 def test_shuffled_labels_stay_near_chance(name, tmp_path):
     cache = synthetic_cache(tmp_path, per_class=(40, 20, 30), shuffle_labels=True)
-    metrics = evaluate(fit_head(cache, name, QUICK), cache)
+    metrics = evaluate(fitted(cache, name), cache)
     assert metrics["test"]["accuracy"] < 0.72
 
 
-def test_multiclass_softmax_probabilities(tmp_path):
-    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"))
-    head = fit_head(cache, "dense256", QUICK)
-    result = predict_split(head, cache, "test")
-    assert result.probabilities.shape == (30, 3)
-    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1, rtol=1e-5)
-    assert result.metrics(3)["accuracy"] >= 0.9 and len(result.metrics(3)["confusion"]) == 3
-
-
 @pytest.mark.parametrize("name", ["dense256", "svm"])
-def test_saved_head_loads_and_predicts_identically(name, tmp_path):
-    cache = synthetic_cache(tmp_path)
-    head = fit_head(cache, name, QUICK)
-    folder = head.save(head_dir(cache, name))
-    loaded = load_head(folder)
-    x, _, _ = cache.read("test")
-    np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x), rtol=1e-6, atol=1e-7)
-    info = json.loads((folder / "head.json").read_text())
-    assert info["cache_key"] == cache.key and info["seed"] == 0 and info["fit_seconds"] > 0
-
-
-@pytest.mark.parametrize("name", ["dense256", "logreg"])
 def test_tampered_head_file_is_refused(name, tmp_path):
     cache = synthetic_cache(tmp_path)
-    folder = fit_head(cache, name, QUICK).save(head_dir(cache, name))
+    folder = fitted(cache, name).save(head_dir(cache, name))
     model_file = next(p for p in folder.iterdir() if p.name.startswith("model."))
     model_file.write_bytes(model_file.read_bytes() + b"\0")
     with pytest.raises(FeatcacheError, match="does not match the sha256 recorded"):
         load_head(folder)
 
 
+def test_a_planted_pickle_never_runs_even_with_its_hash_recorded(tmp_path):
+    """head.json sits beside the model, so its hash proves nothing: loading must run no stored code."""
+    import pickle
+
+    cache = synthetic_cache(tmp_path)
+    folder = fitted(cache, "logreg").save(head_dir(cache, "logreg"))
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    np.savez(folder / "model.npz", weights=np.array([Exploit()], dtype=object))
+    (folder / "model.joblib").write_bytes(pickle.dumps(Exploit()))
+    from featcache.dataset import file_sha256
+
+    record = json.loads((folder / "head.json").read_text())
+    record["files"] = {"model.npz": file_sha256(folder / "model.npz"),
+                       "model.joblib": file_sha256(folder / "model.joblib")}
+    (folder / "head.json").write_text(json.dumps(record))
+    with pytest.raises(FeatcacheError, match="cannot be read as data"):
+        load_head(folder)
+    assert not marker.exists()
+
+
 def test_head_refuses_a_cache_it_was_not_fitted_on(tmp_path):
     a = synthetic_cache(tmp_path / "a", seed=1)
     b = synthetic_cache(tmp_path / "b", seed=2)
-    head = fit_head(a, "logreg", QUICK)
+    head = fitted(a, "logreg")
     with pytest.raises(FeatcacheError, match="was fitted on cache .* fit it again"):
         predict_split(head, b, "test")
 
 
-def test_sklearn_heads_choose_c_on_validation(tmp_path):
-    head = fit_head(synthetic_cache(tmp_path), "logreg", QUICK)
-    assert head.info["chosen"]["C"] in C_GRIDS["logreg"]
-    assert len(head.info["validation_accuracy_by_C"]) == 5
+def test_logreg_equals_plain_sklearn_at_the_scaling_and_c_validation_chose(tmp_path):
+    """The search picks the best validation accuracy (ties: lower log loss, then the earlier), and
+    its span-reduced fit is the plain fit: checked against scikit-learn on the full arrays."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from featcache.heads.linear import GRID
+    from featcache.heads.scaling import CHOICES, Scaling
+
+    cache = synthetic_cache(tmp_path, classes=("a", "b", "c"), per_class=(12, 20, 20), shape=(64,),
+                            separation=1.5)
+    head = fitted(cache, "logreg", FitOptions())
+    x, y, _ = cache.read("train")
+    xv, yv, _ = cache.read("validation")
+    best, expected = None, None
+    for kind in CHOICES:
+        scaling = Scaling.fit(kind, x.reshape(len(x), -1))
+        xs, xvs = scaling.apply(x), scaling.apply(xv)
+        for t in GRID:
+            c = t / np.mean(np.sum(xs.astype(np.float64) ** 2, axis=1))
+            plain = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(xs, y)
+            score = ((plain.predict(xvs) == yv).mean(), -log_loss(yv, plain.predict_proba(xvs)))
+            if best is None or score[0] > best[0] + 1e-9 or (score[0] == best[0] and score[1] > best[1] + 1e-3):
+                best, expected = score, (kind, c, plain, scaling)
+    kind, c, plain, scaling = expected
+    assert head.record["chosen"]["scaling"] == kind
+    assert head.record["chosen"]["C"] == pytest.approx(c, rel=1e-6)
+    xt, _, _ = cache.read("test")
+    np.testing.assert_allclose(head.predict_proba(xt), plain.predict_proba(scaling.apply(xt)), atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm", "svm-rbf"])
+def test_the_chosen_candidate_has_the_best_recorded_validation_accuracy(name, tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=(20, 20, 10), shape=(16,), separation=1.0, seed=3)
+    head = fitted(cache, name, FitOptions())
+    scores = head.record["validation_accuracy"]
+    chosen = head.record["chosen"]
+    assert max(scores.values()) == max(v for k, v in scores.items() if k.startswith(chosen["scaling"]))
+    key = next(k for k in scores if k.startswith(chosen["scaling"]) and f"C={chosen['C']:.3g}" in k)
+    assert scores[key] == max(scores.values())
 
 
 def test_keras_head_records_history_and_parameter_counts(tmp_path):
-    head = fit_head(synthetic_cache(tmp_path), "dense256", QUICK)
-    assert set(head.info["history"]) >= {"loss", "val_loss", "accuracy", "val_accuracy"}
-    assert head.info["trainable_params"] == 2 * 2 * 8 * 256 + 256 + 256 + 1
+    head = fitted(synthetic_cache(tmp_path), "dense256")
+    assert set(head.record["history"]) >= {"loss", "val_loss", "accuracy", "val_accuracy"}
+    assert head.record["trainable_params"] == 2 * 2 * 8 * 256 + 256 + 256 + 1
 
 
-def test_class_weight_balanced_on_an_imbalanced_cache(tmp_path):
-    cache = synthetic_cache(tmp_path, per_class=(30, 10, 10))
-    options = FitOptions(**{**QUICK.__dict__, "class_weight": "balanced"})
-    assert evaluate(fit_head(cache, "logreg", options), cache)["test"]["balanced_accuracy"] >= 0.9
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+@pytest.mark.parametrize("name", list(HEADS))
+def test_balanced_class_weight_raises_the_minority_class_probability(name, streamed, tmp_path):
+    """Weights reach every head's training: on a 10:1 training split, 'balanced' raises the probability
+    that minority rows get for their class (calibrated heads included, whose argmax may stay put)."""
+    if streamed and name not in STREAMING:
+        return
+    cache = synthetic_cache(tmp_path, per_class=((60, 6), (30, 3), (40, 40)), shape=(8,), separation=1.5)
+    minority = {}
+    for weight in (None, "balanced"):
+        options = FitOptions(epochs=30, batch_size=16, learning_rate=1e-2, class_weight=weight, scaling="standard")
+        result = predict_split(fitted(cache, name, options, streamed), cache, "test")
+        minority[weight] = float(result.probabilities[result.labels == 1, 1].mean())
+    assert minority["balanced"] >= minority[None] + 0.05, minority
 
 
-def test_cross_validation_on_train(tmp_path):
+def test_svm_rbf_never_scores_below_the_majority_rate_on_validation(tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=((60, 15), (30, 8), (30, 8)), shape=(32,), separation=0.8)
+    head = fitted(cache, "svm-rbf", FitOptions())
+    assert head.record["validation_accuracy"][max(head.record["validation_accuracy"],
+                                                  key=head.record["validation_accuracy"].get)] >= \
+        head.record["validation_majority_rate"]
+    assert evaluate(head, cache)["validation"]["accuracy"] >= head.record["validation_majority_rate"]
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_rbf_decision_values_match_scikit_learn(classes):
+    from sklearn.svm import SVC
+
+    from featcache.heads.kernel import decision, rbf, squared_distances
+
+    rng = np.random.default_rng(classes)
+    x = rng.normal(size=(80, 5)) + np.repeat(np.arange(classes), 80 // classes)[:, None]
+    y = np.repeat(np.arange(classes), 80 // classes)
+    svc = SVC(kernel="rbf", gamma=0.3, C=2.0).fit(x, y)
+    xt = rng.normal(size=(15, 5)) * 2
+    kernel = rbf(squared_distances(xt, svc.support_vectors_), 0.3)
+    ours = decision(kernel, svc.dual_coef_, svc.intercept_, svc.n_support_)
+    theirs = svc.decision_function(xt)
+    np.testing.assert_allclose(ours, theirs.reshape(len(xt), -1), atol=1e-8)
+
+
+def test_cross_validation_refits_each_heads_recipe(tmp_path):
     cache = synthetic_cache(tmp_path)
     for name in ("logreg", "dense256"):
-        scores = cross_validate(fit_head(cache, name, QUICK), cache, folds=3)
+        scores = cross_validate(fitted(cache, name), cache, folds=3)
         assert len(scores) == 3 and min(scores) >= 0.9
 
 
-def test_fit_head_command_saves_heads_with_metrics(tmp_path):
+def test_fit_head_command_saves_heads_with_metrics_and_keeps_fitted_ones(tmp_path):
     cache = synthetic_cache(tmp_path)
-    result = CliRunner().invoke(main, ["fit-head", "--workdir", str(tmp_path), "--head", "logreg",
-                                       "--head", "linear", "--learning-rate", "0.01", "--optimizer", "adam"])
+    args = ["fit-head", "--workdir", str(tmp_path), "--head", "logreg", "--head", "linear", "--learning-rate", "0.01"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "linear epoch 1/30: loss" in result.stderr and "logreg C=0.001: val accuracy" in result.stderr
+    assert "linear epoch 1/50: loss" in result.stderr and "logreg standard: val accuracy" in result.stderr
     for name in ("logreg", "linear"):
         info = json.loads((head_dir(cache, name) / "head.json").read_text())
         assert info["metrics"]["test"]["accuracy"] >= 0.9
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and again.output.count("already fitted with these options") == 2
     unknown = CliRunner().invoke(main, ["fit-head", "--workdir", str(tmp_path), "--head", "forest"])
     assert unknown.exit_code == 1 and "unknown head 'forest'" in unknown.output
 
@@ -120,6 +237,7 @@ def module_sorted_cache(workdir, seed=0):
     """Two classes whose rows come, in path order, module by module (as elpv's cells do): every split
     holds cells of every module, and what tells the classes apart differs from module to module."""
     import hashlib
+    from pathlib import Path
 
     from featcache.dataset import Dataset, Sample
     from tests.conftest import write_cache
@@ -146,5 +264,5 @@ def test_calibration_folds_are_shuffled_not_blocks_of_sorted_rows(name, tmp_path
     """Unshuffled folds of path-sorted rows hold out whole modules, whose scores calibrate nothing:
     elpv's svm-rbf fell to the majority class (57%) that way."""
     cache = module_sorted_cache(tmp_path)
-    metrics = evaluate(fit_head(cache, name, QUICK), cache)
+    metrics = evaluate(fitted(cache, name, FitOptions(scaling="standard")), cache)
     assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9

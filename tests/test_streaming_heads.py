@@ -20,7 +20,8 @@ from featcache import FeatcacheError
 from featcache.cli import main
 from featcache.dataset import Dataset, Sample
 from featcache.evaluate import cross_validation_bytes, evaluate
-from featcache.heads import C_GRIDS, FitOptions, fit_head, head_dir, load_head, memory_plan, split_batches
+from featcache.heads import FitOptions, fit_head, head_dir, load_head, memory_plan
+from featcache.streaming import split_batches
 from featcache.streaming import batches, format_size, in_memory_bytes, parse_size
 from tests.conftest import blob_cache, synthetic_cache, write_cache
 
@@ -168,12 +169,13 @@ def test_streamed_logreg_stays_near_chance_on_shuffled_labels(tmp_path):
 def test_streamed_logreg_keeps_the_c_and_epoch_best_on_validation(tmp_path):
     cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), per_class=(20, 10, 10), seed=3)
     head = fit_head(cache, "logreg", SGD, memory_budget=TINY_BUDGET)
-    by_c = head.info["validation_accuracy_by_C"]
+    by_c = head.info["validation_accuracy"]
     chosen = head.info["chosen"]
-    assert list(by_c) == [str(c) for c in C_GRIDS["logreg"]]
-    assert chosen["C"] == next(c for c in C_GRIDS["logreg"] if by_c[str(c)] == max(by_c.values()))
+    assert len(by_c) == 6 and all(key.startswith("standard C=") for key in by_c)
+    first_best = next(key for key in by_c if by_c[key] == max(by_c.values()))  # ties: the smaller C
+    assert first_best == f"standard C={chosen['C']:.3g}"
     assert chosen["alpha"] == pytest.approx(1 / (chosen["C"] * 60)) and 1 <= chosen["epoch"] <= SGD.epochs
-    assert evaluate(head, cache)["validation"]["accuracy"] == pytest.approx(by_c[str(chosen["C"])])
+    assert evaluate(head, cache)["validation"]["accuracy"] == pytest.approx(by_c[first_best])
 
 
 def test_streamed_svm_calibrates_on_a_few_validation_rows(tmp_path):
@@ -205,8 +207,6 @@ def test_keras_head_refuses_a_budget_below_its_batches(tmp_path):
 @pytest.mark.parametrize("name, classes", [("logreg", ("a", "b")), ("logreg", ("x", "y", "z")),
                                            ("svm", ("x", "y", "z"))])
 def test_streamed_head_saves_loads_and_exports_to_keras(name, classes, tmp_path):
-    from featcache.sklearn_export import keras_model
-
     cache = synthetic_cache(tmp_path, classes=classes, per_class=(20, 10, 10))
     head = fit_head(cache, name, SGD, memory_budget=TINY_BUDGET)
     loaded = load_head(head.save(head_dir(cache, name)))
@@ -214,7 +214,7 @@ def test_streamed_head_saves_loads_and_exports_to_keras(name, classes, tmp_path)
     expected = head.predict_proba(x)
     np.testing.assert_array_equal(loaded.predict_proba(x), expected)
     assert loaded.info["memory"]["path"] == "streamed"
-    exported = np.asarray(keras_model(loaded.model, x.shape[1:])(x), np.float64)
+    exported = np.asarray(loaded.to_keras(x.shape[1:])(x), np.float64)
     np.testing.assert_allclose(exported, expected, atol=1e-5, rtol=0)
 
 

@@ -1,0 +1,184 @@
+"""Keras heads: dense256 (Chollet), dense1024, and linear (the MobileNetV2 tutorial's pooling + Dense).
+
+A head is ``reduce`` (Flatten, or global average pooling of a map for ``linear``), the scaling
+(standardisation by default: unpooled VGG16 features reach hundreds, and a first epoch on them has
+a loss near 19), then its layers and a sigmoid (two classes) or softmax output. With the default
+Adam 1e-3 and early stopping on validation loss it learns from 30 images as from thousands;
+Chollet's recipe is ``--optimizer rmsprop --learning-rate 2e-5 --scaling none``. In memory it
+trains on arrays; over the budget on shards streamed through a shuffle buffer (``split_batches``).
+Stored as ``model.keras``, loaded in safe mode: built-in layers only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.heads.export import two_column_output
+from featcache.heads.protocol import Head, class_weight_of, two_columns
+from featcache.heads.scaling import Scaling, streamed_moments
+
+ARCHITECTURES = {"dense256": (256, 0.5), "dense1024": (1024, 0.2), "linear": None}
+
+
+def reduce_features(name: str, x: np.ndarray) -> np.ndarray:
+    """What the head's first layer computes, in NumPy: flat rows, or a map's spatial average."""
+    x = np.asarray(x, np.float32)
+    if ARCHITECTURES.get(name) is None and x.ndim == 4:
+        return x.mean(axis=(1, 2))
+    return x.reshape(len(x), -1)
+
+
+def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, scaling: Scaling | None = None):
+    """The head alone, on the cached feature shape; sigmoid for two classes, softmax otherwise."""
+    import keras
+
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    layers = ARCHITECTURES[name]
+    if layers is None and len(feature_shape) == 3:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(inputs)
+    else:
+        x = keras.layers.Flatten(name="flatten")(inputs)
+    scale = scaling.keras_layer() if scaling is not None else None
+    if scale is not None:
+        x = scale(x)
+    if layers is not None:
+        units, dropout = layers
+        x = keras.layers.Dense(units, activation="relu", name=f"dense{units}")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    binary = n_classes == 2
+    outputs = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"head_{name}")
+
+
+def compile_head(model, n_classes: int, optimizer: str, learning_rate: float, one_column: bool | None = None):
+    """Compiled with cross-entropy: binary on one sigmoid column, sparse categorical on k columns."""
+    import keras
+
+    optimizer_class = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[optimizer]
+    one_column = n_classes == 2 if one_column is None else one_column
+    loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
+    model.compile(optimizer=optimizer_class(learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+    return model
+
+
+class KerasHead(Head):
+    kind = "keras"
+
+    @property
+    def refittable(self) -> bool:
+        """A fine-tuned head's recipe includes its parent's training and the top block: not refitted."""
+        return "finetune" not in self.record
+
+    def __init__(self, name: str, options, *, model=None):
+        super().__init__(name, options)
+        self.model = model
+
+    def stream_plan(self, cache, budget):
+        from featcache import streaming
+
+        return streaming.keras_plan(cache, budget, self.options.batch_size)
+
+    def _scaling_kind(self) -> str:
+        return "standard" if self.options.scaling == "auto" else self.options.scaling
+
+    def _compiled(self, feature_shape, n_classes: int, scaling: Scaling):
+        import keras
+
+        keras.utils.set_random_seed(self.options.seed)
+        model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling)
+        return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate)
+
+    def fit(self, x, y, *, n_classes, validation=None, say=None):
+        import tensorflow as tf
+
+        x = np.asarray(x, np.float32)
+        scaling = Scaling.fit(self._scaling_kind(), reduce_features(self.name, x))
+        self.model = self._compiled(x.shape[1:], n_classes, scaling)
+        order = np.random.default_rng(self.options.seed).permutation(len(x))
+        train = tf.data.Dataset.from_tensor_slices((x[order], np.asarray(y, np.int32)[order]))
+        train = train.shuffle(len(x), seed=self.options.seed).batch(self.options.batch_size)
+        val = None
+        if validation is not None:
+            val = tf.data.Dataset.from_tensor_slices(
+                (np.asarray(validation[0], np.float32), np.asarray(validation[1], np.int32))).batch(256)
+        weights = class_weight_of(y, n_classes, self.options.class_weight)
+        return self._train(train, val, weights, n_classes, say)
+
+    def fit_streamed(self, cache, plan, *, rows=None, say=None):
+        from featcache.streaming import batches, split_batches, split_labels
+
+        kind = self._scaling_kind()
+        if kind == "standard":
+            reduced = ((reduce_features(self.name, x), y) for x, y in batches(cache, "train", plan.batch_rows,
+                                                                              rows=rows))
+            scaling = Scaling.from_moments(kind, *streamed_moments(reduced))
+        else:
+            scaling = Scaling(kind)
+        n_classes = len(cache.classes)
+        self.model = self._compiled(cache.manifest["feature_shape"], n_classes, scaling)
+        train = split_batches(cache, "train", self.options.batch_size, self.options.seed, plan.buffer_rows, rows)
+        val = split_batches(cache, "validation", plan.batch_rows, None) if rows is None else None
+        labels = split_labels(cache, "train")
+        weights = class_weight_of(labels if rows is None else labels[rows], n_classes, self.options.class_weight)
+        return self._train(train, val, weights, n_classes, say)
+
+    def _train(self, train, val, weights, n_classes, say):
+        import keras
+
+        options = self.options
+        callbacks = []
+        if say is not None:
+            def report(epoch, logs):
+                scores = f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}"
+                if "val_loss" in logs:
+                    scores += f", val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.1%}"
+                say(f"{self.name} epoch {epoch + 1}/{options.epochs}: {scores}")
+
+            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=report))
+        if options.patience and val is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
+                                                           restore_best_weights=True))
+        history = self.model.fit(train, validation_data=val, epochs=options.epochs, callbacks=callbacks,
+                                 class_weight=weights, verbose=0, shuffle=False)
+        self.record.update(
+            history={k: [float(v) for v in values] for k, values in history.history.items()},
+            epochs_run=len(history.history["loss"]), output="sigmoid" if n_classes == 2 else "softmax",
+            chosen={"scaling": self._scaling_kind()}, **parameter_counts(self.model),
+        )
+        if options.patience and val is not None:
+            losses = history.history["val_loss"]
+            self.record["best_epoch"] = int(np.argmin(losses)) + 1
+        return self
+
+    def predict_proba(self, features):
+        features = np.asarray(features, np.float32)
+        chunks = [np.asarray(self.model(features[i : i + 1024], training=False), np.float64)
+                  for i in range(0, len(features), 1024)]
+        p = np.concatenate(chunks) if chunks else np.zeros((0, self.model.output_shape[-1]))
+        return two_columns(p) if p.shape[1] == 1 else p
+
+    def for_fold(self):
+        """Same layers and scaling; the epochs the fitted head kept (early stopping chose them)."""
+        epochs = self.record.get("best_epoch") or self.record["epochs_run"]
+        options = self.options.pinned(epochs=epochs, patience=None, scaling=self.record["chosen"]["scaling"])
+        return KerasHead(self.name, options)
+
+    def to_keras(self, feature_shape):
+        if self.model.output_shape[-1] != 1:
+            return self.model
+        return two_column_output(self.model, feature_shape, name=f"head_{self.name}")
+
+    def _write(self, folder):
+        self.model.save(folder / "model.keras")
+        return ["model.keras"]
+
+    def _read(self, folder):
+        import keras
+
+        self.model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    return {"trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            "non_trainable_params": int(sum(np.prod(w.shape) for w in model.non_trainable_weights))}

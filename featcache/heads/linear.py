@@ -1,0 +1,277 @@
+"""Linear heads: logistic regression and a Platt-calibrated linear SVM, stored as plain arrays.
+
+Fast because of an exact change of basis. An L2-penalised linear model's weights lie in the span
+of its training rows, so with n rows of d > n features the fit is the same problem on n numbers
+per row: from the Gram matrix G = X Xᵀ = U Λ Uᵀ, the rows Z = U Λ^½ and the orthonormal basis
+V = Xᵀ U Λ^-½ (X = Z Vᵀ, ‖w‖ = ‖z‖ for w = V z). scikit-learn fits on Z (1,672 x 1,672 instead of
+1,672 x 8,192 on elpv) and the weights come back as V z. Every candidate of the search (scaling x C,
+C warm-started from small to large) reuses one Gram matrix per scaling.
+
+The C grid is relative: C = t / mean ‖x‖², since scaling the features by s changes the optimal C by
+1 / s², so the same grid fits standardised, L2-normalised and raw features. Validation accuracy
+chooses (ties: lower validation log loss, then the earlier candidate).
+
+A fitted head is arrays only (``model.npz``, read without pickle): the scaling, W (d, k), b (k),
+and for the svm Platt's sigmoid (a, b) per score column; predict_proba and the Keras export are a
+few lines over them. Over the memory budget the same heads train by SGD on streamed shards
+(``sgd.py``) and are stored the same way.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.heads.protocol import Head, class_weight_of, two_columns
+from featcache.heads.scaling import CHOICES, Scaling
+
+GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # C x mean squared row norm
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """p = link(scaling(x) @ W + b): softmax, a sigmoid column, or Platt-calibrated scores."""
+
+    scaling: Scaling
+    weights: np.ndarray  # (d, k): k = 1 for two classes, else one column per class
+    bias: np.ndarray
+    link: str  # "softmax" | "sigmoid" | "ovr-sigmoid" | "platt"
+    platt: np.ndarray | None = None  # (2, k): Platt's a and b per score column
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.scaling.apply(x) @ self.weights + self.bias
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        s = self.scores(x).astype(np.float64)
+        if self.link == "platt":
+            from scipy.special import expit
+
+            p = expit(-(self.platt[0] * s + self.platt[1]))
+            if p.shape[1] == 1:
+                return two_columns(p)
+            total = p.sum(axis=1, keepdims=True)
+            return np.where(total > 0, p / np.where(total > 0, total, 1), 1 / p.shape[1])
+        from scipy.special import expit, softmax
+
+        if s.shape[1] == 1:
+            return two_columns(expit(s))
+        if self.link == "ovr-sigmoid":
+            p = expit(s)
+            return p / p.sum(axis=1, keepdims=True)
+
+        return softmax(s, axis=1)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        extra = {} if self.platt is None else {"platt": self.platt}
+        return {"weights": self.weights, "bias": self.bias, **self.scaling.arrays(), **extra}
+
+    @classmethod
+    def from_arrays(cls, scaling: str, link: str, arrays) -> LinearModel:
+        platt = np.asarray(arrays["platt"]) if "platt" in arrays else None
+        return cls(Scaling.from_arrays(scaling, arrays), np.asarray(arrays["weights"]),
+                   np.asarray(arrays["bias"]), link, platt)
+
+
+class SpanBasis:
+    """Z and V of the exact reduction above; the identity when rows are not fewer than features."""
+
+    def __init__(self, x: np.ndarray):
+        self.v = None
+        self.z = x
+        if len(x) < x.shape[1]:
+            from scipy.linalg import eigh
+
+            values, vectors = eigh((x @ x.T).astype(np.float64))
+            keep = values > values.max(initial=0) * 1e-9
+            root = np.sqrt(values[keep])
+            self.z = (vectors[:, keep] * root).astype(np.float32)
+            self.v = ((x.T @ vectors[:, keep].astype(np.float32)) / root.astype(np.float32)).astype(np.float32)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return x if self.v is None else x @ self.v
+
+    def lift(self, coef: np.ndarray) -> np.ndarray:
+        """(d, k) weights from scikit-learn's (k, r) coef_ in the reduced basis."""
+        coef = np.asarray(coef, np.float32)
+        return coef.T if self.v is None else self.v @ coef.T
+
+
+class LinearHead(Head):
+    """logreg or svm; ``choices`` pins scaling and C (cross-validation folds, a user's grid of one)."""
+
+    kind = "linear"
+
+    def __init__(self, name: str, options, *, loss: str, choices: dict | None = None):
+        super().__init__(name, options)
+        self.loss = loss  # "log_loss" (logreg) or "hinge" (svm)
+        self.choices = choices
+        self.model: LinearModel | None = None
+
+    @classmethod
+    def restore(cls, name, options, record):
+        return cls(name, options, loss=record["loss"])
+
+    # --- fitting in memory --------------------------------------------------------------------------
+
+    def fit(self, x, y, *, n_classes, validation=None, say=None):
+        say = say or (lambda message: None)
+        x = np.asarray(x, np.float32).reshape(len(x), -1)
+        y = np.asarray(y)
+        if self.choices:
+            scalings, grid = [self.choices["scaling"]], [self.choices["C"]]
+        else:
+            auto = self.options.scaling == "auto"
+            scalings, grid = (list(CHOICES) if auto else [self.options.scaling]), None
+        if validation is None and (len(scalings) > 1 or grid is None):
+            raise FeatcacheError(f"{self.name}: choosing scaling and C needs validation rows")
+        best, best_score, scores = None, None, {}
+        for kind in scalings:
+            started = time.perf_counter()
+            scaling = Scaling.fit(kind, x)
+            xs = scaling.apply(x)
+            basis = SpanBasis(xs)
+            cs = grid or [t / max(float(np.mean(np.einsum("ij,ij->i", xs, xs))), 1e-12) for t in GRID]
+            xv = basis.project(scaling.apply(validation[0])) if validation is not None else None
+            for c, estimator in self._path(basis.z, y, cs, n_classes):
+                candidate = (kind, c, estimator, basis, scaling)
+                if xv is None:
+                    best = candidate
+                    continue
+                score = _score(estimator, xv, validation[1], n_classes)
+                scores[f"{kind} C={c:.3g}"] = score[0]
+                if best_score is None or score > best_score:
+                    best, best_score = candidate, score
+            say(f"{self.name} {kind}: val accuracy "
+                + ", ".join(f"{v:.1%}" for k, v in scores.items() if k.startswith(kind))
+                + f" ({time.perf_counter() - started:.1f} s)")
+        kind, c, estimator, basis, scaling = best
+        if self.loss == "hinge":
+            estimator = self._calibrated(basis.z, y, c, n_classes)
+        self.model = _linear_model(estimator, basis, scaling, self.loss)
+        self.record.update(chosen={"scaling": kind, "C": float(c)}, validation_accuracy=scores,
+                           output="proba", solver="span" if basis.v is not None else "primal")
+        return self
+
+    def _path(self, z, y, cs, n_classes):
+        """Estimators fitted along ascending C, each warm-started from the previous."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.svm import LinearSVC
+
+        weights = class_weight_of(y, n_classes, self.options.class_weight)
+        if self.loss == "log_loss":
+            estimator = LogisticRegression(max_iter=300, warm_start=True, class_weight=weights,
+                                           random_state=self.options.seed)
+        for c in sorted(cs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                if self.loss == "log_loss":
+                    estimator.set_params(C=c).fit(z, y)
+                    yield c, _snapshot(estimator)
+                else:
+                    yield c, LinearSVC(C=c, class_weight=weights, random_state=self.options.seed).fit(z, y)
+
+    def _calibrated(self, z, y, c, n_classes):
+        """Platt's sigmoid on held-out decision values of shuffled stratified folds, then one SVM on
+        every row. Class weights weight the sigmoid's fit as well as the SVM's, or calibration would
+        undo them (shuffled: cache rows are sorted by path, and unshuffled folds of neighbouring
+        files, whole elpv modules, calibrate nothing)."""
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.model_selection import StratifiedKFold
+        from sklearn.svm import LinearSVC
+
+        folds = max(2, min(3, int(np.bincount(y).min(initial=0)) if len(y) else 2))
+        svc = LinearSVC(C=c, random_state=self.options.seed)
+        cv = StratifiedKFold(folds, shuffle=True, random_state=self.options.seed)
+        weights = sample_weights(y, n_classes, self.options.class_weight)
+        return CalibratedClassifierCV(svc, cv=cv, ensemble=False).fit(z, y, sample_weight=weights)
+
+    # --- fitting from streamed shards ---------------------------------------------------------------
+
+    def fit_streamed(self, cache, plan, *, rows=None, say=None):
+        from featcache.heads import sgd
+
+        kind = (self.choices or {}).get("scaling") or self.options.scaling
+        kind = "standard" if kind == "auto" else kind  # SGD needs comparable feature scales
+        cs = [self.choices["C"]] if self.choices else None
+        scaling, estimator, details = sgd.fit_sgd(cache, self.name, self.loss, kind, cs, self.options, plan,
+                                                  say or (lambda message: None), rows)
+        self.model = _linear_model(estimator, None, scaling, self.loss)
+        self.record.update(details, chosen={"scaling": kind, **details["chosen"]}, output="proba")
+        return self
+
+    # --- using it -----------------------------------------------------------------------------------
+
+    def predict_proba(self, features):
+        return self.model.predict_proba(features)
+
+    def for_fold(self):
+        return LinearHead(self.name, self.options, loss=self.loss,
+                          choices={k: self.record["chosen"][k] for k in ("scaling", "C")})
+
+    def to_keras(self, feature_shape):
+        from featcache.heads.export import linear_keras_model
+
+        return linear_keras_model(self.model, feature_shape, name=f"head_{self.name}")
+
+    def _write(self, folder):
+        np.savez(folder / "model.npz", **self.model.arrays())
+        self.record.update(link=self.model.link, scaling=self.model.scaling.kind, loss=self.loss)
+        return ["model.npz"]
+
+    def _read(self, folder):
+        with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+            self.model = LinearModel.from_arrays(self.record["scaling"], self.record["link"], arrays)
+
+
+def sample_weights(y: np.ndarray, n_classes: int, class_weight: str | None) -> np.ndarray | None:
+    """Per-row weights from the class weights (None: unweighted)."""
+    weights = class_weight_of(y, n_classes, class_weight)
+    return None if weights is None else np.array([weights[int(label)] for label in y])
+
+
+def _snapshot(estimator):
+    """The coefficients of a warm-started estimator at this C (the next fit overwrites them)."""
+    import copy
+
+    return copy.deepcopy(estimator)
+
+
+def _score(estimator, x_val, y_val, n_classes) -> tuple[float, float]:
+    """(validation accuracy, minus log loss when the estimator has probabilities)."""
+    accuracy = float((estimator.predict(x_val) == y_val).mean())
+    if not hasattr(estimator, "predict_proba"):
+        return accuracy, 0.0
+    from sklearn.metrics import log_loss
+
+    p = np.clip(estimator.predict_proba(x_val), 1e-7, 1)
+    return accuracy, -float(log_loss(y_val, p / p.sum(axis=1, keepdims=True), labels=estimator.classes_))
+
+
+def _linear_model(estimator, basis: SpanBasis | None, scaling: Scaling, loss: str) -> LinearModel:
+    """Arrays of a fitted LogisticRegression, log-loss SGDClassifier or calibrated linear SVM, in
+    the original feature space. A multi-class SGDClassifier is one-vs-rest: normalised sigmoids."""
+    lift = basis.lift if basis is not None else (lambda coef: np.asarray(coef, np.float32).T)
+    if hasattr(estimator, "calibrated_classifiers_"):
+        (fold,) = estimator.calibrated_classifiers_
+        svm = getattr(fold.estimator, "estimator", fold.estimator)  # a FrozenEstimator's inner model
+        _check_all_classes(svm)
+        platt = np.array([[c.a_ for c in fold.calibrators], [c.b_ for c in fold.calibrators]], np.float64)
+        return LinearModel(scaling, lift(svm.coef_), np.asarray(svm.intercept_, np.float32), "platt", platt)
+    _check_all_classes(estimator)
+    if estimator.coef_.shape[0] == 1:
+        link = "sigmoid"
+    else:
+        link = "ovr-sigmoid" if type(estimator).__name__ == "SGDClassifier" else "softmax"
+    return LinearModel(scaling, lift(estimator.coef_), np.asarray(estimator.intercept_, np.float32), link)
+
+
+def _check_all_classes(estimator) -> None:
+    if not np.array_equal(estimator.classes_, np.arange(len(estimator.classes_))):
+        raise FeatcacheError(
+            f"the training rows hold only classes {list(estimator.classes_)}; every class needs training rows"
+        )

@@ -1,0 +1,225 @@
+"""The head protocol: what every head does, whatever library computes it.
+
+A head is built from its registry entry and ``FitOptions`` (set before fitting, never changed by
+it). ``fit`` learns from arrays in memory, ``fit_streamed`` from a cache's shards within a memory
+plan; both choose what the options leave open ("auto" scaling, C, gamma, epochs) on validation
+rows and return the head. What fitting learns lives in ``record`` (JSON) and in the head's arrays
+or Keras model, never in its options. ``predict_proba`` gives (N, n_classes) probabilities;
+``save``/``load`` write and read data only (JSON, ``.npz`` read without pickle, ``.keras`` in
+safe mode); ``to_keras`` is the head as built-in Keras layers, for export and fine-tuning, or a
+one-line refusal. ``for_fold`` is the same recipe with every choice pinned, for cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from featcache import FeatcacheError
+from featcache.files import raise_if_out_of_space
+
+OPTIMIZERS = ("adam", "rmsprop")
+SCALINGS = ("auto", "standard", "l2", "none")
+CLASS_WEIGHTS = (None, "balanced")
+# Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
+# shuffled folds; 3: heads stored as data only, scaling chosen on validation, linear heads fitted in
+# the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input).
+# fit-head keeps an already fitted head only when it was made by this recipe.
+FIT_RECIPE = 3
+RECORD = "head.json"
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Training options. The defaults learn from 30 images as from thousands: Adam 1e-3 on
+    standardised features with early stopping. Chollet's recipe is
+    ``FitOptions(optimizer="rmsprop", learning_rate=2e-5, scaling="none", patience=None)``."""
+
+    epochs: int = 50
+    batch_size: int = 20
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    seed: int = 0
+    class_weight: str | None = None  # None or "balanced"
+    patience: int | None = 10  # early stopping on validation loss (best weights restored)
+    scaling: str = "auto"  # auto: chosen on validation (linear heads) or standard (Keras heads)
+
+    def __post_init__(self):
+        for option, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
+                                       ("scaling", self.scaling, SCALINGS),
+                                       ("class-weight", self.class_weight, CLASS_WEIGHTS)):
+            if value not in allowed:
+                names = ", ".join(str(a) for a in allowed if a is not None)
+                raise FeatcacheError(f"--{option} {value!r}: choose one of {names}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise FeatcacheError(
+                f"epochs {self.epochs}, batch size {self.batch_size} and learning rate "
+                f"{self.learning_rate} must all be positive"
+            )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> FitOptions:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def pinned(self, **changes) -> FitOptions:
+        return replace(self, **changes)
+
+
+class Head:
+    """Base of every head: provenance, saving, loading; subclasses learn and predict.
+
+    ``record`` is the head's JSON record: options, what validation chose, history, fit time, the
+    cache it was fitted on, metrics. Subclasses set ``kind`` (the key that ``load`` dispatches on)
+    and implement ``fit``, ``fit_streamed``, ``predict_proba``, ``to_keras``, ``_write``, ``_read``.
+    """
+
+    kind = ""
+    streams = True  # can fit from streamed shards when the cache is over the memory budget
+    refittable = True  # cross-validation can refit its recipe on a fold
+
+    def __init__(self, name: str, options: FitOptions = FitOptions()):
+        self.name = name
+        self.options = options
+        self.record: dict = {}
+
+    @classmethod
+    def restore(cls, name: str, options: FitOptions, record: dict) -> Head:
+        """An unfitted head rebuilt from its record, for ``load`` (kinds add their own state)."""
+        return cls(name, options)
+
+    # --- what subclasses implement ----------------------------------------------------------------
+
+    def fit(self, x: np.ndarray, y: np.ndarray, *, n_classes: int, validation=None, say=None) -> Head:
+        raise NotImplementedError
+
+    def fit_streamed(self, cache, plan, *, rows=None, say=None) -> Head:
+        raise NotImplementedError
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def stream_plan(self, cache, budget: int):
+        """The memory plan of a streamed fit within ``budget`` bytes (refuses one too small)."""
+        from featcache import streaming
+
+        return streaming.sgd_plan(cache, budget)
+
+    def to_keras(self, feature_shape: tuple[int, ...]):
+        raise NotImplementedError
+
+    def for_fold(self) -> Head:
+        """An unfitted head of the same recipe, with every choice validation made pinned."""
+        raise NotImplementedError
+
+    def _write(self, folder: Path) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    # --- shared behaviour -------------------------------------------------------------------------
+
+    @property
+    def info(self) -> dict:
+        """The record, as stored in ``head.json``."""
+        return self.record
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.record["classes"])
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class indices: the most probable class of each row."""
+        return self.predict_proba(features).argmax(axis=1)
+
+    def check_cache(self, cache) -> None:
+        if self.record.get("cache_key") != cache.key:
+            fitted = str(self.record.get("cache_key"))[:16]
+            raise FeatcacheError(
+                f"head {self.name} was fitted on cache {fitted}, not {cache.key[:16]}; "
+                f"fit it again with `featcache fit-head --head {self.name} --cache {cache.key[:16]}`"
+            )
+
+    def save(self, folder: Path) -> Path:
+        """Write the head to a temporary folder, then swap it in: never a half-written head."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            files = self._write(tmp)
+            self.record.update(kind=self.kind, name=self.name, options=self.options.to_json(),
+                               files={f: file_sha256(tmp / f) for f in files})
+            (tmp / RECORD).write_text(json.dumps(self.record, indent=2))
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_out_of_space(exc, f"saving head {self.name} to {folder}")
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+
+def file_sha256(path: Path) -> str:
+    from featcache.dataset import file_sha256 as sha
+
+    return sha(path)
+
+
+def read_record(folder: Path) -> dict:
+    """A saved head's ``head.json``: provenance and metrics, without loading the model."""
+    try:
+        record = json.loads((Path(folder) / RECORD).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FeatcacheError(f"{folder}: not a saved head ({exc}); fit it with `featcache fit-head`") from None
+    if not isinstance(record, dict):
+        raise FeatcacheError(f"{folder / RECORD}: not a head record; fit the head again with `featcache fit-head`")
+    return record
+
+
+def check_files(folder: Path, record: dict) -> None:
+    """Refuse a head whose files are missing or changed since it was saved (damage, not an attack:
+    loading runs no code whatever the files hold)."""
+    name = record.get("name", folder.name)
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise FeatcacheError(
+            f"{folder}: a head saved by an older featcache (recipe {record.get('fit_recipe')}); "
+            f"fit it again with `featcache fit-head --head {name} --refit`"
+        )
+    for file, digest in files.items():
+        path = folder / file
+        if Path(file).name != file or not path.is_file() or file_sha256(path) != digest:
+            raise FeatcacheError(
+                f"{path} is missing or does not match the sha256 recorded when it was saved; "
+                f"refusing to load it (fit the head again with `featcache fit-head --head {name} --refit`)"
+            )
+
+
+def class_weight_of(labels: np.ndarray, n_classes: int, class_weight: str | None) -> dict[int, float] | None:
+    """'balanced' weights as scikit-learn defines them: n / (k * n_class), from these labels."""
+    if class_weight is None:
+        return None
+    counts = np.bincount(np.asarray(labels, int), minlength=n_classes)
+    return {i: float(len(labels) / (n_classes * max(n, 1))) for i, n in enumerate(counts)}
+
+
+def two_columns(p: np.ndarray) -> np.ndarray:
+    """(N, 2) probabilities from one sigmoid column."""
+    p = np.asarray(p, np.float64).reshape(-1)
+    return np.column_stack([1 - p, p])
