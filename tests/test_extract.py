@@ -144,20 +144,34 @@ def test_concurrent_run_on_same_key_fails_clearly(class_data, tmp_path):
             run_extract(class_data, tmp_path / "out")
 
 
-def test_lock_is_released_for_a_waiting_run(class_data, tmp_path):
+def test_a_waiting_run_waits_for_the_lock_then_finishes(class_data, tmp_path, monkeypatch, capsys):
     first = run_extract(class_data, tmp_path / "out")
     (first.cache.path / cache.MANIFEST).unlink()
-    held = threading.Event()
+    held, events = threading.Event(), []
 
     def hold_lock_briefly():
         with cache.locked(first.cache.path):
             held.set()
             time.sleep(0.5)
+            events.append("holder releases")
 
+    real_write_manifest = cache.write_manifest
+
+    def write_manifest(*args, **kwargs):
+        events.append("waiting run writes the manifest")
+        return real_write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "write_manifest", write_manifest)
     holder = threading.Thread(target=hold_lock_briefly)
     holder.start()
     held.wait()
+    started = time.monotonic()
     assert run_extract(class_data, tmp_path / "out", lock_timeout=5).cache.key == first.cache.key
+    waited = time.monotonic() - started
+    holder.join()
+    assert events[:2] == ["holder releases", "waiting run writes the manifest"], events
+    assert 0.3 < waited < 5, waited  # the rest of the holder's 0.5 s, not the whole --lock-timeout
+    assert "waiting up to 5 s for featcache run" in capsys.readouterr().err
 
 
 def test_corrupt_shard_is_named_by_readers_and_rebuilt_alone(class_data, tmp_path):
