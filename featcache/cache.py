@@ -341,7 +341,8 @@ Batch = tuple[np.ndarray, np.ndarray, list[str]]  # features, labels, relative p
 class Cache:
     """A complete cache on disk, read lazily shard by shard; every shard is checked against the key."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str | Path):
+        path = Path(path)
         manifest = read_manifest(path)
         if manifest is None:
             raise FeatcacheError(f"{path} is not a featcache cache (no {MANIFEST}); run `featcache extract`")
@@ -368,6 +369,11 @@ class Cache:
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one row's features as stored: a feature map (H, W, C) or a pooled vector (C,)."""
+        return tuple(self.manifest["feature_shape"])
 
     def shard_paths(self, split: str) -> list[Path]:
         if split not in self.manifest["splits"]:
@@ -436,10 +442,53 @@ class Cache:
                 parts.append(f["views"][:] if "views" in f else np.zeros(len(f["labels"]), np.int32))
         return np.concatenate(parts)
 
+    def to_numpy(self, split: str, flatten: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(features, labels, relative paths) of a split: float32 features, one row per image (and per
+        augmented view), flattened to 2-D unless ``flatten`` is False; labels index ``classes``.
+
+        The rows are those of ``read``, converted batch by batch, so memory holds the float32 array
+        and one stored batch, never a second whole copy.
+        """
+        self.shard_paths(split)  # an unknown split fails here, in one line
+        labels, paths, _ = self.row_index(split)
+        features = np.empty((len(labels), *self.feature_shape), np.float32)
+        filled = 0
+        for batch, _, _ in self.iter_batches(split):
+            features[filled : filled + len(batch)] = batch
+            filled += len(batch)
+        return (features.reshape(len(labels), -1) if flatten else features), labels, paths
+
+    def to_pandas(self, split: str):
+        """A pandas DataFrame of a split: one column per feature (f0, f1, ...), then label, class, path."""
+        import pandas as pd
+
+        features, labels, paths = self.to_numpy(split)
+        columns = [f"f{i}" for i in range(features.shape[1])]
+        rows = pd.DataFrame({"label": labels, "class": [self.classes[i] for i in labels], "path": paths})
+        return pd.concat([pd.DataFrame(features, columns=columns), rows], axis=1)
+
+    def to_tf_dataset(self, split: str, batch_size: int = 32, shuffle: bool = False, *, seed: int = 0,
+                      flatten: bool = True):
+        """A tf.data.Dataset of (float32 features, int32 labels) batches streamed from the shards, never
+        the whole split in memory; flattened to (batch, features) as ``to_numpy`` unless ``flatten`` is
+        False. ``shuffle`` draws a new order every epoch from ``seed`` (a buffer of rows, as the
+        streamed heads train)."""
+        from featcache import streaming
+
+        self.shard_paths(split)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FeatcacheError(f"batch_size {batch_size!r}: give a whole number of rows, 1 or more")
+        dataset = streaming.split_batches(self, split, batch_size, seed if shuffle else None)
+        if not flatten:
+            return dataset
+        import tensorflow as tf
+
+        return dataset.map(lambda x, y: (tf.reshape(x, (tf.shape(x)[0], -1)), y))
+
 
 def list_caches(workdir: Path) -> list[dict]:
     """Manifests of every cache under workdir, oldest first (complete or not)."""
-    manifests = [read_manifest(p.parent) for p in workdir.glob(f"*/{MANIFEST}")]
+    manifests = [read_manifest(p.parent) for p in Path(workdir).glob(f"*/{MANIFEST}")]
     return sorted((m for m in manifests if m), key=lambda m: m.get("completed") or m.get("created", ""))
 
 
@@ -448,12 +497,13 @@ def set_current(workdir: Path, key: str) -> None:
     atomic_write(Path(workdir) / CURRENT, key + "\n")
 
 
-def open_cache(workdir: Path, key: str | None = None) -> Cache:
+def open_cache(workdir: str | Path, key: str | None = None) -> Cache:
     """The cache named by a key (a prefix is enough), else the last extracted, else the newest complete."""
+    workdir = Path(workdir)
     complete = [m for m in list_caches(workdir) if m.get("status") == "complete"]
-    current = Path(workdir) / CURRENT
+    current = workdir / CURRENT
     if key is None and current.is_file():
-        path = Path(workdir) / current.read_text().strip()[:16]
+        path = workdir / current.read_text().strip()[:16]
         if (read_manifest(path) or {}).get("status") == "complete":
             return Cache(path)
     if key is None:
