@@ -74,10 +74,11 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
             f"--data {data}: no such file or folder; pass a dataset folder or CSV "
             "(or run `featcache datasets elpv` to create data/)"
         )
-    _check_fractions(fractions)
+    check_fractions(fractions)
     if data.is_file():
         if data.suffix.lower() != ".csv":
-            raise FeatcacheError(f"--data {data}: a file must be a CSV with columns path,label[,split]")
+            raise FeatcacheError(f"--data {data}: a file must be a CSV with columns path,label[,split] "
+                                 "or an .npz with arrays images and labels")
         return _build(data.parent.resolve(), "csv", _read_csv(data), fractions)
     if _split_folders(data):
         return _build(data, "split-folders", _scan_split_folders(data), fractions)
@@ -224,7 +225,7 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _check_fractions(fractions: tuple[float, float, float]) -> None:
+def check_fractions(fractions: tuple[float, float, float]) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise FeatcacheError(
             f"split fractions {fractions} must be three non-negative numbers summing to 1, e.g. 0.7,0.15,0.15"
