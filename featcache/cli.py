@@ -72,22 +72,26 @@ def main():
               help="Square input size in px [default: the backbone's].")
 @click.option("--resize", type=click.Choice(["squash", "crop"]), default=EXTRACT_DEFAULTS.resize,
               show_default=True, help="squash like Keras, or centre-crop to a square first.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.batch_size,
+              show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=EXTRACT_DEFAULTS.dtype,
               show_default=True, help="Storage type of the features (computed in float32).")
-@click.option("--preprocess", type=click.Choice(backbones.PREPROCESSINGS), default=EXTRACT_DEFAULTS.preprocess,
-              show_default=True, help="The backbone's own preprocess_input, or the tutorials' 1/255.")
+@click.option("--preprocess", type=click.Choice(backbones.PREPROCESSINGS),
+              default=EXTRACT_DEFAULTS.preprocess, show_default=True,
+              help="The backbone's own preprocess_input, or the tutorials' 1/255.")
 @click.option("--weights", default=EXTRACT_DEFAULTS.weights, show_default=True,
               help="imagenet, none (random init, fixed seed) or a weights file.")
 @click.option("--split-fractions", callback=parse_fractions,
               default=",".join(map(str, EXTRACT_DEFAULTS.split_fractions)), show_default=True,
               help="train,validation,test fractions for class-folder, CSV and .npz data without splits.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.shard_size, show_default=True,
+@click.option("--shard-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.shard_size,
+              show_default=True,
               help="Rows per HDF5 shard (the unit of resume; an image and its views share one).")
 @click.option("--xla/--no-xla", default=EXTRACT_DEFAULTS.xla, show_default=True,
               help="Compile the backbone with XLA.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]), default=EXTRACT_DEFAULTS.precision,
-              show_default=True, help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]),
+              default=EXTRACT_DEFAULTS.precision, show_default=True,
+              help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
 @click.option("--lock-timeout", type=float, default=EXTRACT_DEFAULTS.lock_timeout, show_default=True,
               help="Seconds to wait for another run writing the same cache.")
 @click.option("--augment", type=click.IntRange(min=0), default=EXTRACT_DEFAULTS.augment, show_default=True,
@@ -95,8 +99,8 @@ def main():
                    "validation and test are never augmented.")
 @click.option("--seed", type=click.IntRange(min=0), default=EXTRACT_DEFAULTS.seed, show_default=True,
               help="Seed of the augmented views (recorded in the cache key).")
-@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)), default=EXTRACT_DEFAULTS.average_views,
-              show_default=True,
+@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)),
+              default=EXTRACT_DEFAULTS.average_views, show_default=True,
               help="Average each image's pooled features over its mirrored copies (flips: 4) or its "
                    "mirrored and quarter-turned copies (d4: 8), in every split and at predict: features "
                    "that ignore orientation, for images with no up (solar cells, micrographs, aerial "
