@@ -42,8 +42,9 @@ def main() -> None:
     from featcache import backbones
     from featcache.extract import decoded_batches
     from featcache.finetune import cache_with_head, plan_cut, prefix_cache, trainable_model
-    from featcache.heads import head_dir, load_head, split_batches
+    from featcache.heads import head_dir, load_head
     from featcache.model import backbone_model, cache_config, cache_weights, preprocessing_layer
+    from featcache.streaming import split_batches
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("featcache-out"))
@@ -61,14 +62,15 @@ def main() -> None:
     extractor = backbone_model(config, cache_weights(cache))
     cut = plan_cut(extractor, config.backbone, args.unfreeze_from)
     prefix = prefix_cache(cache, cut, args.workdir, args.data).cache
-    model = trainable_model(extractor, cut, head.model)
+    head_layers = head.to_keras(tuple(cache.manifest["feature_shape"]))
+    model = trainable_model(extractor, cut, head_layers)
     for layer in extractor.layers:  # the full path trains exactly the same layers
         layer.trainable = layer.trainable and layer.name in cut.trainable
     size = config.image_size
     pixels = keras.Input((size, size, 3))
     preprocessed = preprocessing_layer(backbones.get(config.backbone), config.preprocess, size)(pixels)
-    full = keras.Model(pixels, model.get_layer(head.model.name)(extractor(preprocessed)))
-    loss = "binary_crossentropy" if head.binary_sigmoid else "sparse_categorical_crossentropy"
+    full = keras.Model(pixels, model.get_layer(head_layers.name)(extractor(preprocessed)))
+    loss = "binary_crossentropy" if head_layers.output_shape[-1] == 1 else "sparse_categorical_crossentropy"
     for net in (model, full):
         net.compile(optimizer=keras.optimizers.RMSprop(1e-5), loss=loss)
 

@@ -118,14 +118,16 @@ def epoch_times(cache, epochs: int, e2e_steps: int, full_rows: int) -> dict:
     cycling the subset's cached rows; the end-to-end side scales its seconds per step."""
     import keras
 
-    from featcache.heads import compiled_keras_head, split_batches
+    from featcache.heads.keras_heads import build_keras_head, compile_head
+    from featcache.streaming import split_batches
 
     n_classes = len(cache.classes)
     n_train = cache.manifest["splits"]["train"]["rows"]
     steps, full_steps = math.ceil(n_train / BATCH), math.ceil(full_rows / BATCH)
 
     keras.utils.set_random_seed(0)
-    head = compiled_keras_head("dense256", cache.manifest["feature_shape"], n_classes, "rmsprop", 2e-5)
+    head = compile_head(build_keras_head("dense256", cache.manifest["feature_shape"], n_classes), n_classes,
+                        "rmsprop", 2e-5)
     train = split_batches(cache, "train", BATCH, shuffle_seed=0)
     head.fit(train, epochs=1, verbose=0, shuffle=False)  # warm-up: tracing
     started = time.perf_counter()
@@ -157,14 +159,15 @@ def end_to_end_step(cache, steps: int) -> tuple[float, int]:
     import tensorflow as tf
 
     from featcache.extract import decoded_batches
-    from featcache.heads import compiled_keras_head
+    from featcache.heads.keras_heads import build_keras_head, compile_head
     from featcache.model import cache_config, cache_weights, feature_model
 
     config = cache_config(cache)
     base = feature_model(config, cache_weights(cache))
     base.trainable = False
     keras.utils.set_random_seed(0)
-    head = compiled_keras_head("dense256", base.output.shape[1:], len(cache.classes), "rmsprop", 2e-5)
+    n_classes = len(cache.classes)
+    head = compile_head(build_keras_head("dense256", base.output.shape[1:], n_classes), n_classes, "rmsprop", 2e-5)
     pixels = keras.Input((config.image_size, config.image_size, 3))
     full = keras.Model(pixels, head(base(pixels)))
     full.compile(optimizer=keras.optimizers.RMSprop(2e-5), loss=head.loss, metrics=["accuracy"])

@@ -170,9 +170,9 @@ def test_cross_validation_keeps_views_with_their_source_image(split_data, tmp_pa
     folds = []
 
     class Recorder:
-        """Stands in for the scikit-learn model and records which rows each fold fits and scores."""
+        """Stands in for the fold's head and records which rows each fold fits and scores."""
 
-        def fit(self, features, labels):
+        def fit(self, features, labels, **_):
             folds.append({"train": [row_of[r.tobytes()] for r in features]})
             return self
 
@@ -181,7 +181,7 @@ def test_cross_validation_keeps_views_with_their_source_image(split_data, tmp_pa
             return np.zeros(len(features), int)
 
     head = fit_head(c, "logreg")
-    monkeypatch.setattr(evaluate, "sklearn_model", lambda *args: Recorder())
+    monkeypatch.setattr(type(head), "for_fold", lambda self: Recorder())
     assert len(evaluate.cross_validate(head, c, folds=3)) == len(folds) == 3
     for fold in folds:
         trained_on = {p for p, _ in fold["train"]}

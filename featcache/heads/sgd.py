@@ -99,10 +99,10 @@ def _accuracies(cache: Cache, scaling: Scaling, candidates: list[_Candidate], pl
 
 
 def _calibrated(cache: Cache, scaling: Scaling, svm, plan: StreamPlan, options):
-    """Platt's sigmoid on the SVM's scores for validation rows: all of them, or a random sample that
-    half the budget holds, weighted by class as the SVM was (scaled float32, with scikit-learn's copy of it), with at least one row of
-    every class. One fold of all the rows: the SVM is frozen, so no rows are held out from it, and
-    no class needs as many rows as cross-validation folds."""
+    """Platt's sigmoid on the SVM's scores for validation rows, weighted by class as the SVM was: all
+    of them, or a random sample that half the budget holds (scaled float32, with scikit-learn's copy
+    of it), with at least one row of every class. One fold of all the rows: the SVM is frozen, so no
+    rows are held out from it, and no class needs as many rows as cross-validation folds."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
 
