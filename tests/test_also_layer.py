@@ -96,8 +96,10 @@ def test_an_unusable_also_layer_is_a_one_line_error_and_writes_nothing(args, mes
     data = make_split_folders(tmp_path / "data", counts={"train": 2, "validation": 1, "test": 1})
     result = CliRunner().invoke(main, ["extract", "--data", str(data), "--weights", "none",
                                        "--image-size", "32", "--workdir", str(tmp_path / "out"), *args])
-    assert result.exit_code == 1 and message in result.output
-    assert len(result.output.strip().splitlines()[-1]) < 300 and not list(tmp_path.glob("out/*/*.h5"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error = result.stderr.strip().splitlines()[-1]  # the whole error, on the last line of stderr
+    assert error.startswith("Error: --") and message in error and len(error) < 300
+    assert result.stderr.count("Error") == 1 and not list(tmp_path.glob("out/*/*.h5"))
 
 
 def _flip_also_bits(shard):

@@ -70,8 +70,9 @@ def test_user_errors_are_one_line_without_traceback(args, message):
 
 def test_missing_weights_file_is_one_line(class_data):
     result = CliRunner().invoke(main, ["extract", "--data", str(class_data), "--weights", "missing.h5"])
-    assert result.exit_code == 1
-    assert "--weights 'missing.h5': not 'imagenet', 'none' or an existing weights file" in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error = result.stderr.strip().splitlines()[-1]  # the whole error, on the last line of stderr
+    assert error == "Error: --weights 'missing.h5': not 'imagenet', 'none' or an existing weights file"
 
 
 def test_backbones_lists_registry_and_layers():

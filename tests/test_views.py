@@ -132,10 +132,11 @@ def test_predict_and_export_average_the_views_as_extraction_did(d4_cache, tmp_pa
 
 
 def test_unpooled_features_and_unknown_view_sets_are_refused_in_one_line():
-    with pytest.raises(FeatcacheError, match="--pooling avg"):
+    with pytest.raises(FeatcacheError, match="--pooling avg") as unpooled:
         config_with("d4", pooling="none")
-    with pytest.raises(FeatcacheError, match="choose one of none, flips, d4"):
+    with pytest.raises(FeatcacheError, match="choose one of none, flips, d4") as unknown:
         config_with("rot45")
+    assert [len(str(error.value).splitlines()) for error in (unpooled, unknown)] == [1, 1]
 
 
 def test_finetune_refuses_a_view_averaged_cache(d4_cache, tmp_path):
