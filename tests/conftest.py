@@ -75,11 +75,15 @@ def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_time
 
 
 def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), shape=(2, 2, 8),
-                    shuffle_labels=False, seed=0, shard_size=16):
+                    shuffle_labels=False, seed=0, shard_size=16, separation=None):
     """A complete cache written straight from Gaussian blobs (one mean per class), no backbone.
 
-    per_class gives rows per class in train, validation and test. shuffle_labels permutes the
-    labels within every split, so no head can do better than chance.
+    per_class gives rows per class in train, validation and test: a number (every class as many)
+    or one count per class, e.g. ``((60, 6), (30, 3), (40, 40))`` for a 10:1 imbalance in train and
+    validation. shuffle_labels permutes the labels within every split, so no head can do better
+    than chance. separation (None: the means as drawn, far apart) rescales the class means about
+    their centre so that the nearest two are that many noise standard deviations apart: 2 makes
+    the classes overlap.
     """
     import hashlib
 
@@ -88,6 +92,11 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
     rng = np.random.default_rng(seed)
     per_channel = rng.normal(0, 2, (len(classes),) + (1,) * (len(shape) - 1) + (shape[-1],))
     means = np.broadcast_to(per_channel, (len(classes), *shape))  # same mean at every position
+    if separation is not None:
+        flat = means.reshape(len(classes), -1)
+        nearest = min(np.linalg.norm(flat[i] - flat[j]) for i in range(len(flat)) for j in range(i))
+        centre = means.mean(axis=0)
+        means = centre + (means - centre) * (separation / nearest)
     samples, features = [], {}
     for split, n in zip(("train", "validation", "test"), per_class, strict=True):
         labels = np.repeat(np.arange(len(classes)), n)
