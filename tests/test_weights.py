@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from keras.src.utils import file_utils  # what keras.applications download their weights with
 
 from featcache import FeatcacheError, backbones, weights
 from featcache.cli import main
@@ -21,20 +22,28 @@ from tests.conftest import run_extract
 from tests.probe import probe_accuracy
 
 
+def no_keras_download(*args, **kwargs):
+    """Keras' ImageNet download, made to fail as it does offline: these tests are of the offline
+    ports, which ``weights.install`` falls back to, wherever they run (online too, or with a
+    Keras download already cached in ~/.keras)."""
+    raise OSError("the Keras ImageNet download is blocked in these tests")
+
+
+@pytest.fixture(autouse=True)
+def offline_keras(monkeypatch):
+    monkeypatch.setattr(file_utils, "get_file", no_keras_download)
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
-    """One weights store for the session with all three offline sources installed."""
+    """One weights store for the session with all three offline sources installed, from the offline
+    sources themselves."""
     folder = tmp_path_factory.mktemp("weights-store")
-    previous = weights.os.environ.get("FEATCACHE_WEIGHTS")
-    weights.os.environ["FEATCACHE_WEIGHTS"] = str(folder)
-    try:
-        for name in weights.OFFLINE_SOURCES:
-            weights.install(name)
-    finally:
-        if previous is None:
-            del weights.os.environ["FEATCACHE_WEIGHTS"]
-        else:
-            weights.os.environ["FEATCACHE_WEIGHTS"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEATCACHE_WEIGHTS", str(folder))
+        patch.setattr(file_utils, "get_file", no_keras_download)
+        for name, source in weights.OFFLINE_SOURCES.items():
+            assert weights.install(name)["source"] == source.description
     return folder
 
 
