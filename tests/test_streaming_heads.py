@@ -21,8 +21,7 @@ from featcache.cli import main
 from featcache.dataset import Dataset, Sample
 from featcache.evaluate import cross_validation_bytes, evaluate
 from featcache.heads import FitOptions, fit_head, head_dir, load_head, memory_plan
-from featcache.streaming import split_batches
-from featcache.streaming import batches, format_size, in_memory_bytes, parse_size
+from featcache.streaming import batches, format_size, in_memory_bytes, parse_size, split_batches
 from tests.conftest import blob_cache, synthetic_cache, write_cache
 
 MiB = 2**20

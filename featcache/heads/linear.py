@@ -2,8 +2,8 @@
 
 Fast because of an exact change of basis. An L2-penalised linear model's weights lie in the span
 of its training rows, so with n rows of d > n features the fit is the same problem on n numbers
-per row: from the Gram matrix G = X Xᵀ = U Λ Uᵀ, the rows Z = U Λ^½ and the orthonormal basis
-V = Xᵀ U Λ^-½ (X = Z Vᵀ, ‖w‖ = ‖z‖ for w = V z). scikit-learn fits on Z (1,672 x 1,672 instead of
+per row: from the Cholesky factor of the Gram matrix G = X Xᵀ = L Lᵀ, the rows Z = L and the
+orthonormal basis V = Xᵀ L^-ᵀ (X = Z Vᵀ, ‖w‖ = ‖z‖ for w = V z). scikit-learn fits on Z (1,672 x 1,672 instead of
 1,672 x 8,192 on elpv) and the weights come back as V z. Every candidate of the search (scaling x C,
 C warm-started from small to large) reuses one Gram matrix per scaling.
 
@@ -77,27 +77,45 @@ class LinearModel:
 
 
 class SpanBasis:
-    """Z and V of the exact reduction above; the identity when rows are not fewer than features."""
+    """Rows Z with Z Zᵀ = X Xᵀ, and the map between Z's space and the features': the Cholesky factor
+    L of the Gram matrix (with a jitter of 1e-7 of its mean diagonal, more for repeated rows, for
+    rank-deficient rows such as centred ones; the primal problem if even that fails) gives Z = L and V = Xᵀ L^-ᵀ, never formed: Xv V = (Xv Xᵀ) L^-ᵀ and w = Xᵀ (L^-ᵀ z).
+    The identity when rows are not fewer than features."""
 
     def __init__(self, x: np.ndarray):
-        self.v = None
-        self.z = x
+        self.x, self.factor, self.z = None, None, x
         if len(x) < x.shape[1]:
-            from scipy.linalg import eigh
+            from scipy.linalg import LinAlgError, cholesky
 
-            values, vectors = eigh((x @ x.T).astype(np.float64))
-            keep = values > values.max(initial=0) * 1e-9
-            root = np.sqrt(values[keep])
-            self.z = (vectors[:, keep] * root).astype(np.float32)
-            self.v = ((x.T @ vectors[:, keep].astype(np.float32)) / root.astype(np.float32)).astype(np.float32)
+            gram = (x @ x.T).astype(np.float64)
+            scale = max(float(np.trace(gram)) / len(gram), 1e-12)
+            for jitter in (1e-7, 1e-5, 1e-3):  # repeated rows (augmented views, copies) need more
+                try:
+                    self.factor = cholesky(gram + jitter * scale * np.eye(len(gram)), lower=True)
+                    break
+                except LinAlgError:
+                    continue
+            else:
+                self.factor = None
+                return
+            self.x, self.z = x, self.factor.astype(np.float32)
 
     def project(self, x: np.ndarray) -> np.ndarray:
-        return x if self.v is None else x @ self.v
+        if self.factor is None:
+            return x
+        from scipy.linalg import solve_triangular
+
+        cross = (np.asarray(x, np.float32) @ self.x.T).astype(np.float64)
+        return solve_triangular(self.factor, cross.T, lower=True).T.astype(np.float32)
 
     def lift(self, coef: np.ndarray) -> np.ndarray:
         """(d, k) weights from scikit-learn's (k, r) coef_ in the reduced basis."""
-        coef = np.asarray(coef, np.float32)
-        return coef.T if self.v is None else self.v @ coef.T
+        coef = np.asarray(coef, np.float64)
+        if self.factor is None:
+            return coef.T.astype(np.float32)
+        from scipy.linalg import solve_triangular
+
+        return (self.x.T @ solve_triangular(self.factor.T, coef.T, lower=False).astype(np.float32)).astype(np.float32)
 
 
 class LinearHead(Head):
@@ -153,7 +171,7 @@ class LinearHead(Head):
             estimator = self._calibrated(basis.z, y, c, n_classes)
         self.model = _linear_model(estimator, basis, scaling, self.loss)
         self.record.update(chosen={"scaling": kind, "C": float(c)}, validation_accuracy=scores,
-                           output="proba", solver="span" if basis.v is not None else "primal")
+                           output="proba", solver="span" if basis.factor is not None else "primal")
         return self
 
     def _path(self, z, y, cs, n_classes):
