@@ -7,6 +7,7 @@ go either way (``None``: a bit-flipped JPEG can still decode).
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -34,6 +35,17 @@ def _png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height pixels (a decompression bomb's signature)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
+    chunks = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+@functools.lru_cache
+def _png_bomb_in_full(width: int, height: int) -> bytes:
+    """An RGB PNG of width x height black pixels, every row present: small on disk, 3 x width x
+    height bytes once decoded (what a bomb does to memory when it is opened)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    compressor, row = zlib.compressobj(9), b"\x00" * (1 + 3 * width)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     chunks = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + chunks
 
@@ -88,6 +100,9 @@ def make_corpus(folder: Path) -> dict[Path, bool | None]:
         put(f"bomb_{i}.png", _png_bomb(width, height), True)
         put(f"bomb_{i}.gif", _gif_bomb(min(width, 65_535), min(height, 65_535)), True)
         put(f"bomb_{i}.bmp", _bmp_bomb(width, height), True)
+    # 144 MP: over featcache's 100 MP limit, under the 179 MP at which Pillow refuses by itself; only
+    # featcache's check keeps it from being decoded (432 MB)
+    put("bomb_under_pillows_limit.png", _png_bomb_in_full(12_000, 12_000), True)
     for i, side in enumerate((1, 2, 5, 7)):  # too small to carry content
         put(f"tiny_{i}.png", _encoded("PNG", size=(side, side), seed=i), True)
     odd_modes = {"1": ".png", "L": ".png", "LA": ".png", "P": ".gif", "RGBA": ".webp", "I;16": ".png",
