@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featcache import FeatcacheError, cache
@@ -152,6 +154,53 @@ def test_chaos_kills_in_every_phase_lose_nothing_and_no_partial_cache_is_accepte
     assert totals["faults_by_phase"] == {p: 1 for p in ("decode", "backbone", "shard", "rename", "manifest")}
     assert totals["runs_resumed"] >= 1 and totals["shards_bitflipped"] == 1
     assert totals["images_lost"] == 0 and totals["corrupt_caches_accepted"] == 0 and not totals["problems"]
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module, to test its own functions."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chaos_checker_reports_every_difference_from_the_uninterrupted_run(split_data, tmp_path):
+    """scripts/chaos.py passes only if its checker fails: each kind of damage, alone, is reported."""
+    chaos = load_script("chaos")
+    run_extract(split_data, tmp_path / "ref")
+    reference = chaos.snapshot(tmp_path / "ref")
+    assert chaos.differences(reference, chaos.snapshot(tmp_path / "ref")) == []
+    assert chaos.lost_images(reference, chaos.snapshot(tmp_path / "ref")) == 0
+
+    def damaged(split, change):
+        got = chaos.snapshot(tmp_path / "ref")
+        got["splits"][split] = change(*got["splits"][split])
+        return got
+
+    def one_row_changed(features, labels, paths):
+        features = features.copy()
+        features[3].flat[0] += 1e-3
+        return features, labels, paths
+
+    cases = {
+        "train: features differ": damaged("train", one_row_changed),
+        "validation: rows or labels differ": damaged("validation", lambda f, y, p: (f, y[::-1].copy(), p)),
+        "test: rows or labels differ": damaged("test", lambda f, y, p: (f[::-1], y[::-1], p[::-1])),
+    }
+    duplicate = damaged("train", lambda f, y, p: (np.concatenate([f, f[:1]]), np.append(y, y[0]), p + p[:1]))
+    missing = damaged("train", lambda f, y, p: (f[1:], y[1:], p[1:]))
+    for expected, got in cases.items():
+        assert chaos.differences(reference, got) == [expected]
+    assert chaos.differences(reference, duplicate) == ["train: duplicate rows", "train: rows or labels differ"]
+    assert chaos.differences(reference, missing) == ["train: rows or labels differ"]
+    assert chaos.lost_images(reference, missing) == 1
+    other = chaos.snapshot(tmp_path / "ref")
+    other["manifest"] = {**other["manifest"], "key": "0" * 64, "rejects": [{"relpath": "train/cat/x.png"}]}
+    assert chaos.differences(reference, other) == ["different key", "rejects differ"]
+    flip_bits(next((tmp_path / "ref").glob("*/train-00001.h5")))  # on disk: a reader refuses it
+    refused = chaos.snapshot(tmp_path / "ref")
+    assert chaos.differences(reference, refused) == [f"refused: {refused['refused']}"]
+    assert chaos.lost_images(reference, refused) == sum(len(p) for _, _, p in reference["splits"].values())
 
 
 def _wait_for(condition, what: str, timeout=120.0):
