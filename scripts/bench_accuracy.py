@@ -9,7 +9,10 @@ recorded there), so every figure traces to the cache and the head that made it. 
 with its 95% Wilson interval: on 656 test images about ±3 points, the least gap worth reading.
 
     python scripts/bench_accuracy.py [--data data/elpv] [--workdir featcache-out/bench-accuracy]
-                                     [--only NAME ...] [--json accuracy.json]
+                                     [--only NAME ...] [--json accuracy.json] [--tiny]
+
+``--tiny`` runs each recipe at 32 px from a random init with 2 epochs (1 of fine-tuning): it checks
+that the recipes still run on any small dataset (the smoke test's), its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -89,18 +92,25 @@ def featcache(*args: str) -> str:
     return run.stdout
 
 
-def run_recipe(recipe: Recipe, data: Path, workdir: Path) -> list[dict]:
+# --tiny: appended to each command's options (a repeated option's last value wins)
+TINY = {"extract": ("--image-size", "32", "--weights", "none"), "fit-head": ("--epochs", "2"),
+        "finetune": ("--epochs", "1")}
+
+
+def run_recipe(recipe: Recipe, data: Path, workdir: Path, tiny: bool = False) -> list[dict]:
     common = ("--workdir", str(workdir))
+    extra = TINY if tiny else {}
     started = time.perf_counter()
-    featcache("extract", "--data", str(data), *recipe.extract, *common)
+    featcache("extract", "--data", str(data), *recipe.extract, *extra.get("extract", ()), *common)
     key = (workdir / "current").read_text().strip()
     extract_seconds = time.perf_counter() - started
     cache_args = (*common, "--cache", key)
-    featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit, *cache_args)
+    featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit,
+              *extra.get("fit-head", ()), *cache_args)
     folders = {head: workdir / key[:16] / "heads" / head for head in recipe.heads}
     if recipe.finetune:
         printed = featcache("finetune", "--head", "dense256", "--data", str(data), *recipe.finetune,
-                            *cache_args)
+                            *extra.get("finetune", ()), *cache_args)
         prefix = re.search(r"prefix cache: (\S+)", printed).group(1)  # the fine-tuned head lives there
         folders["dense256-finetuned"] = Path(prefix) / "heads" / "dense256-finetuned"
     return [row_of(recipe, head, json.loads((folder / "head.json").read_text()), extract_seconds)
@@ -149,6 +159,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("featcache-out/bench-accuracy"))
     parser.add_argument("--only", nargs="*", choices=[r.name for r in RECIPES], help="Recipes to run.")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--tiny", action="store_true", help="32 px, random init, 2 epochs: a smoke test.")
     args = parser.parse_args()
     if not args.data.exists():
         featcache("datasets", "elpv", "--dest", str(args.data.parent))
@@ -156,7 +167,7 @@ def main() -> None:
     for recipe in RECIPES:
         if args.only and recipe.name not in args.only:
             continue
-        rows += run_recipe(recipe, args.data, args.workdir)
+        rows += run_recipe(recipe, args.data, args.workdir, args.tiny)
         print(f"{recipe.name}: " + ", ".join(f"{r['head']} {r['test_accuracy']:.1%}" for r in rows
                                                if r["recipe"] == recipe.name), flush=True)
     print_table(rows)

@@ -6,7 +6,7 @@ none is fitted). Without the also-layer the prefix needs a second backbone pass;
 rows are copied from the head cache. The two prefix caches are then compared row for row.
 
     python scripts/bench_also_layer.py --data data/elpv [--backbone vgg16] [--image-size 150]
-        [--unfreeze-from block5_conv1] [--json out.json]
+        [--unfreeze-from block5_conv1] [--weights imagenet|none|PATH] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,17 +30,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--weights", default="imagenet", help="featcache extract --weights (none: random init).")
     parser.add_argument("--unfreeze-from", default="block5_conv1")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     dataset = load_dataset(args.data)
-    config, resolved = make_config(args.backbone, image_size=args.image_size)
+    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size)
     cut = plan_cut(backbone_model(config, resolved.keras_arg), args.backbone, args.unfreeze_from)
     results, prefixes = {}, {}
     scratch = tempfile.TemporaryDirectory(prefix="bench-also-")  # both workdirs, removed at exit
     for path, also_layer in (("second pass", None), ("--also-layer", cut.prefix_layer)):
-        config, resolved = make_config(args.backbone, image_size=args.image_size, also_layer=also_layer)
+        config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size,
+                                       also_layer=also_layer)
         workdir = Path(scratch.name) / path.strip("-").replace(" ", "-")
         started = time.perf_counter()
         head_cache = extract(dataset, config, resolved, workdir, show_progress=False)

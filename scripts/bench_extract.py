@@ -21,6 +21,8 @@ ratios rise); ``cores`` is CPU-seconds per wall second, how much of the machine 
 Prints a table and writes JSON:
 
     python scripts/bench_extract.py --data data/elpv [--images 240] [--repeats 3] [--json out.json]
+    python scripts/bench_extract.py --data DIR --images 8 --repeats 1 --image-size 32 --weights none \
+        --matmul-size 64 --matmul-reps 1     # the smoke test's tiny run
 """
 
 from __future__ import annotations
@@ -138,32 +140,32 @@ def tutorial_pass(tree: Path, n: int, backbone: str, weights_file: str | None, s
     return {"seconds": seconds, "cpu_seconds": cpu, "rows": generator.samples}
 
 
-def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: bool) -> dict:
+def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: bool, weights: str) -> dict:
     """`featcache extract` on ``tree`` into a fresh workdir; the model build is timed apart."""
     from featcache import extract
     from featcache.dataset import load_dataset
 
     build = {"seconds": 0.0, "cpu_seconds": 0.0}
-    feature_model = extract.feature_model
+    extraction_model = extract.extraction_model  # what extract builds its model with
 
-    def timed_feature_model(*args, **kwargs):
+    def timed_extraction_model(*args, **kwargs):
         started, cpu = time.perf_counter(), cpu_seconds()
-        model = feature_model(*args, **kwargs)
+        model = extraction_model(*args, **kwargs)
         build["seconds"] += time.perf_counter() - started
         build["cpu_seconds"] += cpu_seconds() - cpu
         return model
 
-    extract.feature_model = timed_feature_model
+    extract.extraction_model = timed_extraction_model
     try:
         with tempfile.TemporaryDirectory(prefix="bench-extract-") as workdir:
             started, cpu = time.perf_counter(), cpu_seconds()
             dataset = load_dataset(tree)
-            config, resolved = extract.make_config(backbone, image_size=size)
+            config, resolved = extract.make_config(backbone, weights, image_size=size)
             result = extract.extract(dataset, config, resolved, Path(workdir), batch_size=batch_size,
                                      xla=xla, show_progress=False)
             total, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     finally:
-        extract.feature_model = feature_model
+        extract.extraction_model = extraction_model
     return {"seconds": total - build["seconds"], "cpu_seconds": cpu - build["cpu_seconds"],
             "seconds_with_build": total, "build_seconds": build["seconds"], "rows": result.computed}
 
@@ -222,6 +224,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32, help="featcache extract's batch size.")
     parser.add_argument("--xla", action="store_true", help="featcache extract --xla.")
+    parser.add_argument("--weights", default="imagenet", help="featcache extract --weights (none: random init).")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-reps", type=int, default=3,
                         help="sgemm reps before, between and after the passes.")
@@ -233,7 +236,7 @@ def main() -> None:
     from featcache.extract import make_config
     from featcache.model import feature_model
 
-    config, resolved = make_config(args.backbone, image_size=args.image_size)
+    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size)
     gflop = model_flop(feature_model(config, resolved.keras_arg)) / 1e9
     matmul = Matmul(args.matmul_size)
     load_before = os.getloadavg()
@@ -256,7 +259,7 @@ def main() -> None:
                     passes[name] = tutorial_pass(tree, n, args.backbone, resolved.keras_arg, args.image_size)
                 else:
                     passes[name] = extract_pass(tree, args.backbone, args.image_size, args.batch_size,
-                                                args.xla)
+                                                args.xla, args.weights)
                 gc.collect()
                 timings += matmul.reps(args.matmul_reps)
             rows.append(repeat_row(repeat, n, gflop, matmul.flop / 1e9, timings, passes))
@@ -273,7 +276,7 @@ def main() -> None:
     if args.json:
         results = {
             "command": " ".join(["python", *sys.argv]),
-            "backbone": args.backbone, "image_size": args.image_size, "images": n,
+            "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size, "images": n,
             "gflop_per_image": gflop, "batch_size": args.batch_size, "tutorial_batch_size": TUTORIAL_BATCH,
             "xla": args.xla, "matmul_size": args.matmul_size, "repeats": rows, "median": median,
             "extract_beat_tutorial": beats, "cpus": os.cpu_count(), "machine": platform.processor(),

@@ -6,7 +6,7 @@ the whole command (Ray start, actors loading the backbone, decode, backbone, sha
 manifest), so small runs show Ray's fixed cost and larger ones its scaling.
 
     python scripts/bench_ray.py --data data/elpv [--images 512] [--workers 1 2] [--repeats 2]
-                                [--json ray.json]
+                                [--weights imagenet|none|PATH] [--json ray.json]
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def main() -> None:
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--image-size", default="150")
     parser.add_argument("--shard-size", default="32")
+    parser.add_argument("--weights", default="imagenet", help="featcache extract --weights (none: random init).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-    common = ["--backbone", args.backbone, "--image-size", args.image_size, "--shard-size", args.shard_size]
+    common = ["--backbone", args.backbone, "--image-size", args.image_size, "--shard-size", args.shard_size,
+              "--weights", args.weights]
     configs = {"local": common}
     for n in args.workers:
         per_worker = max(1, cpus // n)
@@ -71,6 +73,7 @@ def main() -> None:
                 seconds[name].append(extract_seconds(data, Path(tmp) / "work", config))
                 print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
     results = {"images": args.images, "cpus": cpus, "backbone": args.backbone, "image_size": args.image_size,
+               "weights": args.weights,
                "seconds": seconds,
                "images_per_second": {n: args.images / statistics.median(s) for n, s in seconds.items()}}
     print(f"{args.images} images, {args.backbone} at {args.image_size} px, {cpus} CPUs, "

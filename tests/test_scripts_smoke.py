@@ -1,0 +1,85 @@
+"""Every script in scripts/ runs on tiny input (32 px, random init, a few images), so none can rot
+between the hand-run measurements. Their figures mean nothing here; that they run and write what
+they promise does. (bench_heads.py: tests/test_bench_scripts.py; chaos.py: tests/test_reliability.py;
+walkthrough.py: tests/test_api.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featcache.heads import FitOptions, fit_head, head_dir
+from tests.conftest import make_split_folders, run_extract
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"train": 4, "validation": 2, "test": 2}  # per class: 16 images
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """``python scripts/NAME.py ARGS`` as a user runs it; fails the test with its output if it fails."""
+    command = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def test_bench_extract_runs_on_tiny_input(tmp_path):
+    data = make_split_folders(tmp_path / "data", counts=TINY)
+    run = run_script("bench_extract", "--data", data, "--images", 8, "--repeats", 1, "--image-size", 32,
+                     "--weights", "none", "--matmul-size", 64, "--matmul-reps", 1, "--json", tmp_path / "out.json")
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert (results["images"], results["image_size"], results["weights"]) == (8, 32, "none")
+    assert len(results["repeats"]) == 1 and results["gflop_per_image"] > 0
+    assert results["median"]["extract_img_s"] > 0 and results["median"]["tutorial_img_s"] > 0
+    assert "extract beat the tutorials' loop in" in run.stdout
+
+
+def test_bench_also_layer_runs_on_tiny_input(tmp_path):
+    data = make_split_folders(tmp_path / "data", counts=TINY)
+    run_script("bench_also_layer", "--data", data, "--image-size", 32, "--weights", "none",
+               "--json", tmp_path / "out.json")
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert results["prefix_layer"] == "block4_pool" and results["images"] == 16
+    assert results["same_prefix_key"] and results["prefix_rows_identical"]
+    second_pass, also_layer = results["paths"]["second pass"], results["paths"]["--also-layer"]
+    assert (second_pass["backbone_rows"], also_layer["backbone_rows"]) == (32, 16)
+    assert also_layer["prefix_rows_copied"] == 16
+
+
+def test_bench_finetune_runs_on_tiny_input(tmp_path):
+    data = make_split_folders(tmp_path / "data")  # 12 training images: warm-up and timed steps of 4
+    cache = run_extract(data, tmp_path / "out").cache
+    fit_head(cache, "dense256", FitOptions(epochs=1, batch_size=4)).save(head_dir(cache, "dense256"))
+    run_script("bench_finetune", "--workdir", tmp_path / "out", "--data", data, "--steps", 1,
+               "--batch-size", 4, "--json", tmp_path / "out.json")
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert (results["train_rows"], results["prefix_layer"], results["steps_timed"]) == (12, "block4_pool", 1)
+    assert results["prefix_seconds_per_step"] > 0 and results["full_seconds_per_step"] > 0
+
+
+@pytest.mark.ray
+def test_bench_ray_runs_on_tiny_input(tmp_path):
+    pytest.importorskip("ray")
+    data = make_split_folders(tmp_path / "data", counts=TINY)
+    run_script("bench_ray", "--data", data, "--images", 8, "--workers", 1, "--repeats", 1, "--image-size", 32,
+               "--shard-size", 4, "--weights", "none", "--json", tmp_path / "out.json")
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert set(results["seconds"]) == {"local", "ray x1"} and results["images"] == 8
+    assert all(rate > 0 for rate in results["images_per_second"].values())
+
+
+def test_bench_accuracy_runs_a_recipe_with_fine_tuning_on_tiny_input(tmp_path):
+    """The MobileNetV2 recipe: extract, four heads, fine-tuning, and the rows read back from head.json."""
+    data = make_split_folders(tmp_path / "data", counts=TINY)
+    run = run_script("bench_accuracy", "--data", data, "--workdir", tmp_path / "work", "--only",
+                     "mobilenet_v2-300", "--tiny", "--json", tmp_path / "out.json")
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["head"] for r in rows] == ["logreg", "svm-rbf", "dense256", "dense256-finetuned"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["cache_key"] for r in rows)
+    assert "best cached head by validation: mobilenet_v2-300" in run.stdout
