@@ -65,7 +65,8 @@ def test_a_step_on_the_prefix_cache_equals_the_step_through_the_full_model(
 
     data = make_split_folders(tmp_path / "data", counts={"train": 4, "validation": 2, "test": 2})
     cache = run_extract(data, tmp_path / "out", backbone=backbone, pooling=None).cache
-    head = fit_head(cache, head_name, QUICK)
+    # a head far from saturation: near zero loss, gradients would be float32 rounding
+    head = fit_head(cache, head_name, QUICK.pinned(epochs=2, scaling="none"))
     head.save(head_dir(cache, head_name))
     config = cache_config(cache)
     extractor = backbone_model(config, None)
@@ -97,7 +98,7 @@ def test_a_step_on_the_prefix_cache_equals_the_step_through_the_full_model(
     (loss_a, grads_a), (loss_b, grads_b) = results
     if training:  # BatchNorm in inference mode: a training-mode pass gives the inference outputs
         np.testing.assert_allclose(model(x_prefix, training=True), model(x_prefix, training=False), rtol=1e-6)
-    assert loss_a == pytest.approx(loss_b, rel=1e-4)  # the head's standardisation magnifies float32 rounding
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * max(1.0, float(np.abs(b).max())))
 
