@@ -267,3 +267,19 @@ def test_calibration_folds_are_shuffled_not_blocks_of_sorted_rows(name, tmp_path
     cache = module_sorted_cache(tmp_path)
     metrics = evaluate(fitted(cache, name, FitOptions(scaling="standard")), cache)
     assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
+
+
+def test_commands_without_a_keras_head_never_start_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    synthetic_cache(tmp_path)
+    script = (
+        "import sys\nfrom featcache.cli import main\n"
+        f"for args in (['fit-head', '--head', 'logreg', '--head', 'svm-rbf'], ['compare'], ['compare', '--cv', '2']):\n"
+        f"    main([*args, '--workdir', {str(tmp_path)!r}], standalone_mode=False)\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
