@@ -497,7 +497,7 @@ def weights_group():
 @user_errors
 def weights_list():
     """Show every weight source: backbone, source, sha256, size, installed or not."""
-    from featcache import weights
+    from featcache.backbones import weights
 
     index = weights.store_index()
     table = Table(title=f"weights store {weights.store_dir()}")
@@ -521,7 +521,7 @@ def weights_list():
 @user_errors
 def weights_install(names, force):
     """Install ImageNet weights for NAMES (e.g. vgg16 mobilenet_v2 efficientnet_lite0)."""
-    from featcache import weights
+    from featcache.backbones import weights
 
     for name in names:
         entry = weights.install(name, say=console.print, force=force)

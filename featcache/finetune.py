@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache import FeatcacheError
+from featcache.backbones.weights import ResolvedWeights
 from featcache.cache import Cache, cache_key
 from featcache.dataset import DEFAULT_FRACTIONS, load_dataset
 from featcache.extract import ExtractResult, extract
@@ -27,7 +28,6 @@ from featcache.heads.keras_heads import compile_head, parameter_counts
 from featcache.heads.protocol import class_weight_of
 from featcache.model import backbone_model, cache_config, cache_weights
 from featcache.streaming import split_batches, split_labels
-from featcache.weights import ResolvedWeights
 
 DEFAULTS = FitOptions(epochs=30, batch_size=20, learning_rate=1e-5, optimizer="rmsprop", seed=0, patience=5)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError, __version__, backbones, views, weights
+from featcache import FeatcacheError, __version__, backbones, views
+from featcache.backbones import weights
 from featcache.cache import Cache, ExtractionConfig
 from featcache.dataset import file_sha256
 from featcache.files import atomic_write

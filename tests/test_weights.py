@@ -14,10 +14,11 @@ import pytest
 from click.testing import CliRunner
 from keras.src.utils import file_utils  # what keras.applications download their weights with
 
-from featcache import FeatcacheError, backbones, weights
+from featcache import FeatcacheError, backbones
+from featcache.backbones import weights
+from featcache.backbones.converters import vgg16_from_onnx
+from featcache.backbones.torchfile import load_state_dict
 from featcache.cli import main
-from featcache.converters import vgg16_from_onnx
-from featcache.torchfile import load_state_dict
 from tests.conftest import run_extract
 from tests.probe import probe_accuracy
 

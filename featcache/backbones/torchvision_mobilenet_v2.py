@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers
 
 from featcache import FeatcacheError
-from featcache.converters import copy_torch_state
+from featcache.backbones.converters import copy_torch_state
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

