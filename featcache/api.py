@@ -293,18 +293,25 @@ def fit_head(cache: Cache | str | Path | None, name: str, *, workdir: str | Path
 
 
 def compare(cache: Cache | str | Path | None = None, *, cv: int | None = None,
-            memory_budget: int | str | None = None, workdir: str | Path | None = None) -> list[dict]:
+            memory_budget: int | str | None = None, workdir: str | Path | None = None,
+            plots: str | Path | None = None, report: str | Path | None = None) -> list[dict]:
     """Every head fitted on the cache, as the rows of ``featcache compare --format json``: validation and
-    test accuracy, balanced accuracy, log loss, times, ``cv`` fold accuracy, ``best`` on one row."""
+    test accuracy, balanced accuracy, log loss, times, ``cv`` fold accuracy, ``best`` on one row. With
+    ``plots`` (a folder) or ``report`` (an .html path), also the PNG plots and the HTML report."""
     import json
 
-    from featcache import report
+    from featcache import report as tables
     from featcache.compare import compare as compare_heads
+    from featcache.compare import write_outputs
 
     if cv is not None and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
         raise FeatcacheError(f"compare: cv={cv!r}: give a number of folds, 2 or more, or None")
-    comparison = compare_heads(_cache(cache, workdir), cv, _memory_budget(memory_budget))
-    return json.loads(report.format_table(comparison.rows, "json"))
+    cache = _cache(cache, workdir)
+    comparison = compare_heads(cache, cv, _memory_budget(memory_budget))
+    if plots is not None or report is not None:
+        write_outputs(comparison, cache, Path(plots) if plots is not None else None,
+                      Path(report) if report is not None else None, cv)
+    return json.loads(tables.format_table(comparison.rows, "json"))
 
 
 def predict(paths, *, workdir: str | Path | None = None, cache: Cache | str | Path | None = None, head=None,

@@ -316,33 +316,16 @@ def head_dir_of(cache, name: str) -> Path:
 def compare_command(cv_folds, fmt, plots_dir, report_path, memory_budget, key, workdir):
     """Compare every head fitted on a cache: accuracy, balanced accuracy, log loss, times."""
     from featcache import report
-    from featcache.compare import compare
+    from featcache.compare import compare, write_outputs
 
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
     comparison = compare(cache, cv_folds, memory_budget[0])
     click.echo(report.format_table(comparison.rows, fmt))
-    plots_dir = plots_dir or cache.path / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
-        "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
-                                                             plots_dir / "confusion.png"),
-    }
-    if comparison.histories:
-        figures["learning curves"] = report.plot_learning_curves(
-            comparison.histories, plots_dir / "learning_curves.png", comparison.finetune_epochs)
-    err_console.print(f"plots: {', '.join(str(p) for p in figures.values())}")
-    if report_path:
-        config = cache.config
-        facts = {"cache": cache.key, "backbone": config["backbone"],
-                 "weights": cache.manifest.get("weights_source", "-"),
-                 "layer": str(cache.manifest.get("output_layer")), "pooling": config["pooling"],
-                 "image size": f"{config['image_size']} px", "dataset": cache.manifest["dataset"]["root"],
-                 "best head": comparison.best, "cross-validation": f"{cv_folds} folds" if cv_folds else "off"}
-        report.write_report(report_path, f"featcache compare: {config['backbone']} on "
-                            f"{Path(cache.manifest['dataset']['root']).name}", comparison.rows, figures,
-                            comparison.misclassified, facts)
-        err_console.print(f"report: {report_path}")
+    written = write_outputs(comparison, cache, plots_dir, report_path, cv_folds)
+    report_file = written.pop("report", None)
+    err_console.print(f"plots: {', '.join(str(p) for p in written.values())}")
+    if report_file:
+        err_console.print(f"report: {report_file}")
 
 
 @main.command("finetune")

@@ -79,3 +79,33 @@ def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budg
         "fit_seconds": head.info["fit_seconds"],
         "predict_seconds": (test or validation).predict_seconds,
     }
+
+
+def write_outputs(comparison: Comparison, cache: Cache, plots_dir: Path | None = None,
+                  report_path: Path | None = None, cv_folds: int | None = None) -> dict[str, Path]:
+    """The comparison's PNG plots (in ``plots_dir``, default CACHE/plots) and, with ``report_path``,
+    the self-contained HTML report; returns {what: path} of every file written."""
+    from featcache import report
+
+    plots_dir = Path(plots_dir or cache.path / "plots")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = {
+        "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
+        "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
+                                                             plots_dir / "confusion.png"),
+    }
+    if comparison.histories:
+        written["learning curves"] = report.plot_learning_curves(
+            comparison.histories, plots_dir / "learning_curves.png", comparison.finetune_epochs)
+    if report_path:
+        config = cache.config
+        dataset = cache.manifest["dataset"]["root"]
+        facts = {"cache": cache.key, "backbone": config["backbone"],
+                 "weights": cache.manifest.get("weights_source", "-"),
+                 "layer": str(cache.manifest.get("output_layer")), "pooling": config["pooling"],
+                 "image size": f"{config['image_size']} px", "dataset": dataset,
+                 "best head": comparison.best, "cross-validation": f"{cv_folds} folds" if cv_folds else "off"}
+        report.write_report(report_path, f"featcache compare: {config['backbone']} on {Path(dataset).name}",
+                            comparison.rows, dict(written), comparison.misclassified, facts)
+        written["report"] = Path(report_path)
+    return written

@@ -131,6 +131,10 @@ def test_fit_head_then_compare_returns_the_json_rows_with_the_head(fitted):
     assert [row["head"] for row in rows] == ["logreg"] and rows[0]["best"] is True
     assert list(rows[0]) == list(report.COLUMNS)
     assert rows[0]["val_accuracy"] == head.record["metrics"]["validation"]["accuracy"]
+    report_file = cache.path.parent / "report.html"
+    featcache.compare(cache, plots=cache.path.parent / "plots", report=report_file)
+    assert {p.name for p in (cache.path.parent / "plots").iterdir()} == {"comparison.png", "confusion.png"}
+    assert "logreg" in report_file.read_text() and "<img" in report_file.read_text()
 
 
 def test_predict_returns_dicts_and_export_writes_a_model(fitted, tmp_path):
