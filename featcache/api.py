@@ -230,7 +230,7 @@ def open_cache(workdir: str | Path | None = None, key: str | None = None) -> Cac
     return cache_store.open_cache(_workdir(workdir), key)
 
 
-def _cache(cache, workdir, head=None) -> Cache:
+def resolve_cache(cache, workdir, head=None) -> Cache:
     """A Cache from what a user gave: a Cache, a key, a cache folder, or None (with a head name: the
     current cache when it has the head, else the newest that has; a Head: the cache it was fitted on)."""
     if isinstance(cache, Cache):
@@ -251,7 +251,7 @@ def _cache(cache, workdir, head=None) -> Cache:
                          "None for the current cache")
 
 
-def _head(cache: Cache, head):
+def resolve_head(cache: Cache, head):
     """The Head to use: given, or by name (None: the best by validation accuracy), checked against cache."""
     from featcache.heads import Head
     from featcache.predict import open_head
@@ -282,7 +282,7 @@ def fit_head(cache: Cache | str | Path | None, name: str, *, workdir: str | Path
 
     get_spec(_text("name", name))
     fit_options = FitOptions(**checked("fit_head", FitOptions, options))
-    cache = _cache(cache, workdir)
+    cache = resolve_cache(cache, workdir)
     say = _say(show_progress)
     head, kept = fit_and_save(cache, name, fit_options, refit=_flag("refit", refit), say=say,
                               memory_budget=_memory_budget(memory_budget))
@@ -306,7 +306,7 @@ def compare(cache: Cache | str | Path | None = None, *, cv: int | None = None,
 
     if cv is not None and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
         raise FeatcacheError(f"compare: cv={cv!r}: give a number of folds, 2 or more, or None")
-    cache = _cache(cache, workdir)
+    cache = resolve_cache(cache, workdir)
     comparison = compare_heads(cache, cv, _memory_budget(memory_budget))
     if plots is not None or report is not None:
         write_outputs(comparison, cache, Path(plots) if plots is not None else None,
@@ -325,8 +325,8 @@ def predict(paths, *, workdir: str | Path | None = None, cache: Cache | str | Pa
     from featcache.predict import Predictor, image_files
 
     files = image_files(_paths(paths))
-    cache = _cache(cache, workdir, head)
-    chosen = _head(cache, head)
+    cache = resolve_cache(cache, workdir, head)
+    chosen = resolve_head(cache, head)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FeatcacheError(f"predict: batch_size={batch_size!r}: give 1 or more")
     predictions = Predictor(cache, chosen).predict(files, batch_size, show_progress=show_progress)
@@ -345,8 +345,8 @@ def export(output: str | Path | None = None, *, workdir: str | Path | None = Non
     .tflite file beside it; the paths written."""
     from featcache.model import export as export_model
 
-    cache = _cache(cache, workdir, head)
-    chosen = _head(cache, head)
+    cache = resolve_cache(cache, workdir, head)
+    chosen = resolve_head(cache, head)
     if output is None:
         output = _workdir(workdir) / "exports" / f"{cache.config['backbone']}_{chosen.name}.keras"
     output = Path(_text("output", output))

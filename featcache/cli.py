@@ -366,15 +366,6 @@ def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workd
                   f"prefix cache: {prefix.path} (`featcache compare --cache {prefix.key[:16]}`)")
 
 
-def head_cache(workdir: Path, key: str | None, head_name: str | None):
-    """--cache if given; for a named head, the default cache or else the one it was fitted on."""
-    from featcache.finetune import cache_with_head
-
-    if key or not head_name:
-        return cache_store.open_cache(workdir, key)
-    return cache_with_head(workdir, head_name)
-
-
 head_option = click.option("--head", "head_name", default=None,
                            help="A fitted head [default: the best by validation accuracy on the cache].")
 
@@ -393,10 +384,11 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
 
     Files that cannot be used are reported on stderr and skipped.
     """
-    from featcache.predict import Predictor, format_predictions, image_files, open_head
+    from featcache.api import resolve_cache, resolve_head
+    from featcache.predict import Predictor, format_predictions, image_files
 
-    cache = head_cache(workdir or cache_store.default_workdir(), key, head_name)
-    head = open_head(cache, head_name)
+    cache = resolve_cache(key, workdir, head_name)
+    head = resolve_head(cache, head_name)
     files = image_files(list(inputs))
     err_console.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
               f"({cache.config['backbone']}, {cache.config['image_size']} px)")
@@ -419,12 +411,12 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
 @user_errors
 def export_command(head_name, output, saved_model, tflite, key, workdir):
     """Write backbone + head as one Keras model that takes pixels and returns class probabilities."""
+    from featcache.api import resolve_cache, resolve_head
     from featcache.model import export
-    from featcache.predict import open_head
 
     workdir = workdir or cache_store.default_workdir()
-    cache = head_cache(workdir, key, head_name)
-    head = open_head(cache, head_name)
+    cache = resolve_cache(key, workdir, head_name)
+    head = resolve_head(cache, head_name)
     output = output or workdir / "exports" / f"{cache.config['backbone']}_{head.name}.keras"
     for path in export(cache, head, output, saved_model=saved_model, tflite=tflite):
         console.print(f"wrote {path}")
