@@ -375,6 +375,11 @@ class Cache:
         """The shape of one row's features as stored: a feature map (H, W, C) or a pooled vector (C,)."""
         return tuple(self.manifest["feature_shape"])
 
+    def rows(self, split: str) -> int:
+        """Rows of a split (augmented views included), from the manifest, reading no shard."""
+        self.shard_paths(split)  # names the splits there are when this one is not
+        return int(self.manifest["splits"][split]["rows"])
+
     def shard_paths(self, split: str) -> list[Path]:
         if split not in self.manifest["splits"]:
             raise FeatcacheError(

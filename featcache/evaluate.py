@@ -76,7 +76,7 @@ def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict
 
 def cross_validation_bytes(cache: Cache) -> int:
     """What in-memory cross-validation holds: the training split as float32, a few copies at once."""
-    rows = cache.manifest["splits"]["train"]["rows"]
+    rows = cache.rows("train")
     return streaming.IN_MEMORY_COPIES * rows * streaming.RowSize.of(cache).float32
 
 

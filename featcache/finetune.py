@@ -142,7 +142,7 @@ def finetune(
 
     head = load_head(head_dir(head_cache, head_name))
     head.check_cache(head_cache)
-    head_layers = head.to_keras(tuple(head_cache.manifest["feature_shape"]))  # refuses a head with no Keras form
+    head_layers = head.to_keras(head_cache.feature_shape)  # refuses a head with no Keras form
     if (views := head_cache.config.get("average_views", "none")) != "none":
         raise FeatcacheError(
             f"cache {head_cache.key[:16]} averages {views} views, which fine-tuning cannot train through "
@@ -186,7 +186,7 @@ def finetune(
     after = {k: [float(v) for v in values] for k, values in history.history.items()}
     info = {
         "name": f"{head.name}-finetuned", "kind": "keras", "cache_key": prefix.key,
-        "classes": prefix.classes, "feature_shape": prefix.manifest["feature_shape"],
+        "classes": prefix.classes, "feature_shape": list(prefix.feature_shape),
         "options": options.to_json(), "seed": options.seed,
         "finetune": {
             "from_head": head.name, "from_cache": head_cache.key, "requested": unfreeze_from,

@@ -176,7 +176,7 @@ def end_to_end(cache: Cache, head: Head):
     features = feature_model(config, cache_weights(cache))
     pixels = keras.Input((config.image_size, config.image_size, 3), name="image")
     cached = keras.layers.Activation("linear", dtype=config.dtype, name="as_cached")(features(pixels))
-    probabilities = head_model(head, tuple(cache.manifest["feature_shape"]))(cached)
+    probabilities = head_model(head, cache.feature_shape)(cached)
     return keras.Model(pixels, probabilities, name=f"{config.backbone}_{head.name}")
 
 

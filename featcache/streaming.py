@@ -91,7 +91,7 @@ class RowSize:
 
     @classmethod
     def of(cls, cache: Cache) -> RowSize:
-        features = int(np.prod(cache.manifest["feature_shape"]))
+        features = int(np.prod(cache.feature_shape))
         return cls(features * np.dtype(cache.config["dtype"]).itemsize, features * 4, features)
 
 
@@ -150,7 +150,7 @@ def in_memory_plan(cache: Cache, budget: int | None) -> StreamPlan:
 
 def in_memory_bytes(cache: Cache) -> int:
     """What an in-memory scikit-learn fit takes: train and validation as float32, a few copies at once."""
-    rows = sum(cache.manifest["splits"][s]["rows"] for s in ("train", "validation"))
+    rows = sum(cache.rows(s) for s in ("train", "validation"))
     return IN_MEMORY_COPIES * rows * RowSize.of(cache).float32
 
 
@@ -170,7 +170,7 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
     if rng is not None and buffer_rows < batch_rows:
         raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
     size = buffer_rows if rng is not None else batch_rows
-    buffer = np.empty((size, *cache.manifest["feature_shape"]), cache.config["dtype"])
+    buffer = np.empty((size, *cache.feature_shape), cache.config["dtype"])
     labels = np.empty(size, np.int32)
     filled = 0
 
@@ -255,10 +255,10 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
         rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
         yield from batches(cache, split, batch_size, max(buffer_rows, batch_size), rng, rows)
 
-    signature = (tf.TensorSpec((None, *cache.manifest["feature_shape"]), tf.float32),
+    signature = (tf.TensorSpec((None, *cache.feature_shape), tf.float32),
                  tf.TensorSpec((None,), tf.int32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    count = cache.manifest["splits"][split]["rows"] if rows is None else int(rows.sum())
+    count = cache.rows(split) if rows is None else int(rows.sum())
     steps = math.ceil(count / batch_size)
     return dataset.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 

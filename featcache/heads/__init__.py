@@ -112,7 +112,7 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
               "in_memory_bytes": streaming.in_memory_bytes(cache)}
     head.record.update(
         name=name, kind=head.kind, cache_key=cache.key, classes=cache.classes,
-        feature_shape=cache.manifest["feature_shape"], options=options.to_json(), fit_recipe=FIT_RECIPE,
+        feature_shape=list(cache.feature_shape), options=options.to_json(), fit_recipe=FIT_RECIPE,
         seed=options.seed, fit_seconds=round(time.perf_counter() - started, 3),
         fitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"), memory=memory,
     )

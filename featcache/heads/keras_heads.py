@@ -116,7 +116,7 @@ class KerasHead(Head):
         else:
             scaling = Scaling(kind)
         n_classes = len(cache.classes)
-        self.model = self._compiled(cache.manifest["feature_shape"], n_classes, scaling)
+        self.model = self._compiled(cache.feature_shape, n_classes, scaling)
         train = split_batches(cache, "train", self.options.batch_size, self.options.seed, plan.buffer_rows, rows)
         val = split_batches(cache, "validation", plan.batch_rows, None) if rows is None else None
         labels = split_labels(cache, "train")
