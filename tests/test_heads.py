@@ -107,6 +107,22 @@ def test_a_planted_pickle_never_runs_even_with_its_hash_recorded(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    ({"format": 0}, "head record format 0, not 1"),
+    ({"classes": 3}, "not a valid head record"),
+    ({"options": {"scaling": "cubic"}}, "not a valid head record"),
+    ({"files": {"model.npz": 5}}, "not names with their sha256"),
+])
+def test_a_malformed_or_foreign_head_record_is_refused_in_one_line(damage, message, tmp_path):
+    cache = synthetic_cache(tmp_path)
+    folder = fitted(cache, "logreg").save(head_dir(cache, "logreg"))
+    record = json.loads((folder / "head.json").read_text())
+    (folder / "head.json").write_text(json.dumps({**record, **damage}))
+    with pytest.raises(FeatcacheError, match=message) as refusal:
+        load_head(folder)
+    assert "\n" not in str(refusal.value) and "--refit" in str(refusal.value)
+
+
 def test_head_refuses_a_cache_it_was_not_fitted_on(tmp_path):
     a = synthetic_cache(tmp_path / "a", seed=1)
     b = synthetic_cache(tmp_path / "b", seed=2)

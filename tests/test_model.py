@@ -220,5 +220,8 @@ def test_fit_head_command_keeps_a_head_fitted_with_the_same_options(tmp_path):
     head_json.write_text(json.dumps({**info, "fit_recipe": 1}))  # fitted by an older featcache
     older = CliRunner().invoke(main, [*args, "--seed", "1"])
     assert "chosen scaling=" in older.output
+    legacy = {k: v for k, v in info.items() if k not in ("format", "files", "kind")}
+    head_json.write_text(json.dumps({**legacy, "model_file": "model.joblib"}))  # a pickled head of format 0
+    assert "chosen scaling=" in CliRunner().invoke(main, [*args, "--seed", "1"]).output
     refit = CliRunner().invoke(main, [*args, "--seed", "1", "--refit"])
     assert "chosen scaling=" in refit.output

@@ -170,9 +170,10 @@ def fitted_with(cache, name: str, options: FitOptions) -> dict | None:
     """The record of head ``name`` when it is already fitted on this cache with these options by
     this recipe (so fitting again would learn the same), else None."""
     folder = head_dir(cache, name)
-    if not (folder / "head.json").is_file():
+    try:
+        record = read_record(folder)
+    except FeatcacheError:  # none, or one an older featcache saved: fit it
         return None
-    record = read_record(folder)
     same = record.get("options") == options.to_json() and record.get("fit_recipe") == FIT_RECIPE
     return record if same and record.get("metrics") else None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,9 @@ CLASS_WEIGHTS = (None, "balanced")
 # fit-head keeps an already fitted head only when it was made by this recipe.
 FIT_RECIPE = 3
 RECORD = "head.json"
+# head.json's layout (1: kind, files with their sha256, options with scaling; heads before it stored
+# model_file and a pickle, and are refitted). Raise it when the meaning of a stored field changes.
+RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,46 @@ class FitOptions:
 
     def pinned(self, **changes) -> FitOptions:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """The fields of ``head.json`` that every reader relies on, typed and checked; ``details`` holds
+    what only some heads record (metrics, what validation chose, history, memory, fine-tuning)."""
+
+    name: str
+    kind: str
+    cache_key: str
+    classes: tuple[str, ...]
+    feature_shape: tuple[int, ...]
+    options: FitOptions
+    files: dict
+    format: int = RECORD_FORMAT
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**self.details, "format": self.format, "name": self.name, "kind": self.kind,
+                "cache_key": self.cache_key, "classes": list(self.classes),
+                "feature_shape": list(self.feature_shape), "options": self.options.to_json(), "files": self.files}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> HeadRecord:
+        """The record, or a one-line error naming the file and what to do."""
+        fix = f"fit it again with `featcache fit-head --head {data.get('name', Path(where).name)} --refit`"
+        if data.get("format") != RECORD_FORMAT:
+            raise FeatcacheError(f"{where}: head record format {data.get('format')!r}, not {RECORD_FORMAT} (saved by "
+                                 f"another featcache version); {fix}")
+        fixed = ("name", "kind", "cache_key", "classes", "feature_shape", "options", "files")
+        try:
+            record = cls(str(data["name"]), str(data["kind"]), str(data["cache_key"]),
+                         tuple(str(c) for c in data["classes"]), tuple(int(n) for n in data["feature_shape"]),
+                         FitOptions.from_json(data["options"]), dict(data["files"]),
+                         details={k: v for k, v in data.items() if k not in (*fixed, "format")})
+        except (KeyError, TypeError, ValueError, FeatcacheError) as exc:
+            raise FeatcacheError(f"{where}: not a valid head record ({exc}); {fix}") from None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in record.files.items()):
+            raise FeatcacheError(f"{where}: the record's files are not names with their sha256; {fix}")
+        return record
 
 
 class Head:
@@ -157,9 +200,10 @@ class Head:
         tmp.mkdir(parents=True)
         try:
             files = self._write(tmp)
-            self.record.update(kind=self.kind, name=self.name, options=self.options.to_json(),
+            self.record.update(format=RECORD_FORMAT, kind=self.kind, name=self.name, options=self.options.to_json(),
                                files={f: file_sha256(tmp / f) for f in files})
-            (tmp / RECORD).write_text(json.dumps(self.record, indent=2))
+            typed = HeadRecord.from_json(self.record, tmp / RECORD)  # what load will read back
+            (tmp / RECORD).write_text(json.dumps(typed.to_json(), indent=2))
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise_if_out_of_space(exc, f"saving head {self.name} to {folder}")
@@ -182,13 +226,15 @@ def file_sha256(path: Path) -> str:
 
 
 def read_record(folder: Path) -> dict:
-    """A saved head's ``head.json``: provenance and metrics, without loading the model."""
+    """A saved head's ``head.json`` (checked as a ``HeadRecord``): provenance and metrics, without
+    loading the model."""
     try:
         record = json.loads((Path(folder) / RECORD).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FeatcacheError(f"{folder}: not a saved head ({exc}); fit it with `featcache fit-head`") from None
     if not isinstance(record, dict):
         raise FeatcacheError(f"{folder / RECORD}: not a head record; fit the head again with `featcache fit-head`")
+    HeadRecord.from_json(record, Path(folder) / RECORD)
     return record
 
 
