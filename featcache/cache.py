@@ -231,6 +231,24 @@ def read_manifest(cache_dir: Path) -> dict | None:
         return None
 
 
+def check_manifest(manifest: dict, where: Path) -> None:
+    """Refuse, in one line naming the file, a manifest of another format or missing what readers use."""
+    fix = "run the same `featcache extract` again to rebuild the cache"
+    if manifest.get("format") != FORMAT:
+        raise FeatcacheError(f"{where}: cache format {manifest.get('format')!r}, not {FORMAT} (written by another "
+                             f"featcache version); {fix}")
+    shapes = {"key": str, "classes": list, "config": dict, "splits": dict, "feature_shape": list, "dataset": dict}
+    wrong = [name for name, kind in shapes.items() if not isinstance(manifest.get(name), kind)]
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    if wrong or not all(isinstance(s, dict) and isinstance(s.get("shards"), list) for s in splits.values()):
+        raise FeatcacheError(f"{where}: not a valid manifest ({', '.join(wrong) or 'splits'} missing or of the "
+                             f"wrong type); {fix}")
+    try:
+        ExtractionConfig(**manifest["config"])
+    except TypeError as exc:
+        raise FeatcacheError(f"{where}: the manifest's config is not an extraction config ({exc}); {fix}") from None
+
+
 def remove_temporaries(cache_dir: Path) -> None:
     """Leftovers of a killed run are never visible as shards; delete them before resuming."""
     for tmp in cache_dir.glob("*.tmp-*"):  # also .manifest.json.tmp-PID
@@ -351,6 +369,7 @@ class Cache:
                 f"cache {path} is incomplete (an extract run was interrupted); "
                 "run the same `featcache extract` again to finish it"
             )
+        check_manifest(manifest, path / MANIFEST)
         self.path = path
         self.manifest = manifest
 

@@ -236,3 +236,24 @@ def test_two_extract_processes_on_one_key_never_interleave(tmp_path):
     assert waiter.returncode == 0 and "nothing to compute: the cache was already complete" in waited
     reference = run_extract(data, tmp_path / "reference")
     assert_same_cache(reference.cache, cache.open_cache(workdir))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"format": 99}, "cache format 99, not 1"),
+    ({"classes": "cat,dog"}, "not a valid manifest \\(classes missing or of the wrong type\\)"),
+    ({"config": {"backbone": "vgg16"}}, "the manifest's config is not an extraction config"),
+])
+def test_a_foreign_or_malformed_manifest_is_refused_in_one_line(damage, message, tmp_path):
+    import json
+
+    from featcache.cache import Cache, open_cache
+    from tests.conftest import synthetic_cache
+
+    cache = synthetic_cache(tmp_path)
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    (cache.path / "manifest.json").write_text(json.dumps({**manifest, **damage}))
+    with pytest.raises(FeatcacheError, match=message) as refusal:
+        Cache(cache.path)
+    assert "\n" not in str(refusal.value) and str(cache.path / "manifest.json") in str(refusal.value)
+    with pytest.raises(FeatcacheError, match=message):
+        open_cache(tmp_path)
