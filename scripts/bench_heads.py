@@ -1,6 +1,6 @@
-"""Epoch time of a head on the cache vs through the frozen base; re-extract cost; fit-head's peak RSS.
+"""Epoch time of a head on the cache vs through the frozen base; re-extract cost; peak RSS; default heads vs tutorials.
 
-Three measurements in one run, on one machine:
+Four measurements in one run, on one machine:
 
 - epoch: Chollet's dense256 head (Flatten, Dense 256 relu, Dropout 0.5, softmax/sigmoid) trained on
   the cached VGG16 features, streamed from the shards as `featcache fit-head` trains it, vs the same
@@ -16,25 +16,50 @@ Three measurements in one run, on one machine:
 - peak RSS: `featcache fit-head --memory-budget` in a subprocess on synthetic float16 caches of
   VGG16 block5_pool rows, ``--rss-factors`` times the budget; peak RSS from the child's rusage.
 
+- heads tables (also alone, on existing caches, with ``--caches``/``--cache``/``--fashion-mnist``):
+  (A) accuracy: each default head, ``featcache.heads.fit_head(cache, name)`` with default
+  ``FitOptions()``, beside the tutorials' recipe on the same features: Chollet's dense256 (RMSprop
+  2e-5, 30 epochs, batch 20, unscaled) and the TF MobileNetV2 tutorial's linear head (RMSprop 1e-4,
+  10 epochs, batch 32) through the same fit_head; plain scikit-learn on the flattened arrays for the
+  others: ``LogisticRegression(C=0.01)`` unscaled, ``LinearSVC()`` and ``SVC()`` standardised.
+  Validation and test accuracy, and whether each default head is at least as accurate on test.
+  (B) speed: each default head's whole fit (its search over scaling, C and gamma; a Keras head's
+  whole training) against one ``LogisticRegression()`` with default options on the standardised
+  training arrays, timed in the same run, before and after the heads, with default threads (the
+  goal's reference) and held to one thread. Printed as markdown with the command, the date, the
+  CPU's bf16 flags, the load average and the featcache commit measured.
+
     python scripts/bench_heads.py --data /tmp/demo/data/elpv [--images 400] [--json out.json]
+    python scripts/bench_heads.py --workdir /tmp/bench-out --cache 3f2a [--cache ...] \\
+        [--fashion-mnist 3000 [--fashion-mnist-test 1000]] [--json heads.json]
+    python scripts/bench_heads.py --caches elpv=/tmp/bench-out/3f2a... [--json heads.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import shlex
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from featcache.heads import FitOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 20  # Chollet's batch size, and fit-head's default
@@ -217,6 +242,391 @@ def peak_rss(workdir: Path, budget: int, factors: list[float], heads: list[str],
     return rows
 
 
+# ---------------------------------------------------------------- default heads vs the tutorials' recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A tutorial's recipe on the cached features, beside the default head ``head`` it is compared with:
+    the featcache head with the tutorial's options (``options``), or a plain scikit-learn estimator
+    (``estimator()``) on the flattened arrays, standardised on the training rows or raw."""
+
+    head: str
+    name: str
+    options: FitOptions | None = None
+    estimator: Callable | None = None
+    standardise: bool = False
+
+
+def tutorial_recipes() -> list[Recipe]:
+    """One tutorial recipe per default head (the linear head's is the TF MobileNetV2 tutorial's)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC, LinearSVC
+
+    from featcache.heads import FitOptions
+
+    return [
+        Recipe("dense256", "Chollet: RMSprop 2e-5, 30 epochs, batch 20, unscaled",
+               FitOptions(optimizer="rmsprop", learning_rate=2e-5, epochs=30, batch_size=20, scaling="none",
+                          patience=None)),
+        Recipe("linear", "TF tutorial: RMSprop 1e-4, 10 epochs, batch 32, unscaled",
+               FitOptions(optimizer="rmsprop", learning_rate=1e-4, epochs=10, batch_size=32, scaling="none",
+                          patience=None)),
+        Recipe("logreg", f"LogisticRegression(C=0.01, max_iter={LOGREG_MAX_ITER}), unscaled",
+               estimator=lambda: LogisticRegression(C=0.01, max_iter=LOGREG_MAX_ITER)),
+        Recipe("svm", "LinearSVC(), standardised", estimator=LinearSVC, standardise=True),
+        Recipe("svm-rbf", "SVC(), standardised", estimator=SVC, standardise=True),
+    ]
+
+
+LOGREG_MAX_ITER = 1000
+SPEED_GOALS = {"linear": 1.0, "keras": 3.0}  # head kind -> fit seconds / one plain LogisticRegression()
+
+
+@dataclass
+class Arrays:
+    """A cache's splits in memory as float32, in the stored shape (heads) and flattened (scikit-learn)."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, cache) -> Arrays:
+        x, y = {}, {}
+        for split in ("train", "validation", "test"):
+            x[split], y[split], _ = cache.to_numpy(split, flatten=False)
+        return cls(x, y)
+
+    def flat(self, split: str) -> np.ndarray:
+        return self.x[split].reshape(len(self.x[split]), -1)
+
+
+def head_tables(cache, label: str) -> tuple[list[dict], list[dict]]:
+    """(accuracy rows, speed rows) of one cache: every default head and its tutorial recipe, and every
+    default head's fit time against one plain LogisticRegression() timed before and after the heads."""
+    import keras
+
+    arrays = Arrays.of(cache)
+    warm_up(cache, arrays)
+    reference = [reference_seconds(arrays)]
+    accuracy, speed = [], []
+    for recipe in tutorial_recipes():
+        say(f"{label}: {recipe.head} (default options)")
+        default, head = fit_default(cache, recipe.head, arrays)
+        say(f"{label}: {recipe.head}, {recipe.name}")
+        tutorial = fit_tutorial(cache, recipe, arrays)
+        better = default["test_accuracy"] >= tutorial["test_accuracy"]
+        default.update(at_least_tutorial=better, tutorial_test_accuracy=tutorial["test_accuracy"])
+        accuracy += [{"dataset": label, **default}, {"dataset": label, **tutorial}]
+        speed.append({"dataset": label, "head": recipe.head, "kind": head.kind,
+                      "head_fit_seconds": default["fit_seconds"], "goal": SPEED_GOALS.get(head.kind)})
+        keras.backend.clear_session()
+    reference.append(reference_seconds(arrays))
+    seconds = float(np.mean([r["default"] for r in reference]))
+    one_thread = float(np.mean([r["one_thread"] for r in reference]))
+    for row in speed:
+        ratio = row["head_fit_seconds"] / seconds
+        row.update(reference_seconds=seconds, reference_runs=[r["default"] for r in reference], ratio=ratio,
+                   met=None if row["goal"] is None else ratio <= row["goal"],
+                   one_thread_seconds=one_thread, one_thread_runs=[r["one_thread"] for r in reference],
+                   one_thread_ratio=row["head_fit_seconds"] / one_thread,
+                   train_rows=len(arrays.y["train"]), features=arrays.flat("train").shape[1])
+    return accuracy, speed
+
+
+def warm_up(cache, arrays: Arrays) -> None:
+    """One untimed plain fit and one Keras epoch, so that no timed fit pays for first imports, TensorFlow's
+    start-up or allocating the arrays' first copies."""
+    from featcache.heads import FitOptions, fit_head
+
+    reference_seconds(arrays)
+    fit_head(cache, "linear", FitOptions(epochs=1, patience=None))
+
+
+def fit_default(cache, name: str, arrays: Arrays):
+    """(row, head): head ``name`` with default FitOptions through featcache.heads.fit_head; its fit
+    seconds as fit_head records them (reading train and validation from the shards included)."""
+    from featcache.heads import fit_head
+
+    head = fit_head(cache, name)
+    row = {"head": name, "recipe": "featcache default", "default": True,
+           "fit_seconds": head.record["fit_seconds"], "notes": default_notes(head.record),
+           **{f"{split}_accuracy": float(np.mean(head.predict(arrays.x[split]) == arrays.y[split]))
+              for split in ("validation", "test")}}
+    return row, head
+
+
+def default_notes(record: dict) -> str:
+    """What validation chose: scaling, C, gamma, or the epochs a Keras head ran and kept."""
+    chosen = record.get("chosen", {})
+    parts = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items()]
+    if "epochs_run" in record:
+        parts.append(f"{record['epochs_run']} epochs" + (f", best {record['best_epoch']}"
+                                                          if "best_epoch" in record else ""))
+    return ", ".join(parts)
+
+
+def fit_tutorial(cache, recipe: Recipe, arrays: Arrays) -> dict:
+    """A tutorial recipe's validation and test accuracy (and fit seconds) on the same arrays."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.heads import fit_head
+
+    row = {"head": recipe.head, "recipe": recipe.name, "default": False}
+    if recipe.options is not None:
+        head = fit_head(cache, recipe.head, recipe.options)
+        predicted = {split: head.predict(arrays.x[split]) for split in ("validation", "test")}
+        row.update(fit_seconds=head.record["fit_seconds"], notes=default_notes(head.record))
+    else:
+        scaler = StandardScaler().fit(arrays.flat("train")) if recipe.standardise else None
+        x = {split: scaler.transform(arrays.flat(split)) if scaler else arrays.flat(split)
+             for split in ("train", "validation", "test")}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            started = time.perf_counter()
+            estimator = recipe.estimator().fit(x["train"], arrays.y["train"])
+            row["fit_seconds"] = time.perf_counter() - started
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        row["notes"] = "" if converged else "did not converge (ConvergenceWarning)"
+        predicted = {split: estimator.predict(x[split]) for split in ("validation", "test")}
+    row.update({f"{split}_accuracy": float(np.mean(predicted[split] == arrays.y[split]))
+                for split in ("validation", "test")})
+    return row
+
+
+def plain_logreg_seconds(arrays: Arrays, threads: int | None = None) -> float:
+    """Seconds of one LogisticRegression() fit, default options, on the standardised training arrays
+    (standardising not timed); with ``threads``, BLAS and OpenMP held to that many threads."""
+    import warnings
+    from contextlib import nullcontext
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    x = StandardScaler().fit_transform(arrays.flat("train"))
+    with warnings.catch_warnings(), (threadpool_limits(threads) if threads else nullcontext()):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        started = time.perf_counter()
+        LogisticRegression().fit(x, arrays.y["train"])
+        return time.perf_counter() - started
+
+
+def reference_seconds(arrays: Arrays) -> dict[str, float]:
+    """One plain LogisticRegression() fit as a user runs it (default threads: the goal's reference), and
+    held to one thread, as the linear heads hold their solves."""
+    return {"default": plain_logreg_seconds(arrays), "one_thread": plain_logreg_seconds(arrays, threads=1)}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- caches to measure
+
+
+def open_caches(args) -> list[tuple[str, object]]:
+    """(label, Cache) of every cache the heads tables run on: --caches [LABEL=]FOLDER, --workdir with
+    --cache KEY, and the Fashion-MNIST subset when --fashion-mnist N is given."""
+    import featcache
+    from featcache.cache import Cache
+
+    caches = []
+    for given in args.caches:
+        label, _, folder = given.rpartition("=")
+        cache = Cache(Path(folder))
+        caches.append((label or dataset_label(cache), cache))
+    for key in args.cache:
+        cache = featcache.open_cache(args.workdir, key)
+        caches.append((dataset_label(cache), cache))
+    if args.fashion_mnist:
+        cache = fashion_mnist_cache(args.fashion_mnist_dir, args.fashion_mnist, args.fashion_mnist_test,
+                                    args.workdir, args.seed)
+        caches.append(("fashion-mnist", cache))
+    return caches
+
+
+def dataset_label(cache) -> str:
+    """The name of the folder a cache's images came from (``elpv``), or its key's first 8 digits."""
+    root = Path(cache.manifest.get("dataset", {}).get("root", ""))
+    return cache.key[:8] if root.parent.name == "arrays" or not root.name else root.name
+
+
+def describe(cache) -> str:
+    config, splits = cache.config, cache.manifest["splits"]
+    rows = "/".join(str(splits[s]["rows"]) for s in ("train", "validation", "test") if s in splits)
+    model = " ".join(str(v) for v in (config["backbone"], config.get("layer"), config["image_size"]) if v)
+    return (f"cache {cache.key[:16]}: {model} px, pooling {config.get('pooling')}, features {cache.feature_shape} "
+            f"{config['dtype']}, {len(cache.classes)} classes, {rows} train/validation/test rows")
+
+
+# Fashion-MNIST (Xiao et al. 2017) as the Debian package dataset-fashion-mnist installs it.
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle_boot")
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as a uint8 array: magic 0x0000 0x08 NDIM, NDIM big-endian uint32 sizes."""
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if data[:3] != b"\0\0\x08":
+        raise SystemExit(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def idx_file(folder: Path, stem: str) -> Path:
+    for path in (folder / f"{stem}.gz", folder / stem):
+        if path.is_file():
+            return path
+    raise SystemExit(f"{folder}: no {stem}[.gz]; `apt-get install dataset-fashion-mnist` installs it in "
+                     f"{FASHION_DIR}, or give --fashion-mnist-dir")
+
+
+def fashion_mnist(folder: Path, n_train: int, n_test: int, seed: int):
+    """(images (N, 28, 28) uint8, labels, splits): a stratified ``n_train`` of the training set, 4/5 train
+    and 1/5 validation, and a stratified ``n_test`` of the test set, drawn with ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    parts = {}
+    for part, (images, labels) in FASHION_FILES.items():
+        parts[part] = read_idx(idx_file(folder, images)), read_idx(idx_file(folder, labels))
+    x, y = parts["train"]
+    chosen, _ = train_test_split(np.arange(len(y)), train_size=n_train, stratify=y, random_state=seed)
+    train, validation = train_test_split(chosen, test_size=0.2, stratify=y[chosen], random_state=seed)
+    x_test, y_test = parts["test"]
+    test, _ = train_test_split(np.arange(len(y_test)), train_size=n_test, stratify=y_test, random_state=seed)
+    images = np.concatenate([x[train], x[validation], x_test[test]])
+    labels = np.concatenate([y[train], y[validation], y_test[test]])
+    splits = ["train"] * len(train) + ["validation"] * len(validation) + ["test"] * len(test)
+    return images, labels, splits
+
+
+def fashion_mnist_cache(folder: Path, n_train: int, n_test: int, workdir: Path, seed: int):
+    """The cache of a Fashion-MNIST subset: VGG16 (ImageNet weights) at 32 px, its smallest input,
+    average-pooled, extracted through the public API (computed once; a second run finds it)."""
+    import featcache
+
+    images, labels, splits = fashion_mnist(folder, n_train, n_test, seed)
+    return featcache.extract(images=images, labels=labels, splits=splits, classes=FASHION_CLASSES,
+                             backbone="vgg16", workdir=workdir, image_size=32, pooling="avg")
+
+
+# ---------------------------------------------------------------- printing the heads tables
+
+
+def cpu_flags() -> str:
+    """The bf16 matmul flags of this CPU, as `grep -o 'amx_bf16\\|avx512_bf16' /proc/cpuinfo | sort -u`."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    flags = sorted({flag for flag in ("amx_bf16", "avx512_bf16") if re.search(rf"\b{flag}\b", text)})
+    return " ".join(flags) or "none"
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return found.group(1).strip() if found else platform.processor()
+
+
+def context() -> dict:
+    """Where and when the tables were measured."""
+    return {"command": shlex.join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "cpu_flags": cpu_flags(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "load_average": [round(v, 2) for v in os.getloadavg()], "git": git_state()}
+
+
+def git_state() -> str:
+    """The commit measured, and the product files changed in the working tree since (heads may be)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "featcache"], capture_output=True, text=True,
+                               cwd=ROOT, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return commit + (f" + uncommitted {', '.join(changed)}" if changed else "")
+
+
+def heads_markdown(where: dict, caches: list[tuple[str, object]], accuracy: list[dict], speed: list[dict]) -> str:
+    """The two tables as markdown, with the command, date and CPU that made them."""
+    lines = [f"    {where['command']}", "",
+             f"{where['date']}; {where['cpu']}, {where['cpus']} CPUs, bf16 flags: {where['cpu_flags']}; load "
+             f"average {load(where.get('load_average_at_start'))} at the start, {load(where['load_average'])} at "
+             f"the end; featcache {where.get('git_at_start', where['git'])}", ""]
+    if where.get("git_at_start", where["git"]) != where["git"]:
+        lines[-1:-1] = [f"**featcache changed during the run**: {where['git']} at the end (the heads measured are "
+                        "the code imported at the start)."]
+    lines += [f"- {label}: {describe(cache)}" for label, cache in caches]
+    lines += ["", "Accuracy: each default head (`fit_head(cache, name)`, default `FitOptions()`) and the tutorial "
+              "recipe on the same features; the last column compares test accuracy.", "",
+              "| dataset | head | recipe | val | test | fit s | chosen / notes | default >= tutorial on test |",
+              "|---|---|---|---:|---:|---:|---|---|"]
+    for row in accuracy:
+        verdict = ""
+        if row["default"]:
+            gap = 100 * (row["test_accuracy"] - row["tutorial_test_accuracy"])
+            verdict = f"{'yes' if row['at_least_tutorial'] else '**no**'} ({gap:+.1f} points)"
+        lines.append(f"| {row['dataset']} | {row['head']} | {row['recipe']} | {row['validation_accuracy']:.1%} | "
+                     f"{row['test_accuracy']:.1%} | {row['fit_seconds']:.1f} | {row['notes']} | {verdict} |")
+    lines += ["", "Speed: each default head's whole fit (`head.json` fit_seconds: reading train and validation, "
+              "the search over scaling, C and gamma, or the whole training) against one "
+              "`LogisticRegression()` (default options) on the StandardScaler-standardised train arrays, "
+              "timed before and after the heads (mean; both runs in brackets), with default threads (the "
+              "goal's reference) and held to one thread (threadpoolctl), as the linear heads hold their solves.",
+              "",
+              "| dataset | train rows x features | head | head fit s | LogisticRegression() s | ratio | goal | met "
+              "| 1-thread LogisticRegression() s | ratio |",
+              "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for row in speed:
+        goal = "—" if row["goal"] is None else f"<= {row['goal']:g}x"
+        met = "—" if row["met"] is None else ("yes" if row["met"] else "**no**")
+        runs = " / ".join(f"{s:.2f}" for s in row["reference_runs"])
+        one = " / ".join(f"{s:.2f}" for s in row["one_thread_runs"])
+        lines.append(f"| {row['dataset']} | {row['train_rows']} x {row['features']} | {row['head']} | "
+                     f"{row['head_fit_seconds']:.2f} | {row['reference_seconds']:.2f} ({runs}) | "
+                     f"{row['ratio']:.1f}x | {goal} | {met} | {row['one_thread_seconds']:.2f} ({one}) | "
+                     f"{row['one_thread_ratio']:.1f}x |")
+    return "\n".join(lines)
+
+
+def load(averages: list[float] | None) -> str:
+    return "/".join(f"{v:.1f}" for v in averages) if averages else "?"
+
+
+def run_head_tables(caches: list[tuple[str, object]]) -> tuple[str, dict]:
+    """(markdown, JSON-ready results) of the heads tables over ``caches``."""
+    import featcache.heads  # noqa: F401  (imported now: the code measured is the working tree's at this moment)
+
+    accuracy, speed = [], []
+    load_at_start, git_at_start = [round(v, 2) for v in os.getloadavg()], git_state()
+    for label, cache in caches:
+        say(describe(cache))
+        rows, times = head_tables(cache, label)
+        accuracy += rows
+        speed += times
+    where = {**context(), "load_average_at_start": load_at_start, "git_at_start": git_at_start}
+    results = {**where, "caches": {label: {"key": cache.key, "path": str(cache.path), "description": describe(cache)}
+                                   for label, cache in caches}, "accuracy": accuracy, "speed": speed}
+    return heads_markdown(where, caches, accuracy, speed), results
+
+
+# ---------------------------------------------------------------- printing, main
+
+
 def print_tables(args, epoch: dict, extract: dict, rss: list[dict]) -> None:
     print(f"\n{platform.node()}: {os.cpu_count()} CPUs; {args.images_used} images of {args.data}; vgg16 at "
           f"{args.image_size} px, features {tuple(epoch['feature_shape'])} float16")
@@ -272,8 +682,30 @@ def main() -> None:
     parser.add_argument("--rss-factors", default="0.5,4", help="Cache sizes as multiples of the budget.")
     parser.add_argument("--rss-heads", default="logreg,dense256")
     parser.add_argument("--rss-epochs", type=int, default=1)
+    heads = parser.add_argument_group(
+        "heads tables only", "Given any of these, only the accuracy and speed tables of the default heads run, "
+        "on existing caches (and the Fashion-MNIST subset), without the measurements above.")
+    heads.add_argument("--caches", nargs="+", default=[], metavar="[LABEL=]FOLDER", help="Cache folders.")
+    heads.add_argument("--workdir", type=Path, default=None,
+                       help="Workdir of --cache keys, and where --fashion-mnist extracts.")
+    heads.add_argument("--cache", action="append", default=[], metavar="KEY",
+                       help="A cache of --workdir by key or prefix (repeatable).")
+    heads.add_argument("--fashion-mnist", type=int, default=0, metavar="N",
+                       help="Also a stratified N of Fashion-MNIST's training set (4/5 train, 1/5 validation), "
+                            "VGG16 at 32 px, average-pooled, extracted into --workdir.")
+    heads.add_argument("--fashion-mnist-test", type=int, default=1000, metavar="N",
+                       help="Stratified test images of Fashion-MNIST's test set.")
+    heads.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_DIR,
+                       help="Folder of the four IDX files (gzipped or not).")
+    heads.add_argument("--seed", type=int, default=0, help="Seed of the Fashion-MNIST subset.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.caches or args.cache or args.fashion_mnist:
+        markdown, results = run_head_tables(open_caches(args))
+        print(markdown)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     args.rss_heads = args.rss_heads.split(",")
     factors = [float(f) for f in args.rss_factors.split(",")]
 
@@ -283,15 +715,19 @@ def main() -> None:
         extract = reextract(tree, workdir, args.image_size)
         from featcache.cache import Cache
 
-        epoch = epoch_times(Cache(Path(extract["cache"])), args.epochs, args.e2e_steps, full_rows)
+        cache = Cache(Path(extract["cache"]))
+        epoch = epoch_times(cache, args.epochs, args.e2e_steps, full_rows)
         rss = peak_rss(Path(tmp) / "rss", args.rss_budget, factors, args.rss_heads, args.rss_epochs)
+        markdown, heads = run_head_tables([(f"{args.data.name} subset", cache)])
     print_tables(args, epoch, extract, rss)
+    print(f"\n{markdown}")
     if args.json:
         import tensorflow as tf
 
         results = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "data": str(args.data),
                    "images": args.images_used, "epoch": epoch, "reextract": extract, "peak_rss": rss,
-                   "cpus": os.cpu_count(), "machine": platform.processor(), "tensorflow": tf.__version__}
+                   "heads": heads, "cpus": os.cpu_count(), "machine": platform.processor(),
+                   "tensorflow": tf.__version__}
         args.json.write_text(json.dumps(results, indent=2))
 
 
