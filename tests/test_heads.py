@@ -299,3 +299,11 @@ def test_commands_without_a_keras_head_never_start_tensorflow(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("name", ["svm", "svm-rbf"])
+def test_calibrated_heads_refuse_a_class_with_one_training_row_in_one_line(name, tmp_path):
+    cache = synthetic_cache(tmp_path, per_class=((20, 1), (5, 5), (5, 5)), shape=(8,))
+    with pytest.raises(FeatcacheError, match="a class has 1 training row") as refusal:
+        fitted(cache, name, FitOptions())
+    assert "\n" not in str(refusal.value)

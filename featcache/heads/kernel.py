@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.heads.linear import sample_weights
+from featcache.heads.linear import calibration_folds, sample_weights
 from featcache.heads.protocol import Head, class_weight_of, two_columns
 from featcache.heads.scaling import CHOICES, Scaling
 
@@ -147,24 +147,24 @@ class RbfSvmHead(Head):
                 f"{max(v for k, v in scores.items() if k.startswith(kind)) if scores else 0:.1%} "
                 f"({time.perf_counter() - started:.1f} s)")
         kind, gamma, c, scaling, xs, k_train = best
-        self.model = self._calibrated(kind, gamma, c, scaling, xs, k_train, y, weights)
+        self.model = self._calibrated(gamma, c, scaling, xs, k_train, y, n_classes)
         majority = float(np.bincount(validation[1]).max() / len(validation[1])) if validation is not None else None
         self.record.update(chosen={"scaling": kind, "gamma": gamma, "C": c}, validation_accuracy=scores,
                            validation_majority_rate=majority, output="proba",
                            support_vectors=int(len(self.model.support)))
         return self
 
-    def _calibrated(self, kind, gamma, c, scaling, xs, k_train, y, weights) -> RbfModel:
+    def _calibrated(self, gamma, c, scaling, xs, k_train, y, n_classes: int) -> RbfModel:
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.model_selection import StratifiedKFold
         from sklearn.svm import SVC
 
-        folds = max(2, min(3, int(np.bincount(y).min(initial=0))))
+        folds = calibration_folds(y, n_classes, self.name)
         cv = StratifiedKFold(folds, shuffle=True, random_state=self.options.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             calibrated = CalibratedClassifierCV(SVC(kernel="precomputed", C=c), cv=cv, ensemble=False)
-            calibrated.fit(k_train, y, sample_weight=sample_weights(y, len(np.unique(y)), self.options.class_weight))
+            calibrated.fit(k_train, y, sample_weight=sample_weights(y, n_classes, self.options.class_weight))
         (fold,) = calibrated.calibrated_classifiers_
         svc = fold.estimator
         if not np.array_equal(svc.classes_, np.arange(len(svc.classes_))):
