@@ -191,10 +191,28 @@ def test_cross_validation_keeps_views_with_their_source_image(split_data, tmp_pa
     assert sorted(p for fold in folds for p, _ in fold["held_out"]) == sorted(set(paths))
 
 
-def test_keras_heads_stream_every_view(split_data, tmp_path):
+@pytest.mark.parametrize("budget", [None, 200_000], ids=["in-memory", "streamed"])
+def test_keras_heads_train_on_every_view(budget, split_data, tmp_path, monkeypatch):
+    """Each epoch feeds the model every training row, the augmented views included, in memory and
+    streamed: the rows that reach keras' fit are counted, and each one is an original image or a view."""
+    import keras
+
     c = run_extract(split_data, tmp_path / "out", augment=2).cache
-    head = fit_head(c, "linear", FitOptions(epochs=1, batch_size=8, learning_rate=1e-3, optimizer="adam"))
-    assert head.info["epochs_run"] == 1
+    assert c.rows("train") == 3 * TRAIN_IMAGES
+    x, _, _ = c.read("train")
+    known = {row.tobytes() for row in x.astype(np.float32)}
+    seen = []
+    fit = keras.Model.fit
+
+    def counting_fit(self, data, *args, **kwargs):
+        seen.extend(row.tobytes() for features, _ in data for row in np.asarray(features, np.float32))
+        return fit(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", counting_fit)
+    head = fit_head(c, "linear", FitOptions(epochs=1, batch_size=8), memory_budget=budget)
+    assert head.record["epochs_run"] == 1
+    assert head.record["memory"]["path"] == ("streamed" if budget else "in-memory")
+    assert len(seen) == c.rows("train") and set(seen) == known
 
 
 def test_caches_written_before_views_existed_still_read_and_stay_complete(split_data, tmp_path, monkeypatch):
