@@ -75,7 +75,8 @@ def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_time
 
 
 def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), shape=(2, 2, 8),
-                    shuffle_labels=False, seed=0, shard_size=16, separation=None):
+                    shuffle_labels=False, seed=0, shard_size=16, separation=None, views=0,
+                    misleading_originals=False):
     """A complete cache written straight from Gaussian blobs (one mean per class), no backbone.
 
     per_class gives rows per class in train, validation and test: a number (every class as many)
@@ -83,7 +84,11 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
     validation. shuffle_labels permutes the labels within every split, so no head can do better
     than chance. separation (None: the means as drawn, far apart) rescales the class means about
     their centre so that the nearest two are that many noise standard deviations apart: 2 makes
-    the classes overlap.
+    the classes overlap. views: every training image is followed by that many augmented view rows
+    (as ``extract --augment`` stores them), each drawn from its class's blob; with misleading_originals
+    the original training rows are drawn from the next class's blob instead, so that a head that
+    learns from the originals alone gets the classes wrong, and one that learns from every row
+    follows the views.
     """
     import hashlib
 
@@ -105,10 +110,16 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
             relpath = f"{split}/{classes[label]}/{i:04d}.png"
             sha = hashlib.sha256(f"{seed}{relpath}".encode()).hexdigest()
             samples.append(Sample(Path(relpath), relpath, int(label), split, sha))
-            features[relpath] = (means[true] + rng.normal(0, 1, shape)).astype(np.float32)
+            blob = (true + 1) % len(classes) if misleading_originals and split == "train" else true
+            features[sha, 0] = (means[blob] + rng.normal(0, 1, shape)).astype(np.float32)
+            for view in range(1, views + 1 if split == "train" else 1):
+                features[sha, view] = (means[true] + rng.normal(0, 1, shape)).astype(np.float32)
     dataset = Dataset(workdir, "synthetic", tuple(classes), samples)
-    return write_cache(workdir, dataset, shape, "float32", seed,
-                       lambda plan: np.stack([features[s.relpath] for s in plan.samples]), shard_size)
+
+    def features_of(plan):
+        return np.stack([features[s.source_sha256 or s.sha256, s.view] for s in plan.samples])
+
+    return write_cache(workdir, dataset, shape, "float32", seed, features_of, shard_size, views)
 
 
 def blob_cache(workdir: Path, per_class=(3072, 512, 512), shape=(4, 4, 512), dtype="float16", seed=0,
@@ -139,13 +150,16 @@ def blob_cache(workdir: Path, per_class=(3072, 512, 512), shape=(4, 4, 512), dty
     return write_cache(workdir, dataset, shape, dtype, seed, features, shard_size)
 
 
-def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_of, shard_size: int):
+def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_of, shard_size: int,
+                views: int = 0):
     """A complete cache written with the project's own shard writer, ``features_of(plan)`` giving
-    each shard's rows; no backbone."""
-    from featcache import cache
+    each shard's rows; no backbone. ``views``: every training image is followed by that many
+    augmented view rows (augmentation seed 0), as ``extract --augment`` plans them."""
+    from featcache import augment, cache
 
     classes = dataset.classes
-    config = cache.ExtractionConfig("synthetic", f"seed{seed}", None, "none", 32, "squash", "backbone", dtype)
+    config = cache.ExtractionConfig("synthetic", f"seed{seed}", None, "none", 32, "squash", "backbone", dtype,
+                                    augment=views)
     key = cache.cache_key(config, dataset)
     cache_dir = workdir / key[:16]
     cache_dir.mkdir(parents=True)
@@ -155,12 +169,16 @@ def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_o
                 "status": "complete", "created": "", "completed": "", "config": config.__dict__,
                 "classes": list(classes), "feature_shape": list(shape), "splits": {}, "rejects": [],
                 "dataset": {"root": str(workdir), "layout": "synthetic", "images": len(dataset.samples)}}
-    for plan in cache.plan_shards(dataset, shard_size):
+    if views:
+        manifest["augmentation"] = augment.RECIPE
+    rows = {}
+    for plan in cache.plan_shards(dataset, shard_size, views):
         cache.write_shard(cache_dir / plan.name, plan, provenance, features_of(plan), list(plan.samples), {})
         split = manifest["splits"].setdefault(plan.split, {"shards": []})
         split["shards"].append(plan.name)
+        rows.setdefault(plan.split, []).extend(plan.samples)  # views included
     for split in manifest["splits"]:
-        manifest["splits"][split].update(cache.split_summary(dataset.split(split), list(classes)))
+        manifest["splits"][split].update(cache.split_summary(rows[split], list(classes)))
     cache.write_manifest(cache_dir, manifest)
     return cache.Cache(cache_dir)
 
