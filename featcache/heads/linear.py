@@ -225,6 +225,7 @@ class LinearHead(Head):
         undo them (shuffled: cache rows are sorted by path, and unshuffled folds of neighbouring
         files, whole elpv modules, calibrate nothing)."""
         from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import StratifiedKFold
         from sklearn.svm import LinearSVC
 
@@ -232,7 +233,8 @@ class LinearHead(Head):
         svc = LinearSVC(C=c, dual=True, max_iter=SVM_ITERATIONS, random_state=self.options.seed)
         cv = StratifiedKFold(folds, shuffle=True, random_state=self.options.seed)
         weights = sample_weights(y, n_classes, self.options.class_weight)
-        with single_threaded():
+        with single_threaded(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # SVM_ITERATIONS caps it on purpose
             return CalibratedClassifierCV(svc, cv=cv, ensemble=False).fit(z, y, sample_weight=weights)
 
     # --- fitting from streamed shards ---------------------------------------------------------------

@@ -11,6 +11,7 @@ budget holds.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,4 +126,8 @@ def _calibrated(cache: Cache, scaling: Scaling, svm, plan: StreamPlan, options):
     every_row = [(np.arange(rows), np.arange(rows))]
     calibrated = CalibratedClassifierCV(FrozenEstimator(svm), method="sigmoid", cv=every_row)
     weights = sample_weights(labels, len(cache.classes), options.class_weight)  # as the SVM was weighted
-    return calibrated.fit(sample, labels, sample_weight=weights), rows
+    with warnings.catch_warnings():
+        # scikit-learn warns that the frozen SVM ignores sample_weight: it is already fitted, and the
+        # weights are meant for the sigmoid alone
+        warnings.filterwarnings("ignore", message=".*sample_weight.*", category=UserWarning)
+        return calibrated.fit(sample, labels, sample_weight=weights), rows
