@@ -401,3 +401,104 @@ def test_calibrated_heads_refuse_a_class_with_one_training_row_in_one_line(name,
     with pytest.raises(FeatcacheError, match="a class has 1 training row") as refusal:
         fitted(cache, name, FitOptions())
     assert "\n" not in str(refusal.value)
+
+
+# --- scaling: the three choices, fitted in memory or from streamed sums, and as Keras layers ----------
+
+
+def scaling_rows(seed=0):
+    """(30, 2, 3) float32 rows far from zero (float32 sums would drift), one column constant, one of
+    standard deviation below 1."""
+    rng = np.random.default_rng(seed)
+    x = (1e4 + rng.normal(0, 3, (30, 2, 3))).astype(np.float32)
+    x[:, 0, 1] = 7.0
+    x[:, 1, 0] = 5 + rng.normal(0, 0.1, 30)
+    return x
+
+
+def test_streamed_moments_are_float64_sums_and_standardise_as_numpy_does():
+    from featcache.heads.scaling import Scaling, streamed_moments
+
+    x = scaling_rows()
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    batches = [(x[:7], None), (x[7:8], None), (x[8:], None)]  # uneven, one of a single row
+    count, total, squares = streamed_moments(batches)
+    assert count == 30
+    np.testing.assert_allclose(total, flat.sum(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(squares, (flat * flat).sum(axis=0), rtol=1e-13)
+    streamed = Scaling.from_moments("standard", count, total, squares)
+    in_memory = Scaling.fit("standard", x.reshape(30, -1))  # fit takes flattened rows
+    for scaling in (streamed, in_memory):
+        assert scaling.mean.dtype == np.float32 and scaling.scale.dtype == np.float32
+        np.testing.assert_allclose(scaling.mean, flat.mean(axis=0), rtol=1e-6)
+        std = flat.std(axis=0)
+        np.testing.assert_allclose(scaling.scale, np.where(std > 0, std, 1), rtol=1e-4)
+        assert scaling.scale[1] == 1.0  # the constant column is left unscaled, never divided by zero
+        z = scaling.apply(x)
+        assert z.shape == (30, 6) and np.isfinite(z).all()
+        assert scaling.apply(x.astype(np.float64)).dtype == np.float32
+        np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-3)
+
+
+def test_standardising_features_far_from_zero_sums_in_float64():
+    """In float32, the mean of 4,000 rows near 1e6 is off by 30 and their standard deviation reads 30, not 1."""
+    from featcache.heads.scaling import Scaling
+
+    x = (1e6 + np.random.default_rng(0).normal(0, 1, (4000, 2))).astype(np.float32)
+    scaling = Scaling.fit("standard", x)
+    np.testing.assert_allclose(scaling.mean, x.mean(axis=0, dtype=np.float64), rtol=1e-7)
+    np.testing.assert_allclose(scaling.scale, x.std(axis=0, dtype=np.float64), rtol=1e-5)
+
+
+def test_moments_of_one_row_give_its_values_as_mean_and_unit_scale():
+    from featcache.heads.scaling import Scaling, streamed_moments
+
+    row = scaling_rows()[:1]
+    scaling = Scaling.from_moments("standard", *streamed_moments([(row, None)]))
+    np.testing.assert_array_equal(scaling.mean, row.reshape(-1))
+    np.testing.assert_array_equal(scaling.scale, np.ones(6, np.float32))
+
+
+@pytest.mark.parametrize("kind", ["l2", "none"])
+def test_scalings_without_arrays_keep_their_kind_and_store_nothing(kind):
+    from featcache.heads.scaling import Scaling, streamed_moments
+
+    x = scaling_rows()
+    for scaling in (Scaling.fit(kind, x), Scaling.from_moments(kind, *streamed_moments([(x, None)])),
+                    Scaling.from_arrays(kind, {})):
+        assert (scaling.kind, scaling.mean, scaling.scale, scaling.arrays()) == (kind, None, None, {})
+    x[1] *= 1e-5  # a row of norm below 1 is still scaled to norm 1 ...
+    x[2] = 0  # ... and a zero row stays zero, never NaN
+    flat = x.reshape(30, -1)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    expected = np.divide(flat, norms, out=np.zeros_like(flat), where=norms > 0) if kind == "l2" else flat
+    scaled = Scaling(kind).apply(x.astype(np.float64))
+    assert scaled.dtype == np.float32  # rows are float32 whatever they came as
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
+def test_standard_scaling_round_trips_through_its_arrays():
+    from featcache.heads.scaling import Scaling
+
+    scaling = Scaling.fit("standard", scaling_rows().reshape(30, -1))
+    arrays = scaling.arrays()
+    assert sorted(arrays) == ["scaling_mean", "scaling_scale"]
+    back = Scaling.from_arrays("standard", arrays)
+    assert back.kind == "standard"
+    np.testing.assert_array_equal(back.mean, scaling.mean)
+    np.testing.assert_array_equal(back.scale, scaling.scale)
+
+
+@pytest.mark.parametrize("kind", ["standard", "l2", "none"])
+def test_scaling_as_a_keras_layer_computes_what_apply_computes(kind):
+    from featcache.heads.scaling import Scaling
+
+    x = scaling_rows(seed=1) / 1e3  # moderate values: float32 Keras arithmetic matches numpy's closely
+    flat = x.reshape(len(x), -1)
+    scaling = Scaling.fit(kind, flat)
+    layer = scaling.keras_layer(name="scale_in")
+    if kind == "none":
+        assert layer is None
+        return
+    assert layer.name == "scale_in" and scaling.keras_layer().name == "scaling"
+    np.testing.assert_allclose(np.asarray(layer(flat)), scaling.apply(x), rtol=1e-4, atol=1e-4)
