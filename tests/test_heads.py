@@ -23,8 +23,13 @@ STREAMING = [name for name in HEADS if build_head(name).streams]
 
 
 def fitted(cache, name, options=QUICK, streamed=False):
-    """A head fitted in memory, or from shards streamed under a budget far below the cache."""
-    return fit_head(cache, name, options, memory_budget=20_000 if streamed else None)
+    """A head fitted in memory, or from shards streamed under a budget just below what an in-memory
+    fit of this cache takes (so it streams)."""
+    from featcache.streaming import in_memory_bytes
+
+    head = fit_head(cache, name, options, memory_budget=in_memory_bytes(cache) - 1 if streamed else None)
+    assert head.record["memory"]["path"] == ("streamed" if streamed else "in-memory")
+    return head
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
