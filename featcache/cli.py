@@ -357,10 +357,10 @@ def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workd
     options = fit_options(**training)
     head, prefix = finetune(cache, head_name, unfreeze_from, workdir, data, split_fractions, options,
                             say=err_console.print)
-    head.info["metrics"] = evaluate(head, prefix)
+    head.record["metrics"] = evaluate(head, prefix)
     folder = head.save(head_dir(prefix, head.name))
-    scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in head.info["metrics"].items())
-    info = head.info
+    scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in head.record["metrics"].items())
+    info = head.record
     console.print(f"{head.name}: {info['epochs_run']} epochs, {info['seconds_per_epoch']:.1f} s each, "
                   f"{info['trainable_params']:,} trainable parameters; {scores} -> {folder}\n"
                   f"prefix cache: {prefix.path} (`featcache compare --cache {prefix.key[:16]}`)")

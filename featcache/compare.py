@@ -50,10 +50,10 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
         results[name] = final
         comparison.rows.append(_row(head, cache, validation, final if final_split == "test" else None,
                                     cv_folds, memory_budget))
-        if "history" in head.info:
-            comparison.histories[name] = head.info["history"]
-        if "finetune" in head.info:
-            comparison.finetune_epochs[name] = head.info["finetune"]["started_at_epoch"]
+        if "history" in head.record:
+            comparison.histories[name] = head.record["history"]
+        if "finetune" in head.record:
+            comparison.finetune_epochs[name] = head.record["finetune"]["started_at_epoch"]
         comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
     root = Path(cache.manifest["dataset"]["root"])
     comparison.misclassified = [
@@ -76,7 +76,7 @@ def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budg
         "val_log_loss": val["log_loss"], "test_log_loss": tst and tst["log_loss"],
         "cv_accuracy": float(np.mean(scores)) if scores else None,
         "cv_std": float(np.std(scores)) if scores else None,
-        "fit_seconds": head.info["fit_seconds"],
+        "fit_seconds": head.record["fit_seconds"],
         "predict_seconds": (test or validation).predict_seconds,
     }
 

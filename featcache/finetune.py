@@ -182,7 +182,7 @@ def finetune(
         shuffle=False,  # split_batches shuffles shards, rows and a buffer itself
     )
     seconds = time.perf_counter() - started
-    before = head.info.get("history", {})
+    before = head.record.get("history", {})
     after = {k: [float(v) for v in values] for k, values in history.history.items()}
     info = {
         "name": f"{head.name}-finetuned", "kind": "keras", "cache_key": prefix.key,

@@ -235,7 +235,7 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -
         "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
         "preprocess": config["preprocess"], "dtype": config["dtype"],
         "weights": config["weights"], "weights_source": cache.manifest.get("weights_source"),
-        "cache_key": cache.key, "head": head.name, "head_files": head.info.get("files"),
-        "head_metrics": head.info.get("metrics"), "featcache_version": __version__,
+        "cache_key": cache.key, "head": head.name, "head_files": head.record.get("files"),
+        "head_metrics": head.record.get("metrics"), "featcache_version": __version__,
         "keras_version": keras_version, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

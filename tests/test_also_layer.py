@@ -70,7 +70,7 @@ def test_finetune_copies_its_prefix_from_the_also_layer_without_a_backbone_pass(
     for split in prefix.splits:
         np.testing.assert_array_equal(prefix.read(split)[0], separate.read(split)[0])
         np.testing.assert_array_equal(prefix.views(split), separate.views(split))
-    assert head.info["finetune"]["prefix_layer"] == "block4_pool" and head.info["epochs_run"] == 1
+    assert head.record["finetune"]["prefix_layer"] == "block4_pool" and head.record["epochs_run"] == 1
 
 
 def test_an_also_layer_that_is_not_the_prefix_is_said_and_the_backbone_runs(tmp_path):

@@ -177,4 +177,4 @@ def test_finetune_on_an_augmented_cache_caches_and_trains_on_the_augmented_prefi
     assert prefix.config["augment"] == 2 and prefix.config["seed"] == 5
     assert prefix.manifest["splits"]["train"]["rows"] == 3 * 6 == len(prefix.views("train"))
     assert sorted(set(prefix.views("train"))) == [0, 1, 2] and set(prefix.views("test")) == {0}
-    assert head.info["finetune"]["prefix_layer"] == "block4_pool"
+    assert head.record["finetune"]["prefix_layer"] == "block4_pool"

@@ -31,7 +31,7 @@ def fitted(tmp_path_factory):
     cache = run_extract(data, root / "out", dtype="float16").cache
     for name in ("dense256", "logreg"):
         head = fit_head(cache, name, QUICK)
-        head.info["metrics"] = {"validation": {"accuracy": 0.5 if name == "dense256" else 0.75,
+        head.record["metrics"] = {"validation": {"accuracy": 0.5 if name == "dense256" else 0.75,
                                                "log_loss": 0.5}}
         head.save(head_dir(cache, name))
     return data, cache

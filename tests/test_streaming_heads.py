@@ -145,7 +145,7 @@ def test_linear_heads_over_the_budget_stream_and_learn(name, tmp_path):
     cache = synthetic_cache(tmp_path)
     assert in_memory_bytes(cache) > TINY_BUDGET
     head = fit_head(cache, name, SGD, memory_budget=TINY_BUDGET)
-    memory = head.info["memory"]
+    memory = head.record["memory"]
     assert memory["path"] == "streamed" and memory["estimator"].startswith("SGDClassifier")
     assert memory["budget_bytes"] == TINY_BUDGET and 0 < memory["batch_rows"] <= memory["buffer_rows"]
     assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
@@ -161,15 +161,15 @@ def test_linear_heads_within_the_budget_stay_in_memory(tmp_path):
 def test_streamed_logreg_stays_near_chance_on_shuffled_labels(tmp_path):
     cache = synthetic_cache(tmp_path, per_class=(40, 20, 30), shuffle_labels=True)
     head = fit_head(cache, "logreg", SGD, memory_budget=TINY_BUDGET)
-    assert head.info["memory"]["path"] == "streamed"
+    assert head.record["memory"]["path"] == "streamed"
     assert evaluate(head, cache)["test"]["accuracy"] < 0.72
 
 
 def test_streamed_logreg_keeps_the_c_and_epoch_best_on_validation(tmp_path):
     cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), per_class=(20, 10, 10), seed=3)
     head = fit_head(cache, "logreg", SGD, memory_budget=TINY_BUDGET)
-    by_c = head.info["validation_accuracy"]
-    chosen = head.info["chosen"]
+    by_c = head.record["validation_accuracy"]
+    chosen = head.record["chosen"]
     assert len(by_c) == 5 and all(key.startswith("standard C=") for key in by_c)
     first_best = next(key for key in by_c if by_c[key] == max(by_c.values()))  # ties: the smaller C
     assert first_best == f"standard C={chosen['C']:.3g}"
@@ -180,7 +180,7 @@ def test_streamed_logreg_keeps_the_c_and_epoch_best_on_validation(tmp_path):
 def test_streamed_svm_calibrates_on_a_few_validation_rows(tmp_path):
     cache = synthetic_cache(tmp_path, per_class=(30, 3, 10))  # fewer rows per class than 5 folds
     head = fit_head(cache, "svm", SGD, memory_budget=TINY_BUDGET)
-    assert head.info["memory"]["path"] == "streamed" and head.info["memory"]["calibration_rows"] == 6
+    assert head.record["memory"]["path"] == "streamed" and head.record["memory"]["calibration_rows"] == 6
     assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
 
 
@@ -212,7 +212,7 @@ def test_streamed_head_saves_loads_and_exports_to_keras(name, classes, tmp_path)
     x, _, _ = cache.read("test")
     expected = head.predict_proba(x)
     np.testing.assert_array_equal(loaded.predict_proba(x), expected)
-    assert loaded.info["memory"]["path"] == "streamed"
+    assert loaded.record["memory"]["path"] == "streamed"
     exported = np.asarray(loaded.to_keras(x.shape[1:])(x), np.float64)
     np.testing.assert_allclose(exported, expected, atol=1e-5, rtol=0)
 
@@ -275,8 +275,8 @@ if cross_validation:
     assert rows[0]["cv_accuracy"] is not None
 else:
     head = fit_head(big, name, options, memory_budget=budget)
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": head.info["memory"],
-                  "params": head.info.get("trainable_params", 0)}))
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": head.record["memory"],
+                  "params": head.record.get("trainable_params", 0)}))
 """
 RSS_BUDGET = 32 * MiB
 RSS_MARGIN = 24 * MiB  # allocator slack, HDF5 chunk caches, TensorFlow's tensors of one step

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import FeatcacheError
+from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
 
 OPTIMIZERS = ("adam", "rmsprop")
@@ -172,11 +173,6 @@ class Head:
     # --- shared behaviour -------------------------------------------------------------------------
 
     @property
-    def info(self) -> dict:
-        """The record, as stored in ``head.json``."""
-        return self.record
-
-    @property
     def n_classes(self) -> int:
         return len(self.record["classes"])
 
@@ -217,12 +213,6 @@ class Head:
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
         return folder
-
-
-def file_sha256(path: Path) -> str:
-    from featcache.dataset import file_sha256 as sha
-
-    return sha(path)
 
 
 def read_record(folder: Path) -> dict:
