@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from featcache import FeatcacheError, __version__, backbones, views
+from featcache import FeatcacheError, __version__, backbones, quiet, views
 from featcache import cache as cache_store
 from featcache.api import ExtractOptions
 from featcache.dataset import DEFAULT_FRACTIONS
@@ -20,7 +19,6 @@ from featcache.heads import FitOptions
 FIT_DEFAULTS = FitOptions()
 EXTRACT_DEFAULTS = ExtractOptions()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
 err_console = Console(stderr=True, soft_wrap=True)  # progress and notes: stdout stays parseable
 
@@ -56,8 +54,11 @@ workdir_option = click.option(
 
 @click.group(context_settings={"max_content_width": 104})
 @click.version_option(__version__)
-def main():
+@click.option("--verbose", is_flag=True,
+              help=f"Also show TensorFlow's own log lines on stderr (or set {quiet.VERBOSE_ENV}=1).")
+def main(verbose):
     """Run a frozen ImageNet conv base once, cache its features, and fit heads on them in seconds."""
+    quiet.quiet_tensorflow(verbose)
 
 
 @main.command()

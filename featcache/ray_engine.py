@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError, cache
+from featcache import FeatcacheError, cache, quiet
 from featcache.extract import FeaturePass, ShardJob, pending_rows, write_shards
 from featcache.model import extraction_model
 from featcache.progress import ImageProgress
@@ -127,6 +127,7 @@ class ShardWriter:
     shard per call with the local engine's ``write_shards``."""
 
     def __init__(self, job: ShardJob, threads: int):
+        quiet.quiet_tensorflow()  # the worker's stderr reaches the driver's terminal through Ray
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -181,7 +182,7 @@ def connected(address: str | None):
         return
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+                 runtime_env={"env_vars": quiet.worker_env()})
     except ConnectionError as exc:
         raise FeatcacheError(
             f"--address {address}: no Ray cluster found ({exc}); start one with `ray start --head`, "
