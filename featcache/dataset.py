@@ -2,7 +2,7 @@
 
 Layouts, detected in this order:
   (a) ROOT/{train,validation,test}/<class>/<image>  (``val`` is accepted for validation)
-  (b) ROOT/<class>/<image>, split by a hash of the relative path (stable when images are added)
+  (b) ROOT/<class>/<image>, split per class by the rank of a hash of the relative path (see stratified_split)
   (c) a CSV file with columns path,label[,split]; paths relative to the CSV's folder
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -168,14 +169,15 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
     entries = [e for e in entries if _is_utf8(e[1])]
     classes = tuple(sorted(class_names))
     index = {name: i for i, name in enumerate(classes)}
-    samples = []
+    readable = []
     for path, rel, label, split in sorted(entries, key=lambda e: e[1]):
         try:
-            digest = file_sha256(path)
+            readable.append((path, rel, label, split, file_sha256(path)))
         except OSError as exc:  # a symlink loop, a dangling link, no permission: skip and say why
             rejects.append(Reject(rel, f"cannot read ({exc.strerror or exc})"))
-            continue
-        samples.append(Sample(path, rel, index[label], split or hash_split(rel, fractions), digest))
+    assigned = _assign_splits([(rel, label) for _, rel, label, split, _ in readable if split is None], fractions)
+    samples = [Sample(path, rel, index[label], split or assigned[rel, label], digest)
+               for path, rel, label, split, digest in readable]
     if not samples:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")
@@ -200,21 +202,85 @@ def _check_classes(dataset: Dataset) -> None:
 
 
 def _check_leakage(dataset: Dataset) -> None:
-    splits_of: dict[str, set[str]] = defaultdict(set)
-    example: dict[str, list[str]] = defaultdict(list)
+    """Warn when one content sits in two splits, counting both the files and the distinct contents
+    (64 copies of 9 images is a bigger leak than 9 files), with an example from two splits."""
+    by_content: dict[str, list[Sample]] = defaultdict(list)
     for s in dataset.samples:
-        splits_of[s.sha256].add(s.split)
-        example[s.sha256].append(s.relpath)
-    leaked = [sha for sha, splits in splits_of.items() if len(splits) > 1]
+        by_content[s.sha256].append(s)
+    leaked = [group for group in by_content.values() if len({s.split for s in group}) > 1]
     if leaked:
+        files = sum(len(group) for group in leaked)
+        first = leaked[0][0]
+        other = next(s for s in leaked[0] if s.split != first.split)
+        contents = f"{len(leaked)} distinct content{'s' if len(leaked) > 1 else ''}"
         dataset.warnings.append(
-            f"leakage: {len(leaked)} file(s) appear in more than one split with identical content, "
-            f"e.g. {' and '.join(example[leaked[0]][:2])}"
+            f"leakage: {files} files with {contents} appear in more than one split, "
+            f"e.g. {first.relpath} ({first.split}) and {other.relpath} ({other.split})"
         )
 
 
+def _assign_splits(unsplit: list[tuple[str, str]], fractions) -> dict[tuple[str, str], str]:
+    """(relative path, class) -> split for the images without one, stratified class by class."""
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for rel, label in unsplit:
+        by_class[label].append(rel)
+    return {(rel, label): split
+            for label, rels in by_class.items() for rel, split in stratified_split(rels, fractions).items()}
+
+
+def stratified_split(relpaths: list[str], fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, str]:
+    """Split one class's images by the fractions as exactly as counts allow: relpath -> split.
+
+    Images are ranked by a hash of their relative path and cut at the counts of split_counts: the
+    first ones train, the next validation, the rest test. Fixed hash thresholds (hash_split) need no
+    ranking and never move an image, but leave small classes to chance: a class of 24 gets no test
+    image at 15% once in 50, and a split with one image of a class is common. Ranks make every split
+    get its share of every class.
+
+    The trade-off is bounded movement instead of none. The split is still a function of the paths
+    alone (no seed, no history), and adding an image to a class moves at most two of that class's
+    existing images (the ones ranked next to a cut, each to the neighbouring split; fewer than one on
+    average at 70/15/15); adding k moves at most 2k; removing likewise; other classes never move.
+    A moved image keeps its cached features (rows are reused by content), but an earlier dataset
+    version's test image may now train, so compare heads on one version of the dataset.
+    """
+    ranked = sorted(relpaths, key=_hash_rank)
+    train, validation, _ = split_counts(len(ranked), fractions)
+    return {rel: SPLITS[0] if i < train else SPLITS[1] if i < train + validation else SPLITS[2]
+            for i, rel in enumerate(ranked)}
+
+
+def split_counts(n: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> tuple[int, int, int]:
+    """How many of n images go to train, validation and test: the cumulative fractions rounded.
+
+    Each split with a non-zero fraction gets at least one image when n allows (train first, then
+    validation, then test). Both cuts grow by 0 or 1 when n grows by 1, which is what bounds how
+    many images an addition moves (see stratified_split).
+    """
+    wanted = [f > 0 for f in fractions]
+    minimum = [int(w and sum(wanted[:i + 1]) <= n) for i, w in enumerate(wanted)]
+    cuts = [0, _round_half_up(n * fractions[0]), _round_half_up(n * (fractions[0] + fractions[1])), n]
+    for i in (1, 2):
+        cuts[i] = max(cuts[i], cuts[i - 1] + minimum[i - 1])
+    for i in (2, 1):
+        cuts[i] = min(cuts[i], cuts[i + 1] - minimum[i])
+    return cuts[1], cuts[2] - cuts[1], n - cuts[2]
+
+
+def _round_half_up(x: float) -> int:
+    """Rounding that never decreases as x grows (Python's round() goes to even)."""
+    return math.floor(x + 0.5)
+
+
+def _hash_rank(relpath: str) -> tuple[int, str]:
+    return int.from_bytes(hashlib.sha256(os.fsencode(relpath)).digest()[:8], "big"), relpath
+
+
 def hash_split(relpath: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
-    """Assign a split from the path alone, so adding images never moves existing ones."""
+    """Assign a split from the path alone, so adding images never moves existing ones.
+
+    Not stratified: class folders use stratified_split. Kept for data whose split must depend on one
+    image only."""
     u = int.from_bytes(hashlib.sha256(os.fsencode(relpath)).digest()[:8], "big") / 2**64
     train, validation, _ = fractions
     return "train" if u < train else "validation" if u < train + validation else "test"

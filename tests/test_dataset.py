@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from featcache import FeatcacheError
-from featcache.dataset import hash_split, load_dataset
+from featcache.dataset import hash_split, load_dataset, split_counts, stratified_split
 from featcache.images import IMAGE_SUFFIXES
 from tests.conftest import make_class_folders, make_split_folders, write_image
 
@@ -24,21 +24,88 @@ def test_split_folders_layout_accepts_val_and_sorts_classes(tmp_path):
     assert all(ds.classes[s.label] in s.relpath for s in ds.samples)
 
 
-def test_class_folders_layout_splits_by_path_hash(class_data):
+def ranked_by_path_hash(relpaths, counts) -> dict[str, str]:
+    """The reference split: paths ordered by the first 8 bytes of sha256, cut at (train, validation) counts."""
+    ranked = sorted(relpaths, key=lambda p: (hashlib.sha256(p.encode()).digest()[:8], p))
+    train, validation, _ = counts
+    return {p: "train" if i < train else "validation" if i < train + validation else "test"
+            for i, p in enumerate(ranked)}
+
+
+def split_by_class(ds) -> dict[str, tuple[int, int, int]]:
+    return {name: tuple(sum(s.label == i and s.split == split for s in ds.samples)
+                        for split in ("train", "validation", "test")) for i, name in enumerate(ds.classes)}
+
+
+def test_class_folders_layout_splits_each_class_by_path_hash_rank(class_data):
     ds = load_dataset(class_data)
     assert ds.layout == "class-folders"
-    assert {s.split for s in ds.samples} <= {"train", "validation", "test"}
-    assert all(s.split == hash_split(s.relpath) for s in ds.samples)
+    assert split_by_class(ds) == {"cat": (10, 2, 2), "dog": (10, 2, 2)}  # 14 images: 9.8 -> 10, 11.9 -> 12
+    for name in ds.classes:
+        relpaths = [s.relpath for s in ds.samples if ds.classes[s.label] == name]
+        expected = ranked_by_path_hash(relpaths, (10, 2, 2))
+        assert {s.relpath: s.split for s in ds.samples if s.relpath in expected} == expected
 
 
-def test_hash_split_is_stable_when_images_are_added(tmp_path):
-    root = make_class_folders(tmp_path / "d", per_class=10)
+def test_skewed_classes_give_every_split_its_share_of_every_class(tmp_path):
+    """The issue's case: 7 classes, one of 24 images, which a fixed hash threshold left without a test image."""
+    sizes = {"A": 24, "B": 60, "C": 40, "D": 3, "E": 2, "F": 1, "G": 33}
+    for name, n in sizes.items():
+        for i in range(n):
+            write_image(tmp_path / name / f"{i:03d}.png", size=(8, 8), seed=hash((name, i)) % 10_000)
+    ds = load_dataset(tmp_path)
+    assert split_by_class(ds) == {"A": (17, 3, 4), "B": (42, 9, 9), "C": (28, 6, 6), "D": (1, 1, 1),
+                                  "E": (1, 1, 0), "F": (1, 0, 0), "G": (23, 5, 5)}
+    assert [w for w in ds.warnings if "has no images" in w] == ["split 'validation' has no images of class F",
+                                                                "split 'test' has no images of class E, F"]
+
+
+@pytest.mark.parametrize(("fractions", "expected"), [
+    ((0.7, 0.15, 0.15), {0: (0, 0, 0), 1: (1, 0, 0), 2: (1, 1, 0), 3: (1, 1, 1), 4: (2, 1, 1), 6: (4, 1, 1),
+                         10: (7, 2, 1), 20: (14, 3, 3), 24: (17, 3, 4), 100: (70, 15, 15)}),
+    ((0.5, 0.25, 0.25), {3: (1, 1, 1), 5: (3, 1, 1), 7: (4, 1, 2), 8: (4, 2, 2)}),  # 5.25 -> 5
+    ((0.2, 0.4, 0.4), {1: (1, 0, 0), 3: (1, 1, 1), 4: (1, 1, 2), 10: (2, 4, 4), 11: (2, 5, 4)}),
+    ((0.9, 0.1, 0.0), {1: (1, 0, 0), 3: (2, 1, 0), 5: (4, 1, 0), 20: (18, 2, 0)}),
+    ((0.5, 0.0, 0.5), {2: (1, 0, 1), 3: (2, 0, 1), 4: (2, 0, 2)}),
+    ((1.0, 0.0, 0.0), {1: (1, 0, 0), 7: (7, 0, 0)}),
+])
+def test_split_counts_round_the_cumulative_fractions_and_give_each_split_one_image_when_n_allows(
+        fractions, expected):
+    assert {n: split_counts(n, fractions) for n in expected} == expected
+
+
+@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.34, 0.33, 0.33), (0.1, 0.1, 0.8)])
+def test_split_cuts_grow_by_at_most_one_as_a_class_grows(fractions):
+    """What bounds the movement stratified_split documents: each cut moves by 0 or 1 per added image."""
+    cuts = [(c[0], c[0] + c[1]) for c in (split_counts(n, fractions) for n in range(300))]
+    for n, (before, after) in enumerate(zip(cuts, cuts[1:], strict=False)):
+        assert {after[0] - before[0], after[1] - before[1]} <= {0, 1}, n
+        assert sum(split_counts(n, fractions)) == n
+
+
+def test_adding_an_image_moves_at_most_two_existing_ones_each_to_a_neighbouring_split():
+    neighbours = {("train", "validation"), ("validation", "train"), ("validation", "test"), ("test", "validation")}
+    paths = [f"cat/{i:04d}.png" for i in range(40)]
+    moved_total = 0
+    for i in range(40, 400):
+        before = stratified_split(paths)
+        paths.append(f"cat/{i:04d}.png")
+        after = stratified_split(paths)
+        moved = {(before[p], after[p]) for p in before if before[p] != after[p]}
+        assert sum(before[p] != after[p] for p in before) <= 2 and moved <= neighbours
+        moved_total += sum(before[p] != after[p] for p in before)
+    assert 0 < moved_total < 360  # fewer than one per added image on average, as documented
+
+
+def test_adding_images_to_a_class_moves_few_of_its_images_and_none_of_other_classes(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=20)
     before = {s.relpath: s.split for s in load_dataset(root).samples}
-    for i in range(10):
+    for i in range(5):
         write_image(root / "cat" / f"new_{i}.png", seed=500 + i)
     after = {s.relpath: s.split for s in load_dataset(root).samples}
-    assert all(after[p] == split for p, split in before.items())
-    assert len(after) == len(before) + 10
+    moved = [p for p, split in before.items() if after[p] != split]
+    assert len(after) == len(before) + 5
+    assert len(moved) <= 10 and all(p.startswith("cat/") for p in moved)
 
 
 def test_hash_split_follows_requested_fractions():
@@ -56,7 +123,18 @@ def test_csv_layout_with_and_without_split_column(tmp_path):
     assert ds.layout == "csv" and ds.classes == ("cat", "dog")
     assert [len(ds.split(s)) for s in ds.splits] == [6, 1, 1]
     (tmp_path / "nosplit.csv").write_text("path,label\n" + "\n".join(r.rsplit(",", 1)[0] for r in rows))
-    assert len(load_dataset(tmp_path / "nosplit.csv").samples) == 8
+    ds = load_dataset(tmp_path / "nosplit.csv")
+    assert split_by_class(ds) == {"cat": (2, 1, 1), "dog": (2, 1, 1)}
+
+
+def test_csv_rows_without_a_split_are_stratified_apart_from_rows_that_name_one(tmp_path):
+    make_class_folders(tmp_path, per_class=8)
+    rows = [f"cat/cat_{i:03d}.png,cat,{'test' if i < 4 else ''}" for i in range(8)]
+    (tmp_path / "l.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    ds = load_dataset(tmp_path / "l.csv", (0.5, 0.25, 0.25))
+    assert all(s.split == "test" for s in ds.samples[:4])
+    expected = ranked_by_path_hash([f"cat/cat_{i:03d}.png" for i in range(4, 8)], (2, 1, 1))
+    assert {s.relpath: s.split for s in ds.samples[4:]} == expected
 
 
 def test_csv_path_escaping_its_folder_is_refused(tmp_path):
@@ -104,7 +182,18 @@ def test_split_missing_a_class_is_a_warning(tmp_path):
 def test_same_content_in_two_splits_is_a_leakage_warning(tmp_path):
     root = make_split_folders(tmp_path / "d", {"train": 2, "test": 1})
     (root / "test" / "cat" / "copy.png").write_bytes((root / "train" / "cat" / "cat_000.png").read_bytes())
-    assert any(w.startswith("leakage: 1 file") for w in load_dataset(root).warnings)
+    assert any(w.startswith("leakage: 2 files with 1 distinct content appear") for w in load_dataset(root).warnings)
+
+
+def test_leakage_warning_counts_files_and_distinct_contents(tmp_path):
+    root = make_split_folders(tmp_path / "d", {"train": 3, "test": 1})
+    for i in range(3):
+        original = (root / "train" / "cat" / f"cat_{i:03d}.png").read_bytes()
+        for copy in range(i + 1):  # 1 + 2 + 3 copies of three images in test
+            (root / "test" / "cat" / f"copy_{i}_{copy}.png").write_bytes(original)
+    assert load_dataset(root).warnings[-1] == (
+        "leakage: 9 files with 3 distinct contents appear in more than one split, "
+        "e.g. test/cat/copy_0_0.png (test) and train/cat/cat_000.png (train)")
 
 
 def test_hidden_and_non_image_files_are_ignored(tmp_path):
@@ -184,17 +273,18 @@ def test_samples_record_path_label_split_and_content_hash_in_relative_path_order
     rows = ["dog/dog_009.png,dog", "cat-extra.png,cat"]
     rows += [f"{c}/{c}_{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(9)]
     (root / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    fractions = (0.5, 0.25, 0.25)
-    ds = load_dataset(root / "labels.csv", fractions)
+    ds = load_dataset(root / "labels.csv", (0.5, 0.25, 0.25))
     assert ds.root == root.resolve() and ds.layout == "csv"
     assert [s.relpath for s in ds.samples] == sorted(r.split(",")[0] for r in rows)
     assert ds.samples[0].relpath == "cat-extra.png"
+    expected = {**ranked_by_path_hash([r.split(",")[0] for r in rows if r.endswith(",cat")], (5, 3, 2)),
+                **ranked_by_path_hash([r.split(",")[0] for r in rows if r.endswith(",dog")], (5, 3, 2))}
     for s in ds.samples:
         assert s.path == root.resolve() / s.relpath
         assert ds.classes[s.label] == ("cat" if s.relpath.startswith("cat") else "dog")
-        assert s.split == hash_split(s.relpath, fractions)
+        assert s.split == expected[s.relpath]
         assert s.sha256 == hashlib.sha256(s.path.read_bytes()).hexdigest()
-    assert [s.split for s in ds.samples] != [hash_split(s.relpath) for s in ds.samples]  # the fractions count
+    assert split_by_class(load_dataset(root / "labels.csv")) == {"cat": (7, 2, 1), "dog": (7, 2, 1)}  # fractions count
 
 
 def test_hash_split_gives_validation_and_test_their_shares_too():
@@ -266,8 +356,8 @@ def test_warnings_name_every_absent_class_and_two_leaked_files(tmp_path):
         (root / copy).write_bytes(original.read_bytes())
     warnings = load_dataset(root).warnings
     assert "split 'test' has no images of class bird, dog" in warnings
-    assert warnings[-1] == ("leakage: 1 file(s) appear in more than one split with identical content, "
-                            "e.g. test/cat/copy1.png and test/cat/copy2.png")
+    assert warnings[-1] == ("leakage: 3 files with 1 distinct content appear in more than one split, "
+                            "e.g. test/cat/copy1.png (test) and train/cat/cat_000.png (train)")
 
 
 def test_missing_data_path_error_says_how_to_get_data(tmp_path):
