@@ -15,6 +15,8 @@ import json
 import math
 import mimetypes
 import textwrap
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from featcache import FeatcacheError, __version__
@@ -163,6 +165,7 @@ def plot_learning_curves(
         ax.set(title=metric, xlabel="epoch", ylabel=metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 1))  # autoscale's margin would run past 100%
     axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1))
     handles = [Line2D([], [], color=f"C{i}", label=head) for i, head in enumerate(histories)]
     for style, split in (("-", "train"), ("--", "validation")):
@@ -226,19 +229,27 @@ def plot_comparison(rows: list[dict], path: Path) -> Path:
         values = [row[f"{split}_accuracy"] for row in rows]
         y = [i + offset for i, v in enumerate(values) if v is not None]
         x = [v for v in values if v is not None]
-        bars = ax.barh(y, x, height, color=colour, label="validation" if split == "val" else "test")
-        ax.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in x], padding=3, fontsize=8)
+        ax.barh(y, x, height, color=colour, label="validation" if split == "val" else "test")
+        for yi, v in zip(y, x, strict=True):
+            _bar_value(ax, v, yi)
     for i, row in enumerate(rows):
         if row["best"]:
             ax.axhspan(i - 0.5, i + 0.5, color="gold", alpha=0.25, zorder=0)
     ax.set_yticks(range(len(rows)), [f"{r['head']} {STAR}" if r["best"] else r["head"] for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlim(0, 1.12)
+    ax.set_xlim(0, 1)  # accuracy cannot pass 100%; long bars carry their value inside
     ax.xaxis.set_major_formatter(PercentFormatter(xmax=1))
     ax.set(xlabel="accuracy", title=f"accuracy by head ({STAR} best on validation)")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2)
     return _save(fig, path)
+
+
+def _bar_value(ax, value: float, y: float) -> None:
+    """The bar's percentage at its end: outside a short bar, inside a long one so the axis can stop at 100%."""
+    inside = value > 0.85
+    ax.annotate(f"{100 * value:.1f}%", (value, y), xytext=(-3 if inside else 3, 0), textcoords="offset points",
+                ha="right" if inside else "left", va="center", fontsize=8, color="white" if inside else "black")
 
 
 def _figure(figsize: tuple[float, float]):
@@ -263,6 +274,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
        max-width: 1240px; margin: 0 auto; padding: 24px; background: #fff; }
 h1 { font-size: 22px; margin: 0 0 12px; }
 h2 { font-size: 17px; margin: 28px 0 10px; border-bottom: 1px solid #dde1e6; padding-bottom: 4px; }
+h3 { font-size: 14px; font-weight: 600; margin: 18px 0 8px; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0;
            background: #f5f7f9; padding: 10px 14px; border-radius: 6px; }
 dl.facts dt { color: #5b6672; } dl.facts dd { margin: 0; font-family: ui-monospace, monospace;
@@ -335,17 +347,77 @@ def _figure_html(name: str, path: Path) -> str:
     return f'<section><h2>{name}</h2><figure><img src="{uri}" alt="{name}"></figure></section>'
 
 
+@dataclass(frozen=True)
+class Confusion:
+    """The misclassified images of one (true, predicted) pair: how many, and those the gallery shows."""
+
+    true: str
+    predicted: str
+    count: int
+    shown: list[dict]
+
+
+GALLERY_ORDER = ("Grouped by confusion (true → predicted), the most frequent first; within each, the most "
+                 "confident mistakes first.")
+GALLERY_ROOM = "Every confusion shows one image while there is room; the rest is shared in proportion to their counts."
+
+
+def gallery(misclassified: list[dict], limit: int) -> list[Confusion]:
+    """Every confusion with the images to show, largest confusion first, at most ``limit`` images in all.
+
+    Path order showed only the first classes' errors. Here every confusion gets one image while
+    there is room (a rare confusion can be the telling one), then the rest of the room is shared
+    in proportion to their counts (D'Hondt), so the largest confusion also shows the most. Within
+    a confusion, the most confident mistakes come first: they are the label errors and the
+    systematic failures, where a low-probability mistake is a near miss.
+    """
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for item in misclassified:
+        groups[item["true"], item["predicted"]].append(item)
+    pairs = sorted(groups, key=lambda pair: (-len(groups[pair]), pair))
+    room = _share([len(groups[pair]) for pair in pairs], limit)
+    return [
+        Confusion(*pair, len(groups[pair]),
+                  sorted(groups[pair], key=lambda item: (-item["probability"], item["relpath"]))[:n])
+        for pair, n in zip(pairs, room, strict=True)
+    ]
+
+
+def _share(counts: list[int], limit: int) -> list[int]:
+    """How many of each count to show: one each while the limit allows (in the given order), the rest by
+    highest count per slot already given, never more than a count."""
+    shown = [1 if i < limit else 0 for i in range(len(counts))]
+    for _ in range(limit - sum(shown)):
+        unfilled = [i for i, count in enumerate(counts) if shown[i] < count]
+        if not unfilled:
+            break
+        shown[max(unfilled, key=lambda i: (counts[i] / (shown[i] + 1), -i))] += 1
+    return shown
+
+
 def _gallery_html(misclassified: list[dict], max_gallery: int) -> str:
-    shown = misclassified[:max_gallery]
+    esc = html.escape
+    confusions = gallery(misclassified, max_gallery)
+    shown = sum(len(c.shown) for c in confusions)
     if not misclassified:
         note = "No misclassified test images."
-    elif len(shown) < len(misclassified):
-        note = f"Showing {len(shown)} of {len(misclassified)}; {len(misclassified) - len(shown)} left out."
+    elif shown < len(misclassified):
+        note = (f"Showing {shown} of {len(misclassified)}; {len(misclassified) - shown} left out. {GALLERY_ORDER} "
+                f"{GALLERY_ROOM}")
     else:
-        note = f"All {len(shown)} shown."
-    items = "".join(_gallery_item(item) for item in shown)
-    return (f'<section><h2>Misclassified test images</h2><p class="note">{note}</p>'
-            f'<div class="gallery">{items}</div></section>')
+        note = f"All {shown} shown. {GALLERY_ORDER}"
+    hidden = [c for c in confusions if not c.shown]
+    if hidden:
+        note += f" {len(hidden)} smaller confusion(s) with no room: " + ", ".join(
+            f"{c.true} → {c.predicted} ({c.count})" for c in hidden) + "."
+    groups = "".join(
+        f'<h3>true <span class="true">{esc(c.true)}</span> → predicted <span class="pred">{esc(c.predicted)}'
+        f'</span>: {c.count} image{"s" if c.count > 1 else ""}'
+        f'{f", {len(c.shown)} shown" if len(c.shown) < c.count else ""}</h3>'
+        f'<div class="gallery">{"".join(_gallery_item(item) for item in c.shown)}</div>'
+        for c in confusions if c.shown
+    )
+    return (f'<section><h2>Misclassified test images</h2><p class="note">{esc(note)}</p>{groups}</section>')
 
 
 def _gallery_item(item: dict) -> str:

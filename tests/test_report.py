@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, report
 from featcache.report import (
     COLUMNS,
     format_table,
+    gallery,
     plot_comparison,
     plot_confusion_matrices,
     plot_learning_curves,
@@ -166,14 +167,90 @@ def test_report_is_self_contained_and_escaped(tmp_path, rows, figures):
 
 
 def test_report_survives_unreadable_images_and_caps_gallery(tmp_path, rows, figures):
-    items = write_images(tmp_path / "data", 8)
-    items[0]["path"].write_bytes(b"not an image at all")
-    items[1]["path"] = tmp_path / "moved-away.png"
+    items = write_images(tmp_path / "data", 8)  # 4 confusions of 2 images, item i+4 more confident than i
+    items[4]["path"].write_bytes(b"not an image at all")
+    items[5]["path"] = tmp_path / "moved-away.png"
     page = write_report(tmp_path / "r.html", "t", rows, figures, items, {}, max_gallery=5).read_text()
     assert page.count("image unreadable") == 2
     assert page.count('class="item"') == 5
-    assert "Showing 5 of 8; 3 left out." in page
-    assert items[4]["relpath"] in page and items[5]["relpath"] not in page
+    assert "Showing 5 of 8; 3 left out. Grouped by confusion (true → predicted), the most frequent first" in page
+    shown = [item["relpath"].replace("/", "/<wbr>") in page for item in items]  # as the caption breaks it
+    assert shown == [False, False, False, True, True, True, True, True]  # 1 more of the first pair, by name
+
+
+def errors(true: str, predicted: str, probabilities) -> list[dict]:
+    return [{"path": Path(f"/nowhere/{true}/{p}.png"), "relpath": f"{true}/{true}-as-{predicted}-{p}.png",
+             "true": true, "predicted": predicted, "probability": p, "head": "logreg"} for p in probabilities]
+
+
+def test_gallery_shows_largest_confusions_first_most_confident_first_and_every_confusion():
+    """The issue's case: path order showed only the first classes' errors; the 30 defective cells read
+    as functional come first here, and the single rare confusion still gets its image."""
+    rng = np.random.default_rng(0)
+    items = (errors("functional", "possibly", rng.uniform(0.4, 1, 8)) + errors("defective", "likely", [0.6])
+             + errors("possibly", "functional", rng.uniform(0.4, 1, 20)) + errors("likely", "defective", [0.5, 0.9])
+             + errors("defective", "functional", rng.uniform(0.4, 1, 30)))
+    confusions = gallery(sorted(items, key=lambda item: item["relpath"]), 20)
+    assert [(c.true, c.predicted, c.count, len(c.shown)) for c in confusions] == [
+        ("defective", "functional", 30, 10), ("possibly", "functional", 20, 6), ("functional", "possibly", 8, 2),
+        ("likely", "defective", 2, 1), ("defective", "likely", 1, 1)]  # one each, then 15 by D'Hondt
+    for c in confusions:
+        everything = sorted((i["probability"] for i in items if (i["true"], i["predicted"]) == (c.true, c.predicted)),
+                            reverse=True)
+        assert [i["probability"] for i in c.shown] == everything[:len(c.shown)]
+
+
+def test_gallery_never_shows_more_than_a_confusion_has_and_fills_the_room():
+    items = errors("a", "b", [0.9, 0.8]) + errors("c", "d", [0.7] * 9) + errors("e", "f", [0.6])
+    assert [len(c.shown) for c in gallery(items, 60)] == [9, 2, 1]
+    assert [len(c.shown) for c in gallery(items, 6)] == [4, 1, 1]
+    assert [len(c.shown) for c in gallery(items, 2)] == [1, 1, 0]
+    assert gallery([], 60) == []
+
+
+def test_report_names_confusions_in_headings_and_those_without_room_in_the_note(tmp_path, rows):
+    items = errors("defective", "functional", [0.9, 0.95, 0.7]) + errors("likely", "<b>x</b>", [0.8])
+    items += errors("functional", "likely", [0.6])
+    page = write_report(tmp_path / "r.html", "t", rows, {}, items, {}, max_gallery=2).read_text()
+    assert ('<h3>true <span class="true">defective</span> → predicted <span class="pred">functional</span>: '
+            '3 images, 1 shown</h3>') in page
+    assert page.index("defective-as-functional-0.95") < page.index("functional-as-likely-0.6")
+    assert "defective-as-functional-0.9.png" not in page
+    assert ("shared in proportion to their counts. 1 smaller confusion(s) with no room: "
+            "likely → &lt;b&gt;x&lt;/b&gt; (1).") in page
+    assert "<b>x</b>" not in page
+
+
+def drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the plot functions draw, instead of their PNG files."""
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def test_comparison_accuracy_axis_stops_at_100_percent_and_labels_stay_inside(tmp_path, rows, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    plot_comparison([*rows, make_row("perfect", 1.0, test=1.0)], tmp_path / "c.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_xlim() == (0, 1)
+    box = ax.get_window_extent()
+    labels = [t for t in ax.texts if t.get_text().endswith("%")]
+    assert "100.0%" in [t.get_text() for t in labels] and len(labels) == 2 * len(rows) + 1
+    for text in labels:
+        extent = text.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text.get_text()
+
+
+def test_learning_curve_accuracy_axis_stops_at_100_percent(tmp_path, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    perfect = {"loss": [0.5, 0.1, 0.01], "val_loss": [0.6, 0.3, 0.2], "accuracy": [0.7, 0.99, 1.0],
+               "val_accuracy": [0.6, 0.8, 0.9]}
+    plot_learning_curves({"dense256": perfect}, tmp_path / "curves.png")
+    loss, accuracy = figures[0].axes[:2]
+    assert accuracy.get_ylim()[1] == 1 and accuracy.get_ylim()[0] < 0.7
+    assert loss.get_ylim()[1] > 0.6  # only the accuracy axis is capped
 
 
 def pixels_of(image: np.ndarray, colour, tolerance=0) -> int:
