@@ -129,6 +129,7 @@ def extract(backbone, data, engine_name, address, workers, cpus_per_worker, num_
     """Run the conv base once over every image and store the features in HDF5 shards."""
     from featcache.api import run_extraction
 
+    backbone = backbones.get(backbone).name  # VGG16 is vgg16, and so is its cache key
     options = ExtractOptions(**options)
     ray_options = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
                    "--num-gpus-per-worker": num_gpus_per_worker}
@@ -146,10 +147,10 @@ def extract(backbone, data, engine_name, address, workers, cpus_per_worker, num_
 
 
 def print_summary(result) -> None:
-    from featcache.info import counts_table
+    from featcache.info import counts_table, print_table
 
     manifest = result.cache.manifest
-    console.print(counts_table(manifest))
+    print_table(console, counts_table(manifest))
     rejects = manifest.get("rejects", [])
     for reject in rejects:
         console.print(f"[red]rejected[/] {reject['relpath']}: {reject['reason']}")
@@ -174,11 +175,11 @@ def print_summary(result) -> None:
 @user_errors
 def info(key, show_all, workdir):
     """Print a cache: shapes, counts per class, rejects, provenance."""
-    from featcache.info import describe_cache, list_table
+    from featcache.info import describe_cache, list_table, print_table
 
     workdir = workdir or cache_store.default_workdir()
     if show_all:
-        console.print(list_table(cache_store.list_caches(workdir)))
+        print_table(console, list_table(cache_store.list_caches(workdir)))
         return
     describe_cache(cache_store.open_cache(workdir, key), console)
 
@@ -188,10 +189,10 @@ def info(key, show_all, workdir):
 @user_errors
 def list_backbones(name):
     """List registered backbones, or the layers of one (names usable with --layer)."""
-    if name:
-        from featcache.info import layer_table
+    from featcache.info import layer_table, print_table
 
-        console.print(layer_table(backbones.get(name)))
+    if name:
+        print_table(console, layer_table(backbones.get(name)))
         return
     table = Table(title="backbones")
     for column in ("name", "input px", "default layer", "pooling", "keras.applications"):
@@ -199,7 +200,7 @@ def list_backbones(name):
     for entry in (backbones.get(n) for n in backbones.names()):
         table.add_row(entry.name, str(entry.input_size), entry.default_layer or "(last)",
                       entry.default_pooling, entry.constructor)
-    console.print(table)
+    print_table(console, table)
 
 
 cache_option = click.option("--cache", "key", default=None,
@@ -287,7 +288,12 @@ def fit_head_command(names, memory_budget, refit, key, workdir, **training):
         chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.get("chosen", {}).items())
         done = f"{record['epochs_run']} epochs, {chosen}" if "epochs_run" in record else f"chosen {chosen}"
-        scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in metrics.items())
+        if "best_epoch" in record:  # early stopping restored this epoch's weights: the metrics are its
+            done += f", weights of epoch {record['best_epoch']}"
+        # The saved head's log loss on each split, as compare computes it: the epoch lines above show
+        # Keras' loss while training, of the last epoch.
+        scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}, log loss {m['log_loss']:.3f}"
+                           for split, m in metrics.items())
         console.print(f"{name}: {done}; {scores}; {record['memory']['path']}; fit {record['fit_seconds']:.1f} s "
                       f"-> {head_dir_of(cache, name)}")
 
@@ -386,11 +392,17 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
     Files that cannot be used are reported on stderr and skipped.
     """
     from featcache.api import resolve_cache, resolve_head
-    from featcache.predict import Predictor, format_predictions, image_files
+    from featcache.predict import Predictor, check_head_name, format_predictions, image_files, screen
 
+    check_head_name(head_name)
+    files = image_files(list(inputs))
+    usable, refused = screen(files)  # a text file is refused in milliseconds, before TensorFlow starts
+    if not usable:
+        for path, reason in refused:
+            err_console.print(f"[red]skipped[/] {path}: {reason}")
+        raise FeatcacheError(f"none of the {len(files)} files could be used (reasons above)")
     cache = resolve_cache(key, workdir, head_name)
     head = resolve_head(cache, head_name)
-    files = image_files(list(inputs))
     err_console.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
               f"({cache.config['backbone']}, {cache.config['image_size']} px)")
     predictions = Predictor(cache, head).predict(files, batch_size)
@@ -414,7 +426,9 @@ def export_command(head_name, output, saved_model, tflite, key, workdir):
     """Write backbone + head as one Keras model that takes pixels and returns class probabilities."""
     from featcache.api import resolve_cache, resolve_head
     from featcache.model import export
+    from featcache.predict import check_head_name
 
+    check_head_name(head_name)
     workdir = workdir or cache_store.default_workdir()
     cache = resolve_cache(key, workdir, head_name)
     head = resolve_head(cache, head_name)
@@ -427,13 +441,14 @@ def export_command(head_name, output, saved_model, tflite, key, workdir):
 def list_heads():
     """List the heads that fit-head can train."""
     from featcache.heads import HEADS
+    from featcache.info import print_table
 
     table = Table(title="heads")
     for column in ("name", "what it is"):
         table.add_column(column)
     for spec in HEADS.values():
         table.add_row(spec.name, spec.description)
-    console.print(table)
+    print_table(console, table)
 
 
 @main.group("datasets")
@@ -448,8 +463,13 @@ def datasets_group():
               help="At most this many images per (class, module type) group, for quick trials.")
 @user_errors
 def datasets_elpv(dest, seed, limit):
-    """The elpv solar-cell images (Deitsch et al. 2019): 4 classes, 25% test as in the paper."""
+    """The elpv solar-cell images: 4 classes, 25% test as in the paper.
+
+    The paper: Deitsch et al., 2019, "Automatic classification of defective photovoltaic module cells
+    in electroluminescence images"; the images come from PyPI package elpv-dataset.
+    """
     from featcache import elpv
+    from featcache.info import print_table
 
     summary = elpv.materialize(dest, seed=seed, limit=limit)
     table = Table(title=f"elpv in {dest} (seed {seed})")
@@ -459,7 +479,7 @@ def datasets_elpv(dest, seed, limit):
     table.add_column("total", justify="right")
     for split, counts in summary["counts"].items():
         table.add_row(split, *(str(counts[c]) for c in elpv.CLASSES), str(sum(counts.values())))
-    console.print(table)
+    print_table(console, table)
     console.print(f"{summary['images']} images, {summary['written']} written, {summary['removed']} removed, "
                   f"{summary['seconds']:.1f} s; licence CC BY-NC-SA 4.0 (non-commercial)")
 
@@ -472,22 +492,24 @@ def weights_group():
 @weights_group.command("list")
 @user_errors
 def weights_list():
-    """Show every weight source: backbone, source, sha256, size, installed or not."""
+    """Show every weight source: backbone, source, licence, size, and the installed file's path."""
     from featcache.backbones import weights
+    from featcache.info import print_table
 
     index = weights.store_index()
     table = Table(title=f"weights store {weights.store_dir()}")
-    table.add_column("backbone", no_wrap=True)
-    for column in ("source", "licence", "weights sha256", "MiB", "installed"):
+    for column in ("backbone", "source", "licence", "MiB", "installed"):
         table.add_column(column)
     names = list(weights.OFFLINE_SOURCES) + [n for n in index if n not in weights.OFFLINE_SOURCES]
     for name in names:
         entry, offline = index.get(name), weights.OFFLINE_SOURCES.get(name)
         source = entry["source"] if entry else offline.description
         licence = entry["licence"] if entry else offline.licence
-        table.add_row(name, source, licence, entry["weights_sha256"][:16] if entry else "-",
-                      f"{entry['size'] / 2**20:.1f}" if entry else "-", "yes" if entry else "no")
-    console.print(table)
+        table.add_row(name, source, licence, f"{entry['size'] / 2**20:.1f}" if entry else "-",
+                      "yes" if entry else f"no: `featcache weights install {name}`")
+    print_table(console, table)
+    for name in (n for n in names if n in index):  # whole paths, for keras' Model.load_weights elsewhere
+        console.print(f"{name}: {weights.store_dir() / index[name]['file']}")
     console.print("Other keras.applications backbones: the Keras ImageNet download (needs internet).")
 
 
@@ -499,7 +521,7 @@ def weights_install(names, force):
     """Install ImageNet weights for NAMES (e.g. vgg16 mobilenet_v2 efficientnet_lite0)."""
     from featcache.backbones import weights
 
-    for name in names:
+    for name in (backbones.get(name).name for name in names):
         entry = weights.install(name, say=console.print, force=force)
         console.print(f"{name}: {entry['source']} -> {weights.store_dir() / entry['file']}")
 

@@ -8,6 +8,18 @@ from rich.table import Table
 from featcache.backbones import Backbone
 from featcache.cache import Cache
 
+UNCUT_WIDTH = 100_000  # what "no limit" means for output that is not a terminal
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table with every cell whole: a terminal folds a long name onto the next line, a pipe or
+    a file gets the table as wide as its longest row (rich would assume 80 columns and cut names)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if not console.is_terminal:
+        console = Console(file=console.file, width=UNCUT_WIDTH, soft_wrap=True, color_system=console.color_system)
+    console.print(table)
+
 
 def describe_cache(cache: Cache, console: Console) -> None:
     m = cache.manifest
@@ -28,8 +40,8 @@ def describe_cache(cache: Cache, console: Console) -> None:
     if also := m.get("also_layer"):
         provenance.add_row("also-layer shape", f"{also['name']} {tuple(also['shape'])} in {also['dataset']}")
     provenance.add_row("backbone params", f"{m['backbone_params']:,}" if m.get("backbone_params") else "-")
-    console.print(provenance)
-    console.print(counts_table(m))
+    print_table(console, provenance)
+    print_table(console, counts_table(m))
     for reject in m.get("rejects", []):
         console.print(f"[red]rejected[/] {reject['relpath']}: {reject['reason']}")
     for warning in m.get("warnings", []):

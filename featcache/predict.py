@@ -62,6 +62,29 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def screen(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(files whose header is an image's, (file, reason) for the rest): reads a few bytes per file and
+    no TensorFlow, so that a text file is refused before the model is built. The decoder still has
+    the last word on the files kept (a truncated image passes here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    usable, refused = [], []
+    for path in files:
+        try:
+            if path.stat().st_size == 0:
+                refused.append((path, "empty file"))
+                continue
+            with Image.open(path):
+                pass
+        except UnidentifiedImageError:
+            refused.append((path, "not an image (unrecognised format)"))
+            continue
+        except Exception:  # noqa: S110 - unreadable or odd files: load_image gives the precise reason later
+            pass
+        usable.append(path)
+    return usable, refused
+
+
 def best_head(cache: Cache) -> str:
     """The head with the highest validation accuracy (ties: lower log loss), as compare marks it."""
     rows = []
@@ -82,14 +105,45 @@ def open_head(cache: Cache, name: str | None) -> Head:
     name = name or best_head(cache)
     folder = head_dir(cache, name)
     if not (folder / "head.json").is_file():
-        fitted = ", ".join(saved_heads(cache)) or "none"
-        raise FeatcacheError(
-            f"--head {name}: not fitted on cache {cache.key[:16]} (fitted: {fitted}); "
-            f"run `featcache fit-head --head {name}`"
-        )
+        raise FeatcacheError(not_fitted(cache, name))
     head = load_head(folder)
     head.check_cache(cache)
     return head
+
+
+FINETUNED = "-finetuned"  # finetune saves HEAD-finetuned beside the heads fit-head trains
+
+
+def check_head_name(name: str | None) -> None:
+    """Refuse a head name that no command can produce, with the closest real names, before any work."""
+    import difflib
+
+    from featcache.heads import HEADS
+
+    if name is None or name in HEADS or name.removesuffix(FINETUNED) in HEADS:
+        return
+    close = difflib.get_close_matches(name, HEADS, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise FeatcacheError(f"--head {name}: no head of that name exists: {hint}`featcache heads` lists those "
+                         f"fit-head can train (and finetune saves HEAD{FINETUNED})")
+
+
+def not_fitted(cache: Cache, name: str) -> str:
+    """Why ``name`` cannot be used on this cache, and a command that fixes it (only for a head that
+    fit-head can train; otherwise the heads that exist)."""
+    import difflib
+
+    from featcache.heads import HEADS
+
+    fitted = saved_heads(cache)
+    problem = f"--head {name}: not fitted on cache {cache.key[:16]} (fitted: {', '.join(fitted) or 'none'})"
+    if name in HEADS:
+        return f"{problem}; run `featcache fit-head --head {name} --cache {cache.key[:16]}`"
+    if name.removesuffix(FINETUNED) in HEADS:
+        return f"{problem}; `featcache finetune --head {name.removesuffix(FINETUNED)}` makes it"
+    close = difflib.get_close_matches(name, [*fitted, *HEADS], n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"{problem}; no head of that name exists: {hint}`featcache heads` lists those fit-head can train"
 
 
 class Predictor:
@@ -99,9 +153,26 @@ class Predictor:
         head.check_cache(cache)
         self.cache, self.head = cache, head
         self.config = cache_config(cache)
-        self.features = feature_model(self.config, cache_weights(cache))
+        self.weights = cache_weights(cache)  # missing weights are refused here, before any image
+        self._features = None
+
+    @property
+    def features(self):
+        """The feature model, built (TensorFlow started) when the first usable image needs it."""
+        if self._features is None:
+            self._features = feature_model(self.config, self.weights)
+        return self._features
 
     def predict(self, files: list[Path], batch_size: int = 32, show_progress: bool = True) -> Predictions:
+        """Probabilities for the files that can be used; the others, with reasons, in ``rejects``."""
+        usable, refused = screen(files)
+        predictions = self._predict(usable, batch_size, show_progress) if usable else Predictions(
+            self.cache.classes, [], np.zeros((0, len(self.cache.classes))))
+        order = {path: i for i, path in enumerate(files)}
+        predictions.rejects = sorted(refused + predictions.rejects, key=lambda reject: order[reject[0]])
+        return predictions
+
+    def _predict(self, files: list[Path], batch_size: int, show_progress: bool) -> Predictions:
         rejected: dict[int, str] = {}
         kept: list[int] = []
         chunks: list[np.ndarray] = []

@@ -92,3 +92,120 @@ def test_commands_default_to_the_cache_of_the_last_extract(split_data, tmp_path)
     assert open_cache(out).path.name != key_a
     again = invoke("extract", "--data", split_data, "--workdir", out, *FAST)  # nothing to compute
     assert "nothing to compute" in again.output and open_cache(out).path.name == key_a
+
+
+# --- the first hour (issue 21): tables, help, predict, backbone names, fit-head's log loss ----------------
+
+
+def test_tables_keep_every_name_whole_when_piped():
+    """CliRunner's output is not a terminal: no name may be cut to fit 80 columns."""
+    listing = CliRunner().invoke(main, ["backbones"], terminal_width=80)
+    assert listing.exit_code == 0
+    assert "…" not in listing.output
+    assert "mobilenet_v2_keras" in listing.output
+    assert "featcache.backbones.torchvision_mobilenet_v2:build" in listing.output
+
+
+def test_tables_fold_long_names_in_a_narrow_terminal():
+    import io
+    import re
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from featcache.info import print_table
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=24, color_system=None)
+    table = Table()
+    table.add_column("n")
+    table.add_column("class")
+    table.add_row("3", "1_possibly_defective_cells_of_a_module")
+    print_table(console, table)
+    text = console.file.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 24
+    assert "1_possibly_defective_cells_of_a_module" in "".join(re.findall(r"\w+", text))
+
+
+def test_every_command_help_line_is_a_whole_sentence():
+    """The one-line help in a command list is the docstring's whole first paragraph (no "et al." cut)."""
+    import click
+
+    commands = [(name, command) for name, command in main.commands.items()]
+    commands += [(f"{name} {sub}", c) for name, group in main.commands.items()
+                 if isinstance(group, click.Group) for sub, c in group.commands.items()]
+    for name, command in commands:
+        first = " ".join(command.help.split("\n\n")[0].split())
+        assert command.get_short_help_str(limit=300) == first, name
+    help_text = invoke("datasets", "--help").output
+    assert "The elpv solar-cell images: 4 classes, 25% test as in the paper." in help_text
+
+
+def test_backbone_names_ignore_case(tmp_path):
+    from featcache import backbones
+    from featcache.cache import open_cache
+    from tests.conftest import make_split_folders
+
+    assert backbones.get("VGG16").name == "vgg16"
+    with pytest.raises(Exception, match="did you mean mobilenet_v2"):
+        backbones.get("MobileNetV2")
+    data = make_split_folders(tmp_path / "data", counts={"train": 2, "validation": 1, "test": 1})
+    result = invoke("extract", "--backbone", "VGG16", "--data", data, "--workdir", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert open_cache(tmp_path / "out").config["backbone"] == "vgg16"
+
+
+@pytest.fixture
+def logreg_cache(tmp_path):
+    """A synthetic cache (no backbone) with logreg fitted: predict and compare run without TensorFlow."""
+    import featcache
+    from tests.conftest import synthetic_cache
+
+    cache = synthetic_cache(tmp_path / "work", per_class=(30, 10, 10))
+    featcache.fit_head(cache, "logreg", workdir=tmp_path / "work", show_progress=False)
+    return cache
+
+
+def test_predict_refuses_a_text_file_before_starting_tensorflow(logreg_cache, tmp_path):
+    import subprocess
+    import sys
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom featcache.cli import main\n"
+              f"r = CliRunner().invoke(main, ['predict', {str(notes)!r}, '--workdir', {str(tmp_path / 'work')!r}])\n"
+              "print(r.exit_code, 'tensorflow' in sys.modules)\nprint(r.output)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    status, output = done.stdout.split("\n", 1)
+    assert status == "1 False", done.stdout + done.stderr
+    assert "notes.txt: not an image (unrecognised format)" in output
+    assert "none of the 1 files could be used" in output
+
+
+def test_predict_suggests_only_heads_that_exist(logreg_cache, tmp_path):
+    from tests.conftest import write_image
+
+    image = write_image(tmp_path / "cell.png")
+    work = tmp_path / "work"
+    unknown = CliRunner().invoke(main, ["predict", str(image), "--head", "dense512", "--workdir", str(work)])
+    assert unknown.exit_code == 1
+    assert "fit-head --head dense512" not in unknown.output
+    assert "--head dense512: no head of that name exists: did you mean dense1024, dense256?" in unknown.output
+    assert "`featcache heads`" in unknown.output
+    unfitted = CliRunner().invoke(main, ["predict", str(image), "--head", "svm", "--workdir", str(work)])
+    assert unfitted.exit_code == 1 and "run `featcache fit-head --head svm`" in unfitted.output
+    key = logreg_cache.key[:16]
+    named = CliRunner().invoke(main, ["predict", str(image), "--head", "svm", "--cache", key, "--workdir", str(work)])
+    assert named.exit_code == 1 and f"run `featcache fit-head --head svm --cache {key}`" in named.output
+
+
+def test_fit_head_reports_the_log_loss_that_compare_reports(tmp_path):
+    from tests.conftest import synthetic_cache
+
+    synthetic_cache(tmp_path, per_class=(30, 10, 10), separation=2)
+    fitted = CliRunner().invoke(main, ["fit-head", "--head", "logreg", "--workdir", str(tmp_path)])
+    assert fitted.exit_code == 0, fitted.output
+    compared = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "json"])
+    row = json.loads(compared.stdout)[0]
+    assert f"validation accuracy {row['val_accuracy']:.1%}, log loss {row['val_log_loss']:.3f}" in fitted.output
+    assert f"test accuracy {row['test_accuracy']:.1%}, log loss {row['test_log_loss']:.3f}" in fitted.output

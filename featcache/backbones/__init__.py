@@ -59,13 +59,16 @@ def register(backbone: Backbone) -> Backbone:
 
 
 def get(name: str) -> Backbone:
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+    """The registry entry of ``name``, in any case (VGG16 is vgg16: use the entry's ``name`` as the
+    canonical one), or one line suggesting the closest names."""
+    entry = _REGISTRY.get(name) or _REGISTRY.get(name.lower())
+    if entry is None:
+        close = difflib.get_close_matches(name.lower(), _REGISTRY, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise FeatcacheError(
             f"unknown backbone {name!r}: {hint}`featcache backbones` lists the {len(_REGISTRY)} available"
         )
-    return _REGISTRY[name]
+    return entry
 
 
 def names() -> list[str]:
