@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -209,3 +210,36 @@ def test_fit_head_reports_the_log_loss_that_compare_reports(tmp_path):
     row = json.loads(compared.stdout)[0]
     assert f"validation accuracy {row['val_accuracy']:.1%}, log loss {row['val_log_loss']:.3f}" in fitted.output
     assert f"test accuracy {row['test_accuracy']:.1%}, log loss {row['test_log_loss']:.3f}" in fitted.output
+
+
+# --- the install (issue 21, item 3) -------------------------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dry_run(target: str, venv) -> list[str]:
+    """The pip installs `make TARGET` would run for a fresh virtualenv at ``venv``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
+    return [line for line in done.stdout.splitlines() if "pip install" in line and " -e " in line]
+
+
+def test_make_demo_installs_the_runtime_and_make_test_the_dev_extra(tmp_path):
+    venv = tmp_path / "venv"
+    assert make_dry_run("demo", venv) == [f'{venv}/bin/pip install --progress-bar on -e ".[offline]"']
+    assert make_dry_run("test", venv)[-1] == f'{venv}/bin/pip install --progress-bar on -e ".[dev]"'
+
+
+def test_pyproject_license_is_an_spdx_string():
+    """A TOML table makes setuptools>=77 warn on every install; the SPDX string needs setuptools>=77."""
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]
