@@ -57,7 +57,7 @@ workdir_option = click.option(
 @click.option("--verbose", is_flag=True,
               help=f"Also show TensorFlow's own log lines on stderr (or set {quiet.VERBOSE_ENV}=1).")
 def main(verbose):
-    """Run a frozen ImageNet conv base once, cache its features, and fit heads on them in seconds."""
+    """Run a frozen ImageNet conv base once, cache its features, and fit and compare heads on the cache."""
     quiet.quiet_tensorflow(verbose)
 
 

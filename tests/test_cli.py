@@ -243,3 +243,11 @@ def test_pyproject_license_is_an_spdx_string():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["license"] == "Apache-2.0"
     assert "setuptools>=77" in pyproject["build-system"]["requires"]
+
+
+def test_no_tagline_promises_heads_in_seconds():
+    """sklearn heads take tens of seconds on elpv (README's demo table): the taglines promise no time."""
+    import tomllib
+
+    assert "in seconds" not in main.help
+    assert "in seconds" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
