@@ -185,14 +185,15 @@ def test_same_content_in_two_splits_is_a_leakage_warning(tmp_path):
     assert any(w.startswith("leakage: 2 files with 1 distinct content appear") for w in load_dataset(root).warnings)
 
 
-def test_leakage_warning_counts_files_and_distinct_contents(tmp_path):
+@pytest.mark.parametrize(("images", "files"), [(2, 5), (3, 9)])
+def test_leakage_warning_counts_files_and_distinct_contents(images, files, tmp_path):
     root = make_split_folders(tmp_path / "d", {"train": 3, "test": 1})
-    for i in range(3):
+    for i in range(images):
         original = (root / "train" / "cat" / f"cat_{i:03d}.png").read_bytes()
-        for copy in range(i + 1):  # 1 + 2 + 3 copies of three images in test
+        for copy in range(i + 1):  # 1 + 2 (+ 3) copies in test of images in train
             (root / "test" / "cat" / f"copy_{i}_{copy}.png").write_bytes(original)
     assert load_dataset(root).warnings[-1] == (
-        "leakage: 9 files with 3 distinct contents appear in more than one split, "
+        f"leakage: {files} files with {images} distinct contents appear in more than one split, "
         "e.g. test/cat/copy_0_0.png (test) and train/cat/cat_000.png (train)")
 
 
