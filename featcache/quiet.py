@@ -65,11 +65,15 @@ def quiet_tensorflow(verbose: bool = False) -> None:
         sys.meta_path.insert(0, _QuietImport())
 
 
+def is_verbose() -> bool:
+    """Whether this process shows other libraries' log lines (``quiet_tensorflow(verbose=True)`` or the
+    environment variable)."""
+    return _verbose or verbose_requested()
+
+
 def worker_env() -> dict[str, str]:
     """Environment variables that carry this process's choice to workers started elsewhere (Ray)."""
-    if _verbose or verbose_requested():
-        return {VERBOSE_ENV: "1"}
-    return {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    return {VERBOSE_ENV: "1"} if is_verbose() else {"TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 @contextlib.contextmanager

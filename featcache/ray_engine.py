@@ -181,7 +181,8 @@ def connected(address: str | None):
         yield ray
         return
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        level = logging.WARNING if quiet.is_verbose() else logging.ERROR  # e.g. Ray's token-auth notice
+        ray.init(address=address, include_dashboard=False, logging_level=level,
                  runtime_env={"env_vars": quiet.worker_env()})
     except ConnectionError as exc:
         raise FeatcacheError(
