@@ -507,3 +507,43 @@ def test_scaling_as_a_keras_layer_computes_what_apply_computes(kind):
         return
     assert layer.name == "scale_in" and scaling.keras_layer().name == "scaling"
     np.testing.assert_allclose(np.asarray(layer(flat)), scaling.apply(x), rtol=1e-4, atol=1e-4)
+
+
+def test_svm_on_fewer_rows_than_features_is_scikit_learns_linear_svc_one_vs_rest(tmp_path):
+    """With fewer training rows than features the svm is fitted on the Gram matrix (libsvm): its
+    scores before calibration are those of one SVC(kernel="linear") per class on the scaled rows,
+    at the scaling and C validation chose; the Platt sigmoids then rank rows as the scores do."""
+    from scipy.special import expit
+    from sklearn.svm import SVC
+
+    from featcache.heads.scaling import Scaling
+
+    cache = synthetic_cache(tmp_path, classes=("a", "b", "c"), per_class=(12, 10, 10), shape=(64,), separation=2.0)
+    head = fitted(cache, "svm", FitOptions())
+    assert head.record["solver"] == "kernel"
+    x, y, _ = cache.read("train")
+    xt, _, _ = cache.read("test")
+    scaling = Scaling.fit(head.record["chosen"]["scaling"], x.reshape(len(x), -1))
+    c = head.record["chosen"]["C"]
+    expected = np.column_stack([SVC(kernel="linear", C=c).fit(scaling.apply(x), (y == k).astype(int))
+                                .decision_function(scaling.apply(xt)) for k in range(3)])
+    np.testing.assert_allclose(head.model.scores(xt), expected, atol=1e-3 * np.abs(expected).max())
+    a, b = head.model.platt
+    np.testing.assert_allclose(head.predict_proba(xt), (p := expit(-(a * expected + b))) / p.sum(1, keepdims=True),
+                               atol=1e-3)
+
+
+def test_binary_svm_scores_follow_the_positive_class(tmp_path):
+    """Two classes: one score column whose sign says class 1, as scikit-learn's decision function."""
+    from sklearn.svm import SVC
+
+    from featcache.heads.scaling import Scaling
+
+    cache = synthetic_cache(tmp_path, per_class=(12, 10, 10), shape=(64,), separation=6.0)
+    head = fitted(cache, "svm", FitOptions(scaling="none"))
+    x, y, _ = cache.read("train")
+    xt, yt, _ = cache.read("test")
+    flat = Scaling.fit("none", x).apply
+    expected = SVC(kernel="linear", C=head.record["chosen"]["C"]).fit(flat(x), y).decision_function(flat(xt))
+    np.testing.assert_allclose(head.model.scores(xt)[:, 0], expected, atol=1e-3 * np.abs(expected).max())
+    assert (head.predict_proba(xt).argmax(1) == yt).mean() > 0.9

@@ -29,9 +29,10 @@ SCALINGS = ("auto", "standard", "l2", "none")
 CLASS_WEIGHTS = (None, "balanced")
 # Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
 # shuffled folds; 3: heads stored as data only, scaling chosen on validation, linear heads fitted in
-# the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input).
+# the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input;
+# 4: svm fitted by libsvm on the Gram matrix, its intercept unpenalised).
 # fit-head keeps an already fitted head only when it was made by this recipe.
-FIT_RECIPE = 3
+FIT_RECIPE = 4
 RECORD = "head.json"
 # head.json's layout (1: kind, files with their sha256, options with scaling; heads before it stored
 # model_file and a pickle, and are refitted). Raise it when the meaning of a stored field changes.
