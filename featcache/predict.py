@@ -210,7 +210,7 @@ def format_predictions(predictions: Predictions, fmt: str) -> str:
 
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for column, justify in (("path", "left"), ("class", "left"), ("probability", "right")):
-            table.add_column(column, justify=justify)
+            table.add_column(column, justify=justify, overflow="fold")  # a long path folds, never cut
         for row in rows:
             table.add_row(row["path"], row["class"], f"{row['probability']:.1%}")
         return rich_text(table)

@@ -251,3 +251,17 @@ def test_no_tagline_promises_heads_in_seconds():
 
     assert "in seconds" not in main.help
     assert "in seconds" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["description"]
+
+
+def test_predict_table_never_cuts_a_long_path():
+    import re
+
+    import numpy as np
+
+    from featcache.predict import Predictions, format_predictions
+
+    path = Path("/data/" + "/".join(["a_rather_long_folder_name"] * 12) + "/1_possibly_defective_cell.png")
+    text = format_predictions(Predictions(["0_functional", "1_possibly_defective"], [path],
+                                          np.array([[0.25, 0.75]])), "table")
+    assert "…" not in text
+    assert re.sub(r"\s", "", str(path)) in "".join(line.split("  ")[0].strip() for line in text.splitlines())
