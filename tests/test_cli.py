@@ -200,11 +200,13 @@ def test_predict_suggests_only_heads_that_exist(logreg_cache, tmp_path):
     assert named.exit_code == 1 and f"run `featcache fit-head --head svm --cache {key}`" in named.output
 
 
-def test_fit_head_reports_the_log_loss_that_compare_reports(tmp_path):
+@pytest.mark.parametrize("head, options", [("logreg", []), ("dense256", ["--epochs", "6", "--patience", "1"])])
+def test_fit_head_reports_the_log_loss_that_compare_reports(head, options, tmp_path):
+    """One definition: the saved head's log loss (early stopping's kept epoch, not the last epoch's line)."""
     from tests.conftest import synthetic_cache
 
     synthetic_cache(tmp_path, per_class=(30, 10, 10), separation=2)
-    fitted = CliRunner().invoke(main, ["fit-head", "--head", "logreg", "--workdir", str(tmp_path)])
+    fitted = CliRunner().invoke(main, ["fit-head", "--head", head, *options, "--workdir", str(tmp_path)])
     assert fitted.exit_code == 0, fitted.output
     compared = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "json"])
     row = json.loads(compared.stdout)[0]
