@@ -79,25 +79,35 @@ def worker_env() -> dict[str, str]:
 @contextlib.contextmanager
 def stderr_filtered():
     """File descriptor 2 goes to a temporary file for the block; afterwards the lines that are not
-    noise are written to the real stderr (every line, noise included, if the block raised)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    noise are written to the real stderr (every line, noise included, if the block raised). Where
+    there is no file descriptor 2 to redirect, the block runs unfiltered."""
+    _flush()
+    try:
+        saved, captured = os.dup(2), tempfile.TemporaryFile()
+    except OSError:
+        yield
+        return
+    with captured:
         os.dup2(captured.fileno(), 2)
         failed = True
         try:
             yield
             failed = False
         finally:
-            sys.stderr.flush()
+            _flush()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
             text = captured.read().decode(errors="replace")
             kept = [line for line in text.splitlines(keepends=True) if failed or not is_noise(line)]
-            if kept:
+            if kept and sys.stderr is not None:
                 sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+                _flush()
+
+
+def _flush() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 class _QuietImport(importlib.abc.MetaPathFinder):
