@@ -261,7 +261,10 @@ class LinearHead(Head):
         # warnings' filters are process-wide: set once here, not in the threads
         with warnings.catch_warnings(), single_threaded(), ThreadPoolExecutor(threads) as pool:
             warnings.simplefilter("ignore", ConvergenceWarning)  # the search's tolerance and caps are on purpose
-            paths = list(pool.map(lambda kind: self._search(kind, x, y, n_classes, grid, validation), scalings))
+            # raw features take the solver the most iterations: started first, they end with the other two
+            started = {kind: pool.submit(self._search, kind, x, y, n_classes, grid, validation)
+                       for kind in sorted(scalings, key=lambda kind: kind != "none")}
+            paths = [started[kind].result() for kind in scalings]
         best, scores = None, {}
         for kind, candidates, seconds in paths:
             for candidate in candidates:
