@@ -25,10 +25,12 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, quiet
 from featcache import cache as cache_store
 from featcache.cache import Cache
 from featcache.dataset import DEFAULT_FRACTIONS
+
+quiet.quiet_tensorflow()  # before any TensorFlow import; FEATCACHE_VERBOSE=1 shows TensorFlow's log
 
 __all__ = ["ExtractOptions", "compare", "export", "extract", "fit_head", "open_cache", "predict",
            "run_extraction"]

@@ -205,6 +205,9 @@ def finetune(
 def cache_with_head(workdir: Path, head_name: str) -> Cache:
     """The default cache if ``head_name`` is fitted there, else the newest complete cache that has it."""
     from featcache.cache import list_caches, open_cache
+    from featcache.predict import check_head_name
+
+    check_head_name(head_name)  # a name no command makes: the real ones, not "run fit-head --head X"
 
     try:
         default = open_cache(workdir)

@@ -18,7 +18,7 @@ from rich.text import Text
 
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "")
 
 
 class ImageProgress:
@@ -49,7 +49,8 @@ class ImageProgress:
         plain = self.enabled and n > 0 and not self.console.is_terminal
         if plain and task.completed >= self.next_log * task.total:
             self.next_log += 0.1
-            speed = f"{task.speed:.1f} img/s" if task.speed else "- img/s"
+            rate = task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            speed = f", {rate:.1f} img/s" if rate else ""  # rich's speed needs a few updates; else the mean
             eta = f"ETA {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
             done = f"{task.completed:.0f}/{task.total:.0f} images"
-            self.console.print(f"{task.description}: {done}, {speed} {eta}")
+            self.console.print(f"{task.description}: {done}{speed} {eta}".rstrip())

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow starts: no C++ info lines
-
-import featcache  # noqa: E402
+import featcache  # quiets TensorFlow's start-up log unless FEATCACHE_VERBOSE=1
 
 COLOURS = {"cat": (200, 60, 40), "dog": (40, 80, 200)}
 

@@ -317,6 +317,9 @@ def test_bad_head_and_cache_arguments_are_one_line_errors(fitted, tmp_path):
     image = str(next((root / "data" / "cat").glob("*.png")))
     assert "head=3: give a head name" in one_line_error(lambda: featcache.predict(image, cache=cache, head=3))
     assert "no complete cache in" in one_line_error(lambda: featcache.open_cache(tmp_path / "empty"))
+    unknown = one_line_error(lambda: featcache.predict(image, workdir=root / "out", head="dense512"))
+    assert "no head of that name exists: did you mean dense1024, dense256" in unknown
+    assert "fit-head --head dense512" not in unknown
     assert "has no 'tarin' split" in one_line_error(lambda: cache.to_numpy("tarin"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -257,3 +258,22 @@ def test_a_foreign_or_malformed_manifest_is_refused_in_one_line(damage, message,
     assert "\n" not in str(refusal.value) and str(cache.path / "manifest.json") in str(refusal.value)
     with pytest.raises(FeatcacheError, match=message):
         open_cache(tmp_path)
+
+
+def test_progress_lines_without_a_terminal_never_show_a_placeholder_rate(monkeypatch):
+    """Piped output (CI, logs) shows a real images/s figure, or none, never '- img/s'."""
+    import io
+
+    from rich.console import Console
+
+    from featcache import progress as module
+
+    out = io.StringIO()
+    monkeypatch.setattr(module, "Console", lambda stderr: Console(file=out, force_terminal=False))
+    progress = module.ImageProgress(total=3)
+    with progress:
+        for done in (1, 2, 3):
+            progress.advance_to(done)
+    lines = out.getvalue().splitlines()
+    assert lines and all("- img/s" not in line for line in lines), lines
+    assert all(re.search(r"\d+/3 images(, \d+\.\d img/s)?( ETA \d+ s)?$", line) for line in lines), lines
