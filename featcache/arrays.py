@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.dataset import SPLIT_NAMES, Dataset, check_fractions, hash_split, load_dataset
+from featcache.dataset import SPLIT_NAMES, Dataset, check_fractions, load_dataset, stratified_split
 from featcache.files import raise_if_out_of_space
 
 FORMAT = 1  # of the folder: PNG files named by the sha256 of "HxWxC:" + pixels
@@ -86,15 +86,27 @@ class ArrayData:
     def entries(self, fractions: tuple[float, float, float]) -> list[tuple[str, int]]:
         """(relative path, image index) of every image; identical images in one split and class get
         distinct files (``SHA.png``, ``SHA-2.png``, ...), so every image is a row, as a copied file is."""
+        shas = [pixel_sha256(image) for image in self.images]
+        splits = self.splits or self._stratified(shas, fractions)
         seen: Counter = Counter()
         entries = []
-        for i, name in enumerate(self.names):
-            sha = pixel_sha256(self.images[i])
-            split = self.splits[i] if self.splits else hash_split(f"{name}/{sha}.png", fractions)
+        for i, (name, sha, split) in enumerate(zip(self.names, shas, splits, strict=True)):
             seen[split, name, sha] += 1
             suffix = "" if seen[split, name, sha] == 1 else f"-{seen[split, name, sha]}"
             entries.append((f"{split}/{name}/{sha}{suffix}.png", i))
         return entries
+
+    def _stratified(self, shas: list[str], fractions) -> tuple[str, ...]:
+        """Each image's split when none is given: class by class, by the rank of its content's hash
+        (dataset.stratified_split), so the order of the arrays never matters and identical images of
+        a class share a split."""
+        keys_of_class: dict[str, set[str]] = {}
+        for name, sha in zip(self.names, shas, strict=True):
+            keys_of_class.setdefault(name, set()).add(f"{name}/{sha}.png")
+        split_of = {}
+        for keys in keys_of_class.values():
+            split_of.update(stratified_split(sorted(keys), fractions))
+        return tuple(split_of[f"{name}/{sha}.png"] for name, sha in zip(self.names, shas, strict=True))
 
 
 def pixel_sha256(image: np.ndarray) -> str:

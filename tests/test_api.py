@@ -204,7 +204,27 @@ def test_array_order_does_not_change_the_split_or_the_cache(tmp_path):
     shuffled = run_extraction(ArrayData.of(images[order], labels[order]), backbone="vgg16", workdir=tmp_path,
                               options=ExtractOptions(**FAST))
     assert shuffled.cache.key == first.cache.key and shuffled.computed == 0
-    assert set(first.cache.splits) == {"train", "validation", "test"}  # the hash split of 24 images
+    assert set(first.cache.splits) == {"train", "validation", "test"}
+
+
+def test_arrays_without_splits_are_split_by_class_as_the_fractions_say():
+    """Stratified as class folders are: each class of 7 gives 5/1/1 (70/15/15), whatever the order;
+    identical images of a class share a split."""
+    from featcache.dataset import split_counts
+
+    def split_of(images, labels):
+        return {i: relpath.split("/")[0] for relpath, i in ArrayData.of(images, labels).entries((0.7, 0.15, 0.15))}
+
+    images, labels = colour_arrays(per_class=7, size=8)
+    splits = split_of(images, labels)
+    for name in set(labels):
+        counts = [sum(splits[i] == split for i in np.flatnonzero(labels == name))
+                  for split in ("train", "validation", "test")]
+        assert tuple(counts) == split_counts(7) == (5, 1, 1), (name, counts)
+    for copied in range(1, 7):  # a copy of image 0 (same class) in place of each other image: same split
+        with_copy = images.copy()
+        with_copy[copied] = images[0]
+        assert split_of(with_copy, labels)[copied] == split_of(with_copy, labels)[0]
 
 
 def test_a_grown_array_dataset_computes_only_the_new_image(tmp_path):
