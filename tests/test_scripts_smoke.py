@@ -1,7 +1,7 @@
 """Every script in scripts/ runs on tiny input (32 px, random init, a few images), so none can rot
 between the hand-run measurements. Their figures mean nothing here; that they run and write what
 they promise does. (bench_heads.py: tests/test_bench_scripts.py; chaos.py: tests/test_reliability.py;
-walkthrough.py: tests/test_api.py.)"""
+walkthrough.py: tests/test_api.py; command_reference.py: below.)"""
 
 from __future__ import annotations
 
@@ -83,3 +83,17 @@ def test_bench_accuracy_runs_a_recipe_with_fine_tuning_on_tiny_input(tmp_path):
     assert [r["head"] for r in rows] == ["logreg", "svm-rbf", "dense256", "dense256-finetuned"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["cache_key"] for r in rows)
     assert "best cached head by validation: mobilenet_v2-300" in run.stdout
+
+
+def test_readme_command_reference_is_each_commands_help():
+    """The README's reference is what --help prints now; a stale one fails, naming the command."""
+    run_script("command_reference", "--check")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    stale = readme.replace("Rows per HDF5 shard", "Rows per shard", 1)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("command_reference", ROOT / "scripts" / "command_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, current, _ = module.split_readme(stale)
+    assert module.differing(current, module.section()) == ["featcache extract"]
