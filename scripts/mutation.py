@@ -4,17 +4,25 @@
     python scripts/mutation.py --list           # the modules, their files and the command each runs
     python scripts/mutation.py --score scaling  # the score of the last run, without running
     python scripts/mutation.py scaling --survivors  # after adding tests: retest only last run's survivors
+    python scripts/mutation.py cache --functions plan_shards,shard_is_intact,RowSource.*  # a part of a module
 
 Not in CI (minutes per module on two cores). mutmut is configured in pyproject.toml's [tool.mutmut]:
 which files it may mutate and the fast tests it runs (no Keras training); it first runs them once to
 learn which tests reach which function, then runs, per mutant, only those tests. Its working copy
 lives in mutants/ (ignored by git); `mutmut results` and `mutmut show NAME` read the survivors there.
 The score is killed / (total - skipped), timeouts counted apart as in mutmut's own summary.
+
+`--survivors` retests the survivors and the mutants no test reached (a new test file may reach them),
+and scores the module with the earlier verdicts kept for the rest: adding a test file to the selection
+in pyproject.toml makes mutmut forget every verdict, while a mutant killed before stays killed when
+tests are only added. extract.py is mutated in its shard planning only (FUNCTIONS): the rest drives
+the backbone, which the fast tests never run.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import subprocess
 import sys
 from collections import Counter
@@ -29,12 +37,24 @@ MODULES = {
     "protocol": "featcache/heads/protocol.py",
     "dataset": "featcache/dataset.py",
     "cache": "featcache/cache.py",
+    "extract": "featcache/extract.py",
+}
+# module -> the only functions mutated (Class.method for a method), where the rest of the file is not
+# reached by the fast tests: extract's planning (which rows need the backbone, is a cache whole).
+FUNCTIONS = {
+    "extract": ("pending_rows", "_shards_intact"),
 }
 
 
-def mutant_glob(module: str) -> str:
-    """The mutmut name pattern of every mutant of ``module``: featcache.heads.scaling.*."""
-    return MODULES[module].removesuffix(".py").replace("/", ".") + ".*"
+def mutant_globs(module: str, functions: tuple[str, ...] | None = None) -> list[str]:
+    """The mutmut name patterns of the mutants of ``module`` (only of ``functions``, else of FUNCTIONS'
+    entry, else all): featcache.heads.scaling.*, featcache.extract.x_pending_rows__mutmut_*."""
+    dotted = MODULES[module].removesuffix(".py").replace("/", ".")
+    functions = functions or FUNCTIONS.get(module)
+    if not functions:
+        return [dotted + ".*"]
+    return [f"{dotted}.xǁ{name.replace('.', 'ǁ')}__mutmut_*" if "." in name else f"{dotted}.x_{name}__mutmut_*"
+            for name in functions]
 
 
 def mutmut() -> str:
@@ -43,25 +63,34 @@ def mutmut() -> str:
     return str(beside) if beside.exists() else "mutmut"
 
 
-def run_command(module: str, max_children: int, names: list[str] | None = None) -> list[str]:
+def run_command(module: str, max_children: int, names: list[str] | None = None,
+                functions: tuple[str, ...] | None = None) -> list[str]:
     """The mutmut command that mutates ``module`` only (or only the mutants ``names``)."""
-    return [mutmut(), "run", "--max-children", str(max_children), *(names or [mutant_glob(module)])]
+    return [mutmut(), "run", "--max-children", str(max_children), *(names or mutant_globs(module, functions))]
 
 
-def statuses(results: str, module: str) -> dict[str, str]:
-    """Mutant name -> status for ``module``, from ``mutmut results --all true`` output."""
-    prefix = mutant_glob(module)[:-1]
+def statuses(results: str, module: str, functions: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Mutant name -> status for ``module`` (its ``functions``), from ``mutmut results --all true`` output."""
+    globs = mutant_globs(module, functions)
     found = {}
     for line in results.splitlines():
         name, _, status = line.strip().rpartition(": ")
-        if name.startswith(prefix) and "__mutmut_" in name:
+        if "__mutmut_" in name and any(fnmatch.fnmatchcase(name, glob) for glob in globs):
             found[name] = status
     return found
 
 
-def score(results: str, module: str) -> Counter:
+def score(results: str, module: str, functions: tuple[str, ...] | None = None) -> Counter:
     """Mutant counts by status for ``module`` from ``mutmut results --all true`` output."""
-    return Counter(statuses(results, module).values())
+    return Counter(statuses(results, module, functions).values())
+
+
+RETESTED = ("survived", "no tests")  # what --survivors runs again
+
+
+def merged(earlier: dict[str, str], now: dict[str, str], retested: list[str]) -> dict[str, str]:
+    """The earlier verdicts, with those of the mutants just retested replaced by their new ones."""
+    return {**earlier, **{name: now.get(name, "not checked") for name in retested}}
 
 
 def summary(module: str, counts: Counter) -> str:
@@ -87,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score", action="store_true", help="print the last run's score, run nothing")
     parser.add_argument("--survivors", action="store_true",
                         help="retest only the mutants that survived the last run (tests were added since)")
+    parser.add_argument("--functions", type=lambda text: tuple(text.split(",")),
+                        help="mutate only these functions of the module, comma separated (Class.method, * allowed)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
     if args.list:
@@ -95,17 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.module is None:
         parser.error(f"name a module: {', '.join(MODULES)} (or --list)")
-    if not args.score:
-        names = None
-        if args.survivors:
-            names = [name for name, status in statuses(results(), args.module).items() if status == "survived"]
-            if not names:
-                print(f"no survivors of {args.module} to retest", file=sys.stderr)
-        if names is None or names:
-            command = run_command(args.module, args.max_children, names)
-            print("$ " + " ".join(command[:4] + [f"<{len(names)} survivors>"] if names else command), file=sys.stderr)
-            subprocess.run(command, cwd=ROOT, check=True)
-    print(summary(args.module, score(results(), args.module)))
+    earlier, names = None, None
+    if args.survivors and not args.score:
+        earlier = statuses(results(), args.module, args.functions)
+        names = [name for name, status in earlier.items() if status in RETESTED]
+        if not names:
+            print(f"no survivors of {args.module} to retest", file=sys.stderr)
+    if not args.score and (names is None or names):
+        command = run_command(args.module, args.max_children, names, args.functions)
+        print("$ " + " ".join(command[:4] + [f"<{len(names)} survivors>"] if names else command), file=sys.stderr)
+        subprocess.run(command, cwd=ROOT, check=True)
+    now = statuses(results(), args.module, args.functions)
+    if earlier is not None:
+        now = merged(earlier, now, names)
+    print(summary(args.module, Counter(now.values())))
     return 0
 
 

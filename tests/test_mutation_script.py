@@ -24,11 +24,40 @@ def test_list_names_each_core_module_its_file_and_mutmut_command():
                          timeout=60)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["scaling", "export", "protocol", "dataset", "cache"]
+    assert [line.split()[0] for line in lines] == ["scaling", "export", "protocol", "dataset", "cache", "extract"]
     for line in lines:
         module, path, *command = line.split()
         assert (ROOT / path).is_file()
-        assert command == ["run", "--max-children", "2", path.removesuffix(".py").replace("/", ".") + ".*"]
+        dotted = path.removesuffix(".py").replace("/", ".")
+        if module == "extract":  # its planning functions only
+            assert command == ["run", "--max-children", "2", f"{dotted}.x_pending_rows__mutmut_*",
+                               f"{dotted}.x__shards_intact__mutmut_*"]
+        else:
+            assert command == ["run", "--max-children", "2", dotted + ".*"]
+
+
+def test_functions_limit_the_mutants_run_and_scored_to_those_functions_and_methods():
+    script = load_script()
+    results = "\n".join([
+        "    featcache.cache.x_plan_shards__mutmut_1: killed",
+        "    featcache.cache.x_plan_shards_more__mutmut_1: killed",
+        "    featcache.cache.xǁRowSourceǁ__init____mutmut_2: survived",
+        "    featcache.cache.xǁCacheǁread__mutmut_3: survived",
+        "    featcache.cache.x_write_shard__mutmut_4: killed",
+    ])
+    functions = ("plan_shards", "RowSource.*")
+    assert script.score(results, "cache", functions) == {"killed": 1, "survived": 1}
+    assert script.run_command("cache", 1, functions=functions)[2:] == [
+        "--max-children", "1", "featcache.cache.x_plan_shards__mutmut_*", "featcache.cache.xǁRowSourceǁ*__mutmut_*"]
+    assert len(script.statuses(results, "extract")) == 0
+
+
+def test_a_retest_of_survivors_keeps_the_earlier_verdicts_of_the_others():
+    script = load_script()
+    earlier = {"m1": "killed", "m2": "survived", "m3": "no tests", "m4": "timeout"}
+    now = {"m1": "not checked", "m2": "killed", "m3": "survived", "m4": "not checked"}  # mutmut forgot m1, m4
+    assert script.merged(earlier, now, ["m2", "m3"]) == {"m1": "killed", "m2": "killed", "m3": "survived",
+                                                          "m4": "timeout"}
 
 
 def test_every_listed_module_is_one_mutmut_may_mutate():
@@ -36,6 +65,7 @@ def test_every_listed_module_is_one_mutmut_may_mutate():
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
     assert sorted(load_script().MODULES.values()) == sorted(config["only_mutate"])
+    assert set(load_script().FUNCTIONS) <= set(load_script().MODULES)
 
 
 def test_score_counts_one_modules_mutants_by_status():
