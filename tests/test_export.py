@@ -54,7 +54,7 @@ CASES = [(link, k) for link in ("softmax", "ovr-sigmoid", "platt") for k in (1, 
 
 @pytest.mark.parametrize("kind", ["standard", "l2", "none"])
 @pytest.mark.parametrize(("link", "k"), CASES)
-def test_exported_linear_head_gives_the_links_probabilities_from_its_weights(link, k, kind):
+def test_exported_head_gives_each_links_probabilities_from_its_weights(link, k, kind):
     scaling, x = scaled(kind)
     weights = RNG.normal(0, 0.5, (FLAT.shape[1], k))
     bias = RNG.normal(0, 1, k)
@@ -73,7 +73,7 @@ def test_exported_linear_head_gives_the_links_probabilities_from_its_weights(lin
     assert exported.get_layer("probabilities").get_config()["activation"] == "softmax"
 
 
-def test_exported_linear_head_on_flat_features_and_its_default_name():
+def test_exported_head_on_flat_features_and_its_default_name():
     weights, bias = RNG.normal(0, 0.5, (12, 3)), RNG.normal(0, 1, 3)
     exported = linear_keras_model(LinearModel(Scaling("none"), weights, bias, "softmax"), (12,))
     assert exported.name == "head" and exported.input_shape == (None, 12)
@@ -98,7 +98,7 @@ def test_one_vs_rest_sigmoids_export_as_softplus_of_the_negated_scores():
     assert not exported.get_layer("probabilities").use_bias
 
 
-def test_dense_holds_float32_weights_and_no_bias_when_none():
+def test_a_fixed_layer_holds_float32_weights_and_no_bias_when_none():
     kernel = np.array([[1.0, -2.0], [0.5, 3.0]])
     import keras
 
