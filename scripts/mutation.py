@@ -15,7 +15,8 @@ The score is killed / (total - skipped), timeouts counted apart as in mutmut's o
 `--survivors` retests the survivors and the mutants no test reached (a new test file may reach them),
 and scores the module with the earlier verdicts kept for the rest: adding a test file to the selection
 in pyproject.toml makes mutmut forget every verdict, while a mutant killed before stays killed when
-tests are only added. extract.py is mutated in its shard planning only (FUNCTIONS): the rest drives
+tests are only added. So each run's verdicts are also kept in mutants/verdicts-MODULE.json, which
+`--survivors` starts from. extract.py is mutated in its shard planning only (FUNCTIONS): the rest drives
 the backbone, which the fast tests never run.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -93,6 +95,17 @@ def merged(earlier: dict[str, str], now: dict[str, str], retested: list[str]) ->
     return {**earlier, **{name: now.get(name, "not checked") for name in retested}}
 
 
+def verdicts_file(module: str, functions: tuple[str, ...] | None = None) -> Path:
+    """Where a module's (or its functions') last verdicts are kept, beside mutmut's working copy."""
+    part = "-" + "-".join(functions).replace("*", "all").replace(".", "_") if functions else ""
+    return ROOT / "mutants" / f"verdicts-{module}{part}.json"
+
+
+def kept_verdicts(module: str, functions: tuple[str, ...] | None = None) -> dict[str, str] | None:
+    path = verdicts_file(module, functions)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def summary(module: str, counts: Counter) -> str:
     """One line: module, killed / tested, percent, and the other statuses."""
     total = sum(counts.values())
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"name a module: {', '.join(MODULES)} (or --list)")
     earlier, names = None, None
     if args.survivors and not args.score:
-        earlier = statuses(results(), args.module, args.functions)
+        earlier = kept_verdicts(args.module, args.functions) or statuses(results(), args.module, args.functions)
         names = [name for name, status in earlier.items() if status in RETESTED]
         if not names:
             print(f"no survivors of {args.module} to retest", file=sys.stderr)
@@ -139,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     now = statuses(results(), args.module, args.functions)
     if earlier is not None:
         now = merged(earlier, now, names)
+    if not args.score:
+        verdicts_file(args.module, args.functions).write_text(json.dumps(now, indent=0, sort_keys=True))
+    elif args.survivors is False and kept_verdicts(args.module, args.functions) and "not checked" in now.values():
+        now = kept_verdicts(args.module, args.functions)  # mutmut forgot them (the test selection changed)
     print(summary(args.module, Counter(now.values())))
     return 0
 
