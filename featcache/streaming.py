@@ -26,7 +26,10 @@ from featcache.cache import CHUNK_ROWS, Cache
 KERAS_SHUFFLE_ROWS = 4096  # the shuffle buffer of Keras heads when the budget allows it
 BATCHES_IN_FLIGHT = 6  # float32 batches alive at once: the generator's, TensorFlow's copy, prefetch, the step
 SGD_BATCH_COPIES = 3  # a mini-batch lives as float32, standardised and once more inside scikit-learn
-IN_MEMORY_COPIES = 3  # measured peak of an in-memory scikit-learn fit, in float32 copies of its features
+# Peak of an in-memory fit in float32 copies of train + validation, the loaded arrays included: logreg on
+# elpv (1,672 x 8,192) measured 6.9 copies above them (tracemalloc; 5.8 before its three scalings ran two
+# at a time), svm 3.5. Where rows near the features in number, the n x n Gram matrices weigh more.
+IN_MEMORY_COPIES = 8
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 

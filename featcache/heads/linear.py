@@ -24,9 +24,10 @@ few lines over them. Over the memory budget the same heads train by SGD on strea
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,9 +92,10 @@ class SpanBasis:
     The Cholesky factor L of the Gram matrix gives Z = L and V = Xᵀ L^-ᵀ, never formed:
     Xv V = (Xv Xᵀ) L^-ᵀ and w = Xᵀ (L^-ᵀ z). A jitter of 1e-6 of the mean diagonal (more for
     repeated rows) keeps rank-deficient Gram matrices, such as centred rows', positive definite; if
-    even 1e-3 fails, and whenever rows are not fewer than features, Z is X itself."""
+    even 1e-3 fails, and whenever rows are not fewer than features, Z is X itself. With ``kernel``
+    the Gram matrix itself is kept (a kernel SVM's input) and not factored."""
 
-    def __init__(self, x: np.ndarray):
+    def __init__(self, x: np.ndarray, *, kernel: bool = False):
         # Centred rows: with an unpenalised intercept, w·(x - m) + b' is the same model as w·x + b
         # (b = b' - w·m), and without the mean direction, which dominates raw ReLU features, the
         # solver converges in a fraction of the iterations.
@@ -105,8 +107,10 @@ class SpanBasis:
         if len(x) < x.shape[1]:
             from scipy.linalg import LinAlgError, cholesky
 
-            self.gram = (x @ x.T).astype(np.float64)
-            gram = self.gram.copy()
+            gram = (x @ x.T).astype(np.float64)
+            if kernel:
+                self.x, self.gram = x, gram
+                return
             diagonal, added = np.diag_indices_from(gram), 0.0
             scale = max(float(np.trace(gram)) / len(gram), 1e-12)
             for jitter in (1e-6, 1e-5, 1e-3):  # float32 rounding, repeated rows (views, copies) need more
@@ -254,22 +258,30 @@ class LinearHead(Head):
         from sklearn.exceptions import ConvergenceWarning
 
         threads = min(len(scalings), os.cpu_count() or 1)
+        lock, chosen, scores = threading.Lock(), [], {}
+
+        def search(kind):
+            """A path, and its best candidate kept only while it leads: a loser's basis (a copy of the
+            rows) is freed as soon as it loses. Ties: the earlier scaling of CHOICES."""
+            kind, path_scores, candidate, seconds = self._search(kind, x, y, n_classes, grid, validation)
+            with lock:
+                leader = chosen[0] if chosen else None
+                if leader is None or candidate.score is None or (candidate.score, -scalings.index(kind)) > (
+                        leader.score, -scalings.index(leader.kind)):
+                    chosen[:] = [candidate]
+            return kind, path_scores, seconds
+
         # warnings' filters are process-wide: set once here, not in the threads
         with warnings.catch_warnings(), single_threaded(), ThreadPoolExecutor(threads) as pool:
-            warnings.simplefilter("ignore", ConvergenceWarning)  # the search's tolerance and caps are on purpose
+            warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear's iteration cap is on purpose
             # raw features take the solver the most iterations: started first, they end with the other two
-            started = {kind: pool.submit(self._search, kind, x, y, n_classes, grid, validation)
-                       for kind in sorted(scalings, key=lambda kind: kind != "none")}
-            paths = [started[kind].result() for kind in scalings]
-        best, scores = None, {}
-        for kind, candidates, seconds in paths:
-            for candidate in candidates:
-                if candidate.score is not None:
-                    scores[candidate.key] = candidate.score[0]
-                if best is None or candidate.score is None or candidate.score > best.score:
-                    best = candidate
-            say(f"{self.name} {kind}: val accuracy "
-                + ", ".join(f"{c.score[0]:.1%}" for c in candidates if c.score is not None) + f" ({seconds:.1f} s)")
+            for path in as_completed([pool.submit(search, kind)
+                                      for kind in sorted(scalings, key=lambda kind: kind != "none")]):
+                kind, scores[kind], seconds = path.result()
+                say(f"{self.name} {kind}: val accuracy " + ", ".join(f"{v:.1%}" for v in scores[kind].values())
+                    + f" ({seconds:.1f} s)")
+        scores = {key: value for kind in scalings for key, value in scores[kind].items()}
+        (best,) = chosen
         estimator = self._final(best, y, n_classes)
         self.model = _linear_model(estimator, best.basis, best.scaling, self.loss)
         solver = "kernel" if best.kernel else ("span" if best.basis.factor is not None else "primal")
@@ -277,21 +289,26 @@ class LinearHead(Head):
                            output="proba", solver=solver)
         return self
 
-    def _search(self, kind, x, y, n_classes, grid, validation) -> tuple[str, list[Candidate], float]:
-        """One scaling's candidates along C, scored on validation (score None without it)."""
+    def _search(self, kind, x, y, n_classes, grid, validation) -> tuple[str, dict, Candidate, float]:
+        """One scaling's C path scored on validation: its validation accuracies, its best candidate
+        (the first of equals; without validation, the one candidate) and its seconds."""
         started = time.perf_counter()
         scaling = Scaling.fit(kind, x)
-        basis = SpanBasis(scaling.apply(x))
         # a linear SVM on fewer rows than features solves fastest as a kernel SVM on the Gram matrix
-        kernel = self.loss == "hinge" and basis.gram is not None
+        kernel = self.loss == "hinge" and len(x) < x.shape[1]
+        basis = SpanBasis(scaling.apply(x), kernel=kernel)
         cs = grid or [t / basis.mean_square for t in GRID]
         xv = None if validation is None else scaling.apply(validation[0])
         xv = None if xv is None else (basis.cross(xv) if kernel else basis.project(xv))
-        candidates = []
+        best, scores = None, {}
         for c, estimator in self._path(basis.gram if kernel else basis.z, y, cs, n_classes, kernel):
-            score = None if xv is None else _score(estimator, xv, validation[1], n_classes)
-            candidates.append(Candidate(kind, c, estimator, score, basis, scaling, kernel))
-        return kind, candidates, time.perf_counter() - started
+            candidate = Candidate(kind, c, estimator, None if xv is None else
+                                  _score(estimator, xv, validation[1], n_classes), basis, scaling, kernel)
+            if candidate.score is not None:
+                scores[candidate.key] = candidate.score[0]
+            if best is None or candidate.score is None or candidate.score > best.score:
+                best = candidate
+        return kind, scores, best, time.perf_counter() - started
 
     def _path(self, rows, y, cs, n_classes, kernel):
         """Estimators fitted along ascending C; logistic regression warm-starts each from the previous
