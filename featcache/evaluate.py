@@ -75,9 +75,10 @@ def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict
 
 
 def cross_validation_bytes(cache: Cache) -> int:
-    """What in-memory cross-validation holds: the training split as float32, a few copies at once."""
-    rows = cache.rows("train")
-    return streaming.IN_MEMORY_COPIES * rows * streaming.RowSize.of(cache).float32
+    """What in-memory cross-validation holds: the training split as float32, a few copies at once, and
+    the linear heads' n x n matrices."""
+    rows, size = cache.rows("train"), streaming.RowSize.of(cache)
+    return streaming.IN_MEMORY_COPIES * rows * size.float32 + streaming.gram_bytes(rows, size)
 
 
 def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budget: int | None) -> None:

@@ -152,9 +152,20 @@ def in_memory_plan(cache: Cache, budget: int | None) -> StreamPlan:
 
 
 def in_memory_bytes(cache: Cache) -> int:
-    """What an in-memory scikit-learn fit takes: train and validation as float32, a few copies at once."""
+    """What an in-memory fit takes: train and validation as float32, a few copies at once, and the
+    linear heads' n x n Gram matrices."""
     rows = sum(cache.rows(s) for s in ("train", "validation"))
-    return IN_MEMORY_COPIES * rows * RowSize.of(cache).float32
+    return IN_MEMORY_COPIES * rows * RowSize.of(cache).float32 + gram_bytes(cache.rows("train"), RowSize.of(cache))
+
+
+def gram_bytes(train_rows: int, size: RowSize) -> int:
+    """The float64 n x n matrices of the linear heads' span basis or kernel svm, two scalings at a time
+    (a Gram matrix and its Cholesky factor each): nothing where they solve on the features."""
+    from featcache.heads.linear import KERNEL_SVM_ROWS
+
+    if train_rows < size.features or train_rows <= KERNEL_SVM_ROWS:
+        return 2 * 2 * 8 * train_rows**2
+    return 0
 
 
 def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,

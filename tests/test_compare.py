@@ -52,7 +52,8 @@ def test_best_is_the_highest_validation_accuracy_then_the_lowest_validation_log_
 def test_cross_validation_over_the_memory_budget_streams_each_fold(tmp_path, monkeypatch):
     cache = fitted_cache(tmp_path, names=("logreg", "dense256", "svm"))
     needed = cross_validation_bytes(cache)
-    assert needed == 8 * 60 * (2 * 2 * 8) * 4  # eight float32 copies of 60 training rows of 2x2x8
+    # eight float32 copies of 60 training rows of 2x2x8, and two 60 x 60 float64 Gram matrices and factors
+    assert needed == 8 * 60 * (2 * 2 * 8) * 4 + 2 * 2 * 8 * 60**2
     in_memory = {r["head"]: r["cv_accuracy"] for r in compare(cache, cv_folds=3, memory_budget=needed).rows}
     real_read = Cache.read
 

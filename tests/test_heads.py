@@ -509,16 +509,18 @@ def test_scaling_as_a_keras_layer_computes_what_apply_computes(kind):
     np.testing.assert_allclose(np.asarray(layer(flat)), scaling.apply(x), rtol=1e-4, atol=1e-4)
 
 
-def test_svm_on_fewer_rows_than_features_is_scikit_learns_linear_svc_one_vs_rest(tmp_path):
-    """With fewer training rows than features the svm is fitted on the Gram matrix (libsvm): its
-    scores before calibration are those of one SVC(kernel="linear") per class on the scaled rows,
-    at the scaling and C validation chose; the Platt sigmoids then rank rows as the scores do."""
+@pytest.mark.parametrize("features", [64, 8], ids=["fewer-rows-than-features", "more-rows-than-features"])
+def test_svm_is_scikit_learns_linear_svc_one_vs_rest_on_the_gram_matrix(features, tmp_path):
+    """The svm is fitted on the Gram matrix (libsvm) while it is small, whether rows or features are
+    more: its scores before calibration are those of one SVC(kernel="linear") per class on the scaled
+    rows, at the scaling and C validation chose; Platt's sigmoids, normalised, give the probabilities."""
     from scipy.special import expit
     from sklearn.svm import SVC
 
     from featcache.heads.scaling import Scaling
 
-    cache = synthetic_cache(tmp_path, classes=("a", "b", "c"), per_class=(12, 10, 10), shape=(64,), separation=2.0)
+    cache = synthetic_cache(tmp_path, classes=("a", "b", "c"), per_class=(12, 10, 10), shape=(features,),
+                            separation=2.0)
     head = fitted(cache, "svm", FitOptions())
     assert head.record["solver"] == "kernel"
     x, y, _ = cache.read("train")

@@ -39,6 +39,10 @@ from featcache.heads.scaling import CHOICES, Scaling
 # C x mean squared row norm. Larger C never won on the benchmark caches (elpv, Fashion-MNIST: the best
 # were t = 1 to 10) and cost the most solver iterations.
 GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+# Up to this many training rows the svm solves on the n x n Gram matrix (libsvm) even with fewer
+# features than rows (at most 512 MiB of float64). Fashion-MNIST's 2,400 x 512 pooled rows: liblinear
+# took 52 s for the search.
+KERNEL_SVM_ROWS = 8192
 SVM_ITERATIONS = 300  # liblinear's dual coordinate descent: enough below C = 100 / mean ‖x‖², slow above
 
 
@@ -104,7 +108,7 @@ class SpanBasis:
         self.x, self.factor, self.z, self.gram = None, None, x, None
         # the centred rows' mean squared norm, which the relative C grid divides by
         self.mean_square = max(float(np.mean(np.einsum("ij,ij->i", x, x, dtype=np.float64))), 1e-12)
-        if len(x) < x.shape[1]:
+        if kernel or len(x) < x.shape[1]:
             from scipy.linalg import LinAlgError, cholesky
 
             gram = (x @ x.T).astype(np.float64)
@@ -294,8 +298,8 @@ class LinearHead(Head):
         (the first of equals; without validation, the one candidate) and its seconds."""
         started = time.perf_counter()
         scaling = Scaling.fit(kind, x)
-        # a linear SVM on fewer rows than features solves fastest as a kernel SVM on the Gram matrix
-        kernel = self.loss == "hinge" and len(x) < x.shape[1]
+        # a linear SVM solves fastest as a kernel SVM on the Gram matrix, while that matrix is small
+        kernel = self.loss == "hinge" and (len(x) < x.shape[1] or len(x) <= KERNEL_SVM_ROWS)
         basis = SpanBasis(scaling.apply(x), kernel=kernel)
         cs = grid or [t / basis.mean_square for t in GRID]
         xv = None if validation is None else scaling.apply(validation[0])
