@@ -147,12 +147,7 @@ def test_a_malformed_record_is_refused_in_one_line_naming_the_file_and_the_fix(c
     assert text.endswith("fit it again with `featcache fit-head --head logreg --refit`")
 
 
-NAMELESS = pytest.param("name", marks=pytest.mark.xfail(strict=True, reason=(
-    "bug: HeadRecord.from_json names the head after Path(where).name, the record file (head.json), not its "
-    "folder; the fix is Path(where).parent.name")))
-
-
-@pytest.mark.parametrize("missing", [NAMELESS, "kind", "cache_key", "classes", "feature_shape", "options", "files"])
+@pytest.mark.parametrize("missing", ["name", "kind", "cache_key", "classes", "feature_shape", "options", "files"])
 def test_a_record_missing_a_field_is_refused_naming_it(missing):
     data = record_json()
     del data[missing]

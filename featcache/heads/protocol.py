@@ -102,7 +102,8 @@ class HeadRecord:
     @classmethod
     def from_json(cls, data: dict, where: Path) -> HeadRecord:
         """The record, or a one-line error naming the file and what to do."""
-        fix = f"fit it again with `featcache fit-head --head {data.get('name', Path(where).name)} --refit`"
+        folder = Path(where).parent if Path(where).name == RECORD else Path(where)  # the head's folder is its name
+        fix = f"fit it again with `featcache fit-head --head {data.get('name', folder.name)} --refit`"
         if data.get("format") != RECORD_FORMAT:
             raise FeatcacheError(f"{where}: head record format {data.get('format')!r}, not {RECORD_FORMAT} (saved by "
                                  f"another featcache version); {fix}")
