@@ -82,16 +82,25 @@ def test_exported_head_on_flat_features_and_its_default_name():
                                atol=2e-6)
 
 
+def test_features_of_two_axes_are_flattened_too():
+    weights, bias = RNG.normal(0, 0.5, (12, 3)), RNG.normal(0, 1, 3)
+    exported = linear_keras_model(LinearModel(Scaling("none"), weights, bias, "softmax"), (4, 3))
+    got = np.asarray(exported(FLAT.reshape(6, 4, 3)))
+    assert got.shape == (6, 3)
+    np.testing.assert_allclose(got, softmax(FLAT.astype(np.float64) @ weights + bias), atol=2e-6)
+
+
 def test_one_vs_rest_sigmoids_export_as_softplus_of_the_negated_scores():
     """Names of the intermediate layers stay stable: converters and `--layer`-style lookups rely on them."""
+    import keras
+
+    keras.layers.Flatten()  # takes Keras' own default name, so a layer left unnamed would be flatten_N
     weights, bias = RNG.normal(0, 0.5, (12, 3)), RNG.normal(0, 1, 3)
     exported = linear_keras_model(LinearModel(Scaling("l2"), weights, bias, "ovr-sigmoid"), (2, 2, 3))
     assert [layer.name for layer in exported.layers] == [
         "features", "flatten", "scaling", "minus_scores", "minus_log_sigmoid", "probabilities"]
     z = (FLAT / np.linalg.norm(FLAT, axis=1, keepdims=True)).astype(np.float64) @ weights + bias
     minus_log_p = exported.get_layer("minus_log_sigmoid").output
-    import keras
-
     inner = keras.Model(exported.input, minus_log_p)
     np.testing.assert_allclose(np.asarray(inner(ROWS)), np.log1p(np.exp(-z)), atol=2e-5)
     assert exported.get_layer("probabilities").get_weights()[0].shape == (3, 3)
