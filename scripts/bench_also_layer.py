@@ -21,6 +21,9 @@ import numpy as np
 
 
 def main() -> None:
+    from featcache import quiet
+
+    quiet.quiet_tensorflow()  # before TensorFlow starts: featcache's lines only, as the CLI prints
     from featcache.dataset import load_dataset
     from featcache.extract import extract, make_config
     from featcache.finetune import plan_cut, prefix_cache

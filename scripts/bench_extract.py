@@ -215,6 +215,9 @@ def print_row(row: dict) -> None:
 
 
 def main() -> None:
+    from featcache import quiet
+
+    quiet.quiet_tensorflow()  # before TensorFlow starts: featcache's lines only, as the CLI prints
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/elpv"),
                         help="Images in any layout featcache reads; a subset is linked into a temp tree.")

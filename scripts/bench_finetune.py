@@ -36,6 +36,9 @@ def timed_steps(model, batches, steps: int, warmup: int = 2) -> float:
 
 
 def main() -> None:
+    from featcache import quiet
+
+    quiet.quiet_tensorflow()  # before TensorFlow starts: featcache's lines only, as the CLI prints
     import keras
     import tensorflow as tf
 

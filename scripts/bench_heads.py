@@ -669,6 +669,9 @@ def format_mib(size: int) -> str:
 
 
 def main() -> None:
+    from featcache import quiet
+
+    quiet.quiet_tensorflow()  # before TensorFlow starts: featcache's lines only, as the CLI prints
     from featcache.streaming import parse_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

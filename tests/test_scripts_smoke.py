@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from featcache import quiet
 from featcache.heads import FitOptions, fit_head, head_dir
 from tests.conftest import make_split_folders, run_extract
 
@@ -26,6 +27,8 @@ def run_script(name: str, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    noise = [line for line in run.stderr.splitlines() if quiet.is_noise(line)]
+    assert not noise, f"TensorFlow's log on the script's stderr: {noise[:3]}"
     return run
 
 
