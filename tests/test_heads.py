@@ -549,3 +549,19 @@ def test_binary_svm_scores_follow_the_positive_class(tmp_path):
     expected = SVC(kernel="linear", C=head.record["chosen"]["C"]).fit(flat(x), y).decision_function(flat(xt))
     np.testing.assert_allclose(head.model.scores(xt)[:, 0], expected, atol=1e-3 * np.abs(expected).max())
     assert (head.predict_proba(xt).argmax(1) == yt).mean() > 0.9
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe not text", b"[1, 2]", b'{"format": 1, "name": "logreg"}', b"{"],
+                         ids=["binary", "a-list", "fields-missing", "cut-short"])
+def test_a_damaged_head_record_never_blocks_its_own_fix(damage, tmp_path):
+    """Loading it is one line naming the file; fit-head (without --refit) fits the head again."""
+    from featcache.heads import fit_and_save
+
+    cache = synthetic_cache(tmp_path)
+    folder = fitted(cache, "logreg").save(head_dir(cache, "logreg"))
+    (folder / "head.json").write_bytes(damage)
+    with pytest.raises(FeatcacheError) as refusal:
+        load_head(folder)
+    assert "\n" not in str(refusal.value) and str(folder) in str(refusal.value)
+    head, kept = fit_and_save(cache, "logreg", FitOptions())
+    assert not kept and load_head(folder).record["name"] == "logreg"

@@ -222,7 +222,7 @@ def read_record(folder: Path) -> dict:
     loading the model."""
     try:
         record = json.loads((Path(folder) / RECORD).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text at all
         raise FeatcacheError(f"{folder}: not a saved head ({exc}); fit it with `featcache fit-head`") from None
     if not isinstance(record, dict):
         raise FeatcacheError(f"{folder / RECORD}: not a head record; fit the head again with `featcache fit-head`")
