@@ -196,6 +196,11 @@ def plot_confusion_matrices(matrices: dict[str, list[list[int]]], classes: list[
     return _save(fig, path)
 
 
+def literal(text: str) -> str:
+    """Text that matplotlib draws as written: a class named ``y $\\frac$ z`` is not TeX to parse."""
+    return text.replace("$", r"\$")
+
+
 def _draw_confusion(ax, head: str, counts, classes: list[str], first_column: bool) -> None:
     import numpy as np
 
@@ -206,7 +211,7 @@ def _draw_confusion(ax, head: str, counts, classes: list[str], first_column: boo
     for (i, j), count in np.ndenumerate(counts):
         colour = "white" if fraction[i, j] > 0.5 else "black"
         ax.text(j, i, str(count), ha="center", va="center", fontsize=size, color=colour)
-    names = [textwrap.fill(name, 20) for name in classes]
+    names = [textwrap.fill(literal(name), 20) for name in classes]
     ticks = range(len(classes))
     ax.set_xticks(ticks, names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(ticks, names if first_column else [])

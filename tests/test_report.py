@@ -147,6 +147,13 @@ def test_confusion_matrices_png_for_several_heads_and_long_class_names(tmp_path)
     assert_png(plot_confusion_matrices(matrices, CLASSES, tmp_path / "cm.png"), (600, 400))
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written_not_parsed_as_tex(tmp_path):
+    """matplotlib reads $...$ as mathtext: 'y $\\frac$ z' raised a ValueError from deep inside it."""
+    classes = ["y $\\frac$ z", "costs $5", "$x^2$"]
+    assert_png(plot_confusion_matrices({"logreg": np.eye(3, dtype=int).tolist()}, classes, tmp_path / "cm.png"),
+               (200, 200))
+
+
 def test_comparison_png_with_missing_test_accuracy(tmp_path, rows):
     assert_png(plot_comparison(rows, tmp_path / "nested" / "comparison.png"), (500, 200))
 
