@@ -85,8 +85,13 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
     """Refuse, before any work, cross-validation of a head that cannot refit within ``budget`` bytes.
 
     A training split that fits is refitted in memory; one that does not is streamed fold by fold,
-    as fit-head streams. A head that cannot stream (a kernel SVM) is refused then.
+    as fit-head streams. A head that cannot stream (a kernel SVM) is refused then, and so are more
+    folds than training images (each fold holds out at least one).
     """
+    images = len(set(cache.row_index("train")[1]))
+    if folds > images:
+        raise FeatcacheError(f"--cv {folds}: cache {cache.key[:16]} has {images} training images, so at most "
+                             f"{images} folds; 5 or 10 is usual")
     needed = cross_validation_bytes(cache)
     if budget is None or needed <= budget:
         return

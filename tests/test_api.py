@@ -332,6 +332,9 @@ def test_bad_head_and_cache_arguments_are_one_line_errors(fitted, tmp_path):
     assert "unknown head 'logit'" in one_line_error(lambda: featcache.fit_head(cache, "logit"))
     assert "memory_budget=-1" in one_line_error(lambda: featcache.fit_head(cache, "logreg", memory_budget=-1))
     assert "cv=1: give a number of folds" in one_line_error(lambda: featcache.compare(cache, cv=1))
+    train_images = cache.rows("train")
+    assert f"--cv {train_images + 1}: cache {cache.key[:16]} has {train_images} training images, so at most" in (
+        one_line_error(lambda: featcache.compare(cache, cv=train_images + 1)))
     assert "cache=3: give a Cache" in one_line_error(lambda: featcache.compare(3))
     assert "paths=3: give an image file" in one_line_error(lambda: featcache.predict(3, cache=cache))
     image = str(next((root / "data" / "cat").glob("*.png")))
