@@ -258,6 +258,8 @@ def remove_temporaries(cache_dir: Path) -> None:
 @contextmanager
 def locked(cache_dir: Path, timeout: float = 0.0) -> Iterator[None]:
     """Exclusive lock on a cache folder: a second run on the same key waits, then fails clearly."""
+    if not 0 <= timeout < float("inf"):  # false for nan too, whose deadline never passed: it waited forever
+        raise FeatcacheError(f"--lock-timeout {timeout}: give a number of seconds, 0 or more")
     lock_path = cache_dir / ".lock"
     with open(lock_path, "a+") as handle:
         deadline, waiting = time.monotonic() + timeout, False

@@ -122,7 +122,7 @@ def _scan_class_folders(root: Path) -> Scanned:
 
 def _read_csv(csv_path: Path) -> Scanned:
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
         if not {"path", "label"} <= columns:
@@ -292,7 +292,10 @@ def file_sha256(path: Path) -> str:
 
 
 def check_fractions(fractions: tuple[float, float, float]) -> None:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    """Refuse fractions that are not three finite non-negative numbers summing to 1 (nan compares false
+    with everything, so it passed the sign and sum checks alone)."""
+    if (len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions)
+            or abs(sum(fractions) - 1) > 1e-6):
         raise FeatcacheError(
             f"split fractions {fractions} must be three non-negative numbers summing to 1, e.g. 0.7,0.15,0.15"
         )

@@ -97,7 +97,7 @@ def check_options(backbone: str, pooling: str | None, image_size: int | None, re
     _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
     _choice("--dtype", dtype, DTYPES)
     _choice("--precision", precision, PRECISIONS)
-    size = image_size or spec.input_size
+    size = spec.input_size if image_size is None else image_size  # 0 is a bad size, not the default
     if size < spec.min_size:
         raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
     if augment < 0:
