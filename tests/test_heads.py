@@ -114,6 +114,26 @@ def test_a_planted_pickle_never_runs_even_with_its_hash_recorded(tmp_path):
     assert not marker.exists()
 
 
+def test_a_planted_keras_lambda_layer_never_runs_and_is_refused_in_one_line(tmp_path):
+    """A Keras head whose model.keras holds a Lambda layer (Python code), hash recorded: safe mode
+    refuses it, and featcache says so in one line instead of Keras' paragraph."""
+    import keras
+
+    from featcache.dataset import file_sha256
+
+    cache = synthetic_cache(tmp_path)
+    folder = fitted(cache, "linear", replace(QUICK, epochs=1)).save(head_dir(cache, "linear"))
+    inputs = keras.Input(cache.feature_shape)
+    planted = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2)(inputs))
+    planted.save(folder / "model.keras")
+    record = json.loads((folder / "head.json").read_text())
+    record["files"] = {"model.keras": file_sha256(folder / "model.keras")}
+    (folder / "head.json").write_text(json.dumps(record))
+    with pytest.raises(FeatcacheError, match="cannot be read as data") as refusal:
+        load_head(folder)
+    assert "\n" not in str(refusal.value) and "--refit" in str(refusal.value)
+
+
 @pytest.mark.parametrize("damage, message", [
     ({"format": 0}, "head record format 0, not 1"),
     ({"classes": 3}, "not a valid head record"),
