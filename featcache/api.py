@@ -360,9 +360,10 @@ def export(output: str | Path | None = None, *, workdir: str | Path | None = Non
 
 
 def _workdir(workdir) -> Path:
-    if workdir is None:
-        return cache_store.default_workdir()
-    return Path(_text("workdir", workdir))
+    folder = cache_store.default_workdir() if workdir is None else Path(_text("workdir", workdir))
+    if folder.exists() and not folder.is_dir():
+        raise FeatcacheError(f"workdir {folder} is a file, not a folder; give a folder for the caches")
+    return folder
 
 
 def _text(name: str, value) -> str:

@@ -47,7 +47,7 @@ def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
 
 
 workdir_option = click.option(
-    "--workdir", type=click.Path(path_type=Path), default=None,
+    "--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
     help="Where caches live [default: $FEATCACHE_HOME or ./featcache-out].",
 )
 

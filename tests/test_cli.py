@@ -267,3 +267,10 @@ def test_predict_table_never_cuts_a_long_path():
                                           np.array([[0.25, 0.75]])), "table")
     assert "…" not in text
     assert re.sub(r"\s", "", str(path)) in "".join(line.split("  ")[0].strip() for line in text.splitlines())
+
+
+@pytest.mark.parametrize("command", [["extract"], ["info"], ["fit-head"], ["compare"]])
+def test_a_workdir_that_is_a_file_is_one_line_before_any_work(command, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    result = CliRunner().invoke(main, [*command, "--workdir", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "is a file" in result.output and "Traceback" not in result.output
