@@ -34,3 +34,17 @@ def test_tutorial_defaults():
     vgg, mobilenet = backbones.get("vgg16"), backbones.get("mobilenet_v2")
     assert (vgg.input_size, vgg.default_layer, vgg.default_pooling) == (150, "block5_pool", "none")
     assert (mobilenet.input_size, mobilenet.default_pooling) == (160, "avg")
+
+
+def test_weights_of_another_architecture_are_one_line_naming_the_file(tmp_path):
+    """Keras' own refusal lists the mismatching kernels' values (over a hundred lines)."""
+    import keras
+
+    from featcache.backbones import build_extractor, get
+
+    inputs = keras.Input((8,))
+    other = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    other.save_weights(tmp_path / "other.weights.h5")
+    with pytest.raises(FeatcacheError, match=r"--weights .*other\.weights\.h5: not weights of vgg16") as refusal:
+        build_extractor(get("vgg16"), str(tmp_path / "other.weights.h5"), 32, None, "none")
+    assert "\n" not in str(refusal.value)

@@ -132,7 +132,15 @@ def build_extractor(
         raise FeatcacheError(
             f"--image-size {image_size} is below {backbone.name}'s minimum of {backbone.min_size} px"
         )
-    base = backbone.build(weights, image_size)
+    try:
+        base = backbone.build(weights, image_size)
+    except ValueError as exc:
+        if weights in (None, "imagenet"):
+            raise
+        # Keras' message lists every mismatching kernel's values: a hundred lines; the first says what
+        first = str(exc).strip().splitlines()[0][:200]
+        raise FeatcacheError(f"--weights {weights}: not weights of {backbone.name} ({first}); give a file saved "
+                             f"from {backbone.name} at any input size, or --weights imagenet") from None
     layer = layer or backbone.default_layer or base.layers[-1].name
     output = cut_output(base, layer, backbone.name)
     if pooling not in POOLINGS:
