@@ -7,9 +7,10 @@ orthonormal basis V = Xᵀ L^-ᵀ (X = Z Vᵀ, ‖w‖ = ‖z‖ for w = V z). s
 1,672 x 8,192 on elpv) and the weights come back as V z. Every candidate of the search (scaling x C,
 C warm-started from small to large) reuses one Gram matrix per scaling. Rows are centred first
 (the unpenalised intercept absorbs the mean), which keeps raw ReLU features well conditioned. The
-svm goes one step further on fewer rows than features: libsvm on the Gram matrix itself, one
-binary SVM per class (``KernelOvrSvm``), its weights Xᵀ a from the dual coefficients a. The three
-scalings are searched side by side, one thread each.
+svm goes one step further while the n x n Gram matrix is small (``KERNEL_SVM_ROWS``), with more
+features than rows or fewer: libsvm on the Gram matrix itself, one binary SVM per class
+(``KernelOvrSvm``), its weights Xᵀ a from the dual coefficients a. The three scalings are searched
+side by side, one thread each.
 
 The C grid is relative: C = t / mean ‖x‖², since scaling the features by s changes the optimal C by
 1 / s², so the same grid fits standardised, L2-normalised and raw features. Validation accuracy
