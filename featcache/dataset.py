@@ -12,6 +12,7 @@ import csv
 import hashlib
 import math
 import os
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,8 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
 
 # A raw entry before labels are numbered: (absolute path, relative path, class name, split or None)
 Entry = tuple[Path, str, str, "str | None"]
-Scanned = tuple[list[Entry], list[Reject], set[str]]
+# entries, rejects, class names, and the relative paths of image-named files that are not regular files
+Scanned = tuple[list[Entry], list[Reject], set[str], list[str]]
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -102,11 +104,12 @@ def _split_folders(root: Path) -> dict[str, Path]:
 def _scan_split_folders(root: Path) -> Scanned:
     entries: list[Entry] = []
     classes: set[str] = set()
+    special: list[Path] = []
     for split, folder in _split_folders(root).items():
         for class_dir in _subfolders(folder):
             classes.add(class_dir.name)
-            entries += [(p, _rel(p, root), class_dir.name, split) for p in images_under(class_dir)]
-    return entries, [], classes
+            entries += [(p, _rel(p, root), class_dir.name, split) for p in images_under(class_dir, special)]
+    return entries, [], classes, [_rel(p, root) for p in special]
 
 
 def _scan_class_folders(root: Path) -> Scanned:
@@ -116,8 +119,9 @@ def _scan_class_folders(root: Path) -> Scanned:
             f"--data {root}: no class folders found; expected ROOT/<class>/<image> "
             "or ROOT/{train,validation,test}/<class>/<image>"
         )
-    entries = [(p, _rel(p, root), d.name, None) for d in class_dirs for p in images_under(d)]
-    return entries, [], {d.name for d in class_dirs}
+    special: list[Path] = []
+    entries = [(p, _rel(p, root), d.name, None) for d in class_dirs for p in images_under(d, special)]
+    return entries, [], {d.name for d in class_dirs}, [_rel(p, root) for p in special]
 
 
 def _read_csv(csv_path: Path) -> Scanned:
@@ -132,6 +136,7 @@ def _read_csv(csv_path: Path) -> Scanned:
         rows = list(reader)
     entries: list[Entry] = []
     rejects: list[Reject] = []
+    special: list[str] = []
     for line, row in enumerate(rows, start=2):
         relpath, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         split = _csv_split(csv_path, line, (row.get("split") or "").strip())
@@ -143,13 +148,16 @@ def _read_csv(csv_path: Path) -> Scanned:
                 f"{csv_path}:{line}: path {relpath!r} escapes the CSV's folder {root}; "
                 "use paths relative to the CSV's folder"
             )
-        if not path.is_file():
+        if not path.exists():
             rejects.append(Reject(relpath, "file not found"))
+            continue
+        if _is_regular(path) is False:
+            special.append(relpath)
             continue
         entries.append((path, _rel(path, root), label, split))
     return entries, rejects, {e[2] for e in entries} | {
         (r["label"] or "").strip() for r in rows
-    }
+    }, special
 
 
 def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
@@ -163,7 +171,14 @@ def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
 
 
 def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
-    entries, rejects, class_names = scanned
+    entries, rejects, class_names, special = scanned
+    warnings = [_skipped(special, "not regular files (a FIFO, device or socket, or a link to one): "
+                                  "reading them would block or never end; only regular files are images")]
+    inside = root.resolve()
+    escaping = {e[1] for e in entries if _escapes(e[0], inside)}
+    warnings.append(_skipped(sorted(escaping), f"links to files outside the data folder {root}, where "
+                                               "nothing is read; copy the files in instead"))
+    entries = [e for e in entries if e[1] not in escaping]
     bad_names = [e[1] for e in entries if not _is_utf8(e[1])]
     rejects += [Reject(_printable(n), "file name is not valid UTF-8; rename the file") for n in bad_names]
     entries = [e for e in entries if _is_utf8(e[1])]
@@ -181,10 +196,27 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
     if not samples:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")
-    dataset = Dataset(root, layout, classes, samples, rejects)
+    dataset = Dataset(root, layout, classes, samples, rejects, [w for w in warnings if w])
     _check_classes(dataset)
     _check_leakage(dataset)
     return dataset
+
+
+def _skipped(relpaths: list[str], why: str) -> str:
+    """One warning line naming skipped files (the first five, then how many more), or '' for none."""
+    if not relpaths:
+        return ""
+    more = f" and {len(relpaths) - 5} more" if len(relpaths) > 5 else ""
+    return f"skipped {len(relpaths)} file{'s' if len(relpaths) > 1 else ''}: {', '.join(relpaths[:5])}{more}: {why}"
+
+
+def _escapes(path: Path, root: Path) -> bool:
+    """Whether path (a link, or in a linked folder) leads outside root, which the CSV layout refuses too;
+    False when it cannot be resolved (a dangling link, a loop), so that reading it reports why."""
+    try:
+        return not path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
 
 
 def _check_classes(dataset: Dataset) -> None:
@@ -287,7 +319,11 @@ def hash_split(relpath: str, fractions: tuple[float, float, float] = DEFAULT_FRA
 
 
 def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
+    """The sha256 of a regular file's bytes; OSError for anything else (a FIFO swapped in after the scan
+    must not block: it is opened without waiting for a writer, and refused)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -305,17 +341,34 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def images_under(folder: Path) -> list[Path]:
-    """Image files below folder, recursively, hidden entries skipped; symlinked folders are not followed."""
+def images_under(folder: Path, special: list[Path] | None = None) -> list[Path]:
+    """Image files below folder, recursively, hidden entries skipped; symlinked folders are not followed.
+
+    Only regular files (or links to them) are images: a FIFO, device or socket with an image suffix
+    (``pipe.png``, a link to /dev/zero) would block or never end when read, so it is left out and
+    appended to ``special`` for the caller to name. Entries that cannot be examined (a dangling link)
+    are kept, so that reading them reports why."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath) / name
-            for name in sorted(filenames)
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        ]
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(dirpath) / name
+            if _is_regular(path) is False:
+                if special is not None:
+                    special.append(path)
+            else:
+                found.append(path)
     return found
+
+
+def _is_regular(path: Path) -> bool | None:
+    """Whether path is (or links to) a regular file; None when it cannot be examined."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return None
 
 
 def _is_utf8(name: str) -> bool:

@@ -6,13 +6,16 @@ Each test names the defect class it proves closed; every one failed on the code 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from pathlib import Path
 
 import pytest
 
 from featcache import FeatcacheError, cache
-from featcache.dataset import check_fractions, load_dataset
+from featcache.dataset import check_fractions, file_sha256, load_dataset
 from featcache.extract import check_options
-from tests.conftest import make_class_folders
+from tests.conftest import make_class_folders, make_split_folders, write_image
 
 
 @pytest.mark.parametrize("fractions", [(math.nan, 0.5, 0.5), (math.inf, 0.5, -math.inf), (0.7, 0.3, math.nan)])
@@ -49,3 +52,77 @@ def test_csv_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
     (tmp_path / "labels.csv").write_bytes(("\ufeffpath,label\r\n" + "\r\n".join(rows) + "\r\n").encode("utf-8"))
     ds = load_dataset(tmp_path / "labels.csv")
     assert ds.classes == ("cat", "dog") and len(ds.samples) == 6
+
+
+def finishes(seconds: float, work):
+    """work()'s result (or its exception), or a test failure if it has not returned within seconds (it
+    hung: the thread is left behind as a daemon)."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"still running after {seconds} s: it hangs"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def plant_special_files(folder: Path) -> None:
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+
+
+def test_fifo_and_link_to_dev_zero_in_class_folders_are_skipped_with_one_warning_not_read(tmp_path):
+    root = make_class_folders(tmp_path / "d", per_class=4)
+    plant_special_files(root / "cat")
+    ds = finishes(10, lambda: load_dataset(root))
+    assert len(ds.samples) == 8 and not ds.rejects
+    assert ds.warnings[0].startswith("skipped 2 files: cat/pipe.png, cat/zero.png: not regular files")
+
+
+def test_fifo_named_in_a_csv_is_skipped_with_one_warning_not_called_missing(tmp_path):
+    """(A link to /dev/zero in a CSV is already refused: it resolves outside the CSV's folder.)"""
+    make_class_folders(tmp_path, per_class=3)
+    os.mkfifo(tmp_path / "dog" / "pipe.png")
+    (tmp_path / "dog" / "pipe-link.png").symlink_to(tmp_path / "dog" / "pipe.png")
+    rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(3)] + ["dog/pipe.png,dog",
+                                                                                      "dog/pipe-link.png,dog"]
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    ds = finishes(10, lambda: load_dataset(tmp_path / "labels.csv"))
+    assert len(ds.samples) == 6 and not ds.rejects
+    assert ds.warnings[0].startswith("skipped 2 files: dog/pipe.png, dog/pipe-link.png: not regular files")
+
+
+def test_a_fifo_is_never_opened_for_hashing(tmp_path):
+    """A file swapped for a FIFO after the scan: hashing refuses it at once instead of waiting for a writer."""
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(OSError, match="not a regular file"):
+        finishes(10, lambda: file_sha256(tmp_path / "pipe.png"))
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "split-folders"])
+def test_link_to_a_file_outside_the_data_folder_is_skipped_with_one_warning_and_never_read(layout, tmp_path):
+    """As the CSV layout refuses a path escaping its folder; /etc/hostname used to become a training row."""
+    root = tmp_path / "d"
+    if layout == "class-folders":
+        make_class_folders(root, per_class=4)
+        folder, rel = root / "cat", "cat"
+    else:
+        make_split_folders(root, {"train": 3, "validation": 1, "test": 1})
+        folder, rel = root / "train" / "cat", "train/cat"
+    outside = write_image(tmp_path / "outside.png", seed=77)
+    (folder / "evil.png").symlink_to(outside)
+    (folder / "inside.png").symlink_to(folder / next(p.name for p in sorted(folder.iterdir())))
+    ds = load_dataset(root)
+    relpaths = {s.relpath for s in ds.samples}
+    assert f"{rel}/evil.png" not in relpaths and f"{rel}/inside.png" in relpaths  # links within the folder stay
+    assert ds.layout == layout
+    assert ds.warnings[0] == (f"skipped 1 file: {rel}/evil.png: links to files outside the data folder {root}, "
+                              "where nothing is read; copy the files in instead")
