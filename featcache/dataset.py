@@ -137,6 +137,7 @@ def _read_csv(csv_path: Path) -> Scanned:
     entries: list[Entry] = []
     rejects: list[Reject] = []
     special: list[str] = []
+    lines: dict[str, list[tuple[int, str]]] = defaultdict(list)  # relative path -> (line, label) naming it
     for line, row in enumerate(rows, start=2):
         relpath, label = (row["path"] or "").strip(), (row["label"] or "").strip()
         split = _csv_split(csv_path, line, (row.get("split") or "").strip())
@@ -148,6 +149,7 @@ def _read_csv(csv_path: Path) -> Scanned:
                 f"{csv_path}:{line}: path {relpath!r} escapes the CSV's folder {root}; "
                 "use paths relative to the CSV's folder"
             )
+        lines[_rel(path, root)].append((line, label))
         if not path.exists():
             rejects.append(Reject(relpath, "file not found"))
             continue
@@ -155,9 +157,25 @@ def _read_csv(csv_path: Path) -> Scanned:
             special.append(relpath)
             continue
         entries.append((path, _rel(path, root), label, split))
+    _check_repeated_rows(csv_path, lines)
     return entries, rejects, {e[2] for e in entries} | {
         (r["label"] or "").strip() for r in rows
     }, special
+
+
+def _check_repeated_rows(csv_path: Path, lines: dict[str, list[tuple[int, str]]]) -> None:
+    """Refuse an image listed twice (the same label or two): it would be one row of the cache and two of
+    the dataset, which failed only after the backbone pass."""
+    repeated = {rel: found for rel, found in lines.items() if len(found) > 1}
+    if repeated:
+        rel, found = min(repeated.items(), key=lambda item: item[1][0][0])
+        labels = sorted({label for _, label in found})
+        others = f" ({len(repeated) - 1} more images are listed twice)" if len(repeated) > 1 else ""
+        raise FeatcacheError(
+            f"{csv_path}: lines {', '.join(str(n) for n, _ in found)} name the same image {rel} "
+            f"(label{'s' if len(labels) > 1 else ''} {' and '.join(labels)}){others}; "
+            "list each image once, with one label"
+        )
 
 
 def _csv_split(csv_path: Path, line: int, value: str) -> str | None:

@@ -91,7 +91,8 @@ def test_fifo_named_in_a_csv_is_skipped_with_one_warning_not_called_missing(tmp_
     """(A link to /dev/zero in a CSV is already refused: it resolves outside the CSV's folder.)"""
     make_class_folders(tmp_path, per_class=3)
     os.mkfifo(tmp_path / "dog" / "pipe.png")
-    (tmp_path / "dog" / "pipe-link.png").symlink_to(tmp_path / "dog" / "pipe.png")
+    os.mkfifo(tmp_path / "dog" / ".unlisted")
+    (tmp_path / "dog" / "pipe-link.png").symlink_to(tmp_path / "dog" / ".unlisted")
     rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(3)] + ["dog/pipe.png,dog",
                                                                                       "dog/pipe-link.png,dog"]
     (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
@@ -126,3 +127,16 @@ def test_link_to_a_file_outside_the_data_folder_is_skipped_with_one_warning_and_
     assert ds.layout == layout
     assert ds.warnings[0] == (f"skipped 1 file: {rel}/evil.png: links to files outside the data folder {root}, "
                               "where nothing is read; copy the files in instead")
+
+
+def test_csv_naming_an_image_twice_is_refused_before_any_work_naming_the_lines(tmp_path):
+    """Same path twice with the same or another label (spelt differently too): it crashed with KeyError
+    after the backbone pass and left an incomplete cache."""
+    make_class_folders(tmp_path, per_class=3)
+    rows = [f"{c}/{c}_{i:03d}.png,{c}" for c in ("cat", "dog") for i in range(3)]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,label\n" + "\n".join([*rows, "./cat/cat_001.png,dog", "dog/dog_000.png,dog"]) + "\n")
+    with pytest.raises(FeatcacheError) as error:
+        load_dataset(csv_path)
+    assert str(error.value) == (f"{csv_path}: lines 3, 8 name the same image cat/cat_001.png (labels cat and dog) "
+                                "(1 more images are listed twice); list each image once, with one label")
