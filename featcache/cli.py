@@ -309,6 +309,9 @@ def head_dir_of(cache, name: str) -> Path:
               help="Add K-fold cross-validation on the train split.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
               show_default=True)
+@click.option("--select-by", type=click.Choice(["accuracy", "balanced-accuracy", "macro-f1", "log-loss"]),
+              default="accuracy", show_default=True,
+              help="The validation score that names the best head (starred; the report's error gallery is its).")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots [default: CACHE/plots].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
@@ -320,14 +323,17 @@ def head_dir_of(cache, name: str) -> Path:
 @cache_option
 @workdir_option
 @user_errors
-def compare_command(cv_folds, fmt, plots_dir, report_path, memory_budget, key, workdir):
-    """Compare every head fitted on a cache: accuracy, balanced accuracy, log loss, times."""
+def compare_command(cv_folds, fmt, select_by, plots_dir, report_path, memory_budget, key, workdir):
+    """Compare every head fitted on a cache: accuracy, balanced accuracy, macro F1, log loss, times, and
+    the best head's precision, recall and F1 per class."""
     from featcache import report
     from featcache.compare import compare, write_outputs
 
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
-    comparison = compare(cache, cv_folds, memory_budget[0])
+    comparison = compare(cache, cv_folds, memory_budget[0], select_by)
     click.echo(report.format_table(comparison.rows, fmt))
+    if fmt == "table":
+        click.echo("\n" + report.per_class_table(comparison.rows))
     written = write_outputs(comparison, cache, plots_dir, report_path, cv_folds)
     report_file = written.pop("report", None)
     err_console.print(f"plots: {', '.join(str(p) for p in written.values())}")

@@ -12,7 +12,7 @@ from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.evaluate import check_cross_validation_fits, cross_validate, predict_split
 from featcache.heads import head_dir, load_head, saved_heads
-from featcache.report import best_index
+from featcache.report import best_index, check_select_by, selected_by
 
 
 @dataclass
@@ -25,13 +25,15 @@ class Comparison:
 
     @property
     def best(self) -> str:
-        return self.rows[best_index(self.rows)]["head"]
+        return self.rows[best_index(self.rows, selected_by(self.rows))]["head"]
 
 
-def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None = None) -> Comparison:
+def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None = None,
+            select_by: str = "accuracy") -> Comparison:
     """Every saved head of the cache on validation and test (and ``cv_folds``-fold cross-validation,
     streamed within ``memory_budget`` bytes when the training split would not fit, refused up front
-    for heads that cannot stream)."""
+    for heads that cannot stream); the best head by ``select_by`` on validation (report.SELECT_BY)."""
+    check_select_by(select_by)
     names = saved_heads(cache)
     if not names:
         raise FeatcacheError(
@@ -48,8 +50,8 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
         validation = predict_split(head, cache, "validation", batch_rows)
         final = predict_split(head, cache, final_split, batch_rows)
         results[name] = final
-        comparison.rows.append(_row(head, cache, validation, final if final_split == "test" else None,
-                                    cv_folds, memory_budget))
+        row = _row(head, cache, validation, final if final_split == "test" else None, cv_folds, memory_budget)
+        comparison.rows.append({**row, "selected_by": select_by})
         if "history" in head.record:
             comparison.histories[name] = head.record["history"]
         if "finetune" in head.record:
@@ -73,11 +75,14 @@ def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budg
         "val_accuracy": val["accuracy"], "test_accuracy": tst and tst["accuracy"],
         "val_balanced_accuracy": val["balanced_accuracy"],
         "test_balanced_accuracy": tst and tst["balanced_accuracy"],
+        "val_macro_f1": val["macro_f1"], "test_macro_f1": tst and tst["macro_f1"],
         "val_log_loss": val["log_loss"], "test_log_loss": tst and tst["log_loss"],
         "cv_accuracy": float(np.mean(scores)) if scores else None,
         "cv_std": float(np.std(scores)) if scores else None,
         "fit_seconds": head.record["fit_seconds"],
         "predict_seconds": (test or validation).predict_seconds,
+        "per_class_split": "test" if tst else "validation",
+        "per_class": dict(zip(cache.classes, (tst or val)["per_class"], strict=True)),
     }
 
 

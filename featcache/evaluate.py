@@ -28,12 +28,17 @@ class SplitResult:
         return self.probabilities.argmax(axis=1)
 
     def metrics(self, n_classes: int) -> dict:
-        from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss
+        from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
         everything = list(range(n_classes))
+        precision, recall, f1, support = precision_recall_fscore_support(
+            self.labels, self.predicted, labels=everything, zero_division=0)
         return {
             "accuracy": float((self.predicted == self.labels).mean()),
             "balanced_accuracy": float(balanced_accuracy_score(self.labels, self.predicted)),
+            "macro_f1": float(np.mean(f1)),  # every class counts alike, however rare: imbalance shows
+            "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                          for p, r, f, s in zip(precision, recall, f1, support, strict=True)],
             "log_loss": float(log_loss(self.labels, _clipped(self.probabilities), labels=everything)),
             "confusion": confusion_matrix(self.labels, self.predicted, labels=everything).tolist(),
             "rows": len(self.labels),

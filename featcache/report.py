@@ -23,13 +23,22 @@ from featcache import FeatcacheError, __version__
 from featcache.files import atomic_write
 
 COLUMNS = (
-    "head", "val_accuracy", "test_accuracy", "val_balanced_accuracy", "test_balanced_accuracy",
-    "val_log_loss", "test_log_loss", "cv_accuracy", "cv_std", "fit_seconds", "predict_seconds", "best",
+    "head", "val_accuracy", "test_accuracy", "val_balanced_accuracy", "test_balanced_accuracy", "val_macro_f1",
+    "test_macro_f1", "val_log_loss", "test_log_loss", "cv_accuracy", "cv_std", "fit_seconds", "predict_seconds",
+    "best",
 )
+# --select-by: the validation column that names the best head, whether higher is better, and its words
+SELECT_BY = {
+    "accuracy": ("val_accuracy", True, "highest val acc"),
+    "balanced-accuracy": ("val_balanced_accuracy", True, "highest val bal acc"),
+    "macro-f1": ("val_macro_f1", True, "highest val macro F1"),
+    "log-loss": ("val_log_loss", False, "lowest val loss"),
+}
 FORMATS = ("table", "markdown", "json", "csv")
 LABELS = {
     "head": "head", "val_accuracy": "val acc", "test_accuracy": "test acc",
     "val_balanced_accuracy": "val bal acc", "test_balanced_accuracy": "test bal acc",
+    "val_macro_f1": "val F1", "test_macro_f1": "test F1",
     "val_log_loss": "val loss", "test_log_loss": "test loss", "cv_accuracy": "cv acc", "cv_std": "cv std",
     "fit_seconds": "fit s", "predict_seconds": "predict s",
 }
@@ -48,24 +57,71 @@ def format_table(rows: list[dict], fmt: str) -> str:
     return renderers[fmt](_with_best(rows))
 
 
-def best_index(rows: list[dict]) -> int | None:
-    """The best head: highest validation accuracy, ties to the lower validation log loss."""
+def check_select_by(select_by: str) -> None:
+    if select_by not in SELECT_BY:
+        raise FeatcacheError(f"--select-by {select_by!r}: choose one of {', '.join(SELECT_BY)}")
+
+
+def best_index(rows: list[dict], select_by: str = "accuracy") -> int | None:
+    """The best head by ``select_by`` on validation (default: highest accuracy); ties to the lower
+    validation log loss (selecting by log loss: to the higher accuracy)."""
+    check_select_by(select_by)
+    column, higher, _ = SELECT_BY[select_by]
+
+    def value(row: dict, name: str, higher: bool) -> float:
+        v = row.get(name)
+        return -math.inf if v is None else (v if higher else -v)
+
     def rank(i: int) -> tuple[float, float]:
-        loss = rows[i].get("val_log_loss")
-        return rows[i]["val_accuracy"], -(math.inf if loss is None else loss)
+        tie = ("val_accuracy", True) if column == "val_log_loss" else ("val_log_loss", False)
+        return value(rows[i], column, higher), value(rows[i], *tie)
 
     return max(range(len(rows)), key=rank, default=None)
 
 
-def _with_best(rows: list[dict]) -> list[dict]:
-    """Rows with every column in COLUMNS order and "best" set on exactly one row (none if empty).
+def selected_by(rows: list[dict]) -> str:
+    """The criterion a comparison's rows were ranked by (compare records it on every row)."""
+    return rows[0].get("selected_by", "accuracy") if rows else "accuracy"
 
-    Numpy scalars become Python numbers for json.
+
+def _with_best(rows: list[dict]) -> list[dict]:
+    """Rows with every column in COLUMNS order, "best" set on exactly one row (none if empty), and the
+    criterion and per-class metrics where compare gave them. Numpy scalars become Python numbers for json.
     """
-    best = best_index(rows)
+    best = best_index(rows, selected_by(rows))
+    extra = ("selected_by", "per_class_split", "per_class")
     return [
-        {**{c: _plain(row.get(c)) for c in COLUMNS[:-1]}, "best": i == best} for i, row in enumerate(rows)
+        {**{c: _plain(row.get(c)) for c in COLUMNS[:-1]}, "best": i == best,
+         **{k: row[k] for k in extra if k in row}} for i, row in enumerate(rows)
     ]
+
+
+def best_caption(rows: list[dict]) -> str:
+    select_by = selected_by(rows)
+    tie = "highest val acc" if select_by == "log-loss" else "lowest val loss"
+    return f"{STAR} best: {SELECT_BY[select_by][2]}, then {tie}"
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The best head's row when compare gave it per-class metrics, else None."""
+    return next((row for row in _with_best(rows) if row["best"] and row.get("per_class")), None)
+
+
+def per_class_table(rows: list[dict]) -> str:
+    """Precision, recall, F1 and support per class of the best head, on the split compare scored last."""
+    from rich import box
+    from rich.table import Table
+
+    best = best_row(rows)
+    if best is None:
+        return ""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  title=f"{best['head']} on {best['per_class_split']}, per class", title_justify="left")
+    for name in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(name, justify="left" if name == "class" else "right", overflow="fold")
+    for name, scores in best["per_class"].items():
+        table.add_row(name, *(f"{100 * scores[k]:.1f}%" for k in ("precision", "recall", "f1")), str(scores["support"]))
+    return rich_text(table)
 
 
 def _plain(value):
@@ -94,7 +150,7 @@ def _rich_table(rows: list[dict]) -> str:
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
-                  caption_justify="left", caption=f"{STAR} best: highest val acc, then lowest val loss")
+                  caption_justify="left", caption=best_caption(rows))
     for column in COLUMNS[:-1]:
         table.add_column(LABELS[column], justify="left" if column == "head" else "right")
     for row in rows:
@@ -131,7 +187,7 @@ def _json(rows: list[dict]) -> str:
 
 def _csv(rows: list[dict]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue().rstrip("\n")
@@ -340,9 +396,22 @@ def _results_html(rows: list[dict]) -> str:
             cells[0] += f' <span title="best">{STAR}</span>'
         css = ' class="best"' if row["best"] else ""
         body.append(f"<tr{css}>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    note = f"{STAR} best: highest validation accuracy, ties broken by lower validation log loss."
+    note = html.escape(best_caption(rows)) + " (on validation)."
+    per_class = _per_class_html(best_row(rows))
     return (f'<table class="results"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-            f'<p class="note">{note}</p>')
+            f'<p class="note">{note}</p>{per_class}')
+
+
+def _per_class_html(best: dict | None) -> str:
+    if best is None:
+        return ""
+    esc = html.escape
+    body = "".join(
+        f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{100 * s[k]:.1f}%</td>" for k in ("precision", "recall", "f1"))
+        + f"<td>{s['support']}</td></tr>" for name, s in best["per_class"].items())
+    return (f"<h3>{esc(best['head'])} on {esc(best['per_class_split'])}, per class</h3>"
+            '<table class="results"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
+            f"<th>support</th></tr></thead><tbody>{body}</tbody></table>")
 
 
 def _figure_html(name: str, path: Path) -> str:

@@ -129,8 +129,11 @@ def test_fit_head_then_compare_returns_the_json_rows_with_the_head(fitted):
     assert again.record["fitted"] == head.record["fitted"]  # already fitted with these options: kept
     rows = featcache.compare(cache)
     assert [row["head"] for row in rows] == ["logreg"] and rows[0]["best"] is True
-    assert list(rows[0]) == list(report.COLUMNS)
+    assert list(rows[0]) == [*report.COLUMNS, "selected_by", "per_class_split", "per_class"]
     assert rows[0]["val_accuracy"] == head.record["metrics"]["validation"]["accuracy"]
+    by_f1 = featcache.compare(cache, select_by="macro-f1")
+    assert by_f1[0]["selected_by"] == "macro-f1" and by_f1[0]["best"] is True
+    assert "--select-by 'f1': choose one of" in one_line_error(lambda: featcache.compare(cache, select_by="f1"))
     report_file = cache.path.parent / "report.html"
     featcache.compare(cache, plots=cache.path.parent / "plots", report=report_file)
     assert {p.name for p in (cache.path.parent / "plots").iterdir()} == {"comparison.png", "confusion.png"}

@@ -21,8 +21,8 @@ from tests.conftest import synthetic_cache, write_image
 QUICK = FitOptions(epochs=20, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=5)
 
 
-def fitted_cache(tmp_path, names=("logreg", "dense256", "svm")):
-    cache = synthetic_cache(tmp_path, per_class=(30, 10, 10))
+def fitted_cache(tmp_path, names=("logreg", "dense256", "svm"), **cache_options):
+    cache = synthetic_cache(tmp_path, **({"per_class": (30, 10, 10)} | cache_options))
     for name in names:
         fit_head(cache, name, QUICK).save(head_dir(cache, name))
     return cache
@@ -88,7 +88,11 @@ def test_json_and_csv_outputs_parse_with_the_right_columns(tmp_path):
     as_json = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "json"])
     assert as_json.exit_code == 0, as_json.output
     rows = json.loads(as_json.stdout)
-    assert [set(r) for r in rows] == [set(COLUMNS)] * 2 and sum(r["best"] for r in rows) == 1
+    extra = {"selected_by", "per_class_split", "per_class"}
+    assert [set(r) for r in rows] == [set(COLUMNS) | extra] * 2 and sum(r["best"] for r in rows) == 1
+    assert rows[0]["selected_by"] == "accuracy" and rows[0]["per_class_split"] == "test"
+    assert set(rows[0]["per_class"]) == {"a", "b"}
+    assert set(rows[0]["per_class"]["a"]) == {"precision", "recall", "f1", "support"}
     as_csv = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "csv"])
     reader = csv.DictReader(io.StringIO(as_csv.stdout))
     assert tuple(reader.fieldnames) == COLUMNS and len(list(reader)) == 2
@@ -112,3 +116,52 @@ def test_compare_without_heads_says_what_to_do(tmp_path):
     synthetic_cache(tmp_path)
     result = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path)])
     assert result.exit_code == 1 and "run `featcache fit-head --head dense256` first" in result.output
+
+
+def test_per_class_metrics_and_macro_f1_are_scikit_learns_on_an_imbalanced_test_split(tmp_path):
+    """A 10:1 imbalance: accuracy hides the minority class, macro F1 and per-class recall show it."""
+    from sklearn.metrics import classification_report, f1_score
+
+    from featcache.evaluate import predict_split
+    from featcache.heads import load_head
+
+    cache = fitted_cache(tmp_path, names=("logreg",), per_class=((60, 6), (20, 2), (40, 4)), separation=1.0)
+    (row,) = compare(cache).rows
+    result = predict_split(load_head(head_dir(cache, "logreg")), cache, "test")
+    expected = classification_report(result.labels, result.predicted, labels=[0, 1], target_names=["a", "b"],
+                                     output_dict=True, zero_division=0)
+    for name in ("a", "b"):
+        got = row["per_class"][name]
+        assert got["support"] == expected[name]["support"] == {"a": 40, "b": 4}[name]
+        for metric, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert got[metric] == pytest.approx(expected[name][theirs])
+    assert row["test_macro_f1"] == pytest.approx(f1_score(result.labels, result.predicted, average="macro"))
+
+
+@pytest.mark.parametrize("select_by, best", [("accuracy", "c"), ("balanced-accuracy", "b"), ("macro-f1", "a"),
+                                             ("log-loss", "d")])
+def test_select_by_names_the_best_head_by_that_validation_score(select_by, best):
+    from featcache.report import best_index
+
+    names = ("head", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_log_loss")
+    table = (("a", 0.80, 0.60, 0.70, 0.5), ("b", 0.85, 0.75, 0.65, 0.6), ("c", 0.90, 0.55, 0.60, 0.4),
+             ("d", 0.70, 0.50, 0.50, 0.3))
+    rows = [dict(zip(names, values, strict=True)) for values in table]
+    assert rows[best_index(rows, select_by)]["head"] == best
+    tied = [{**rows[0], "val_log_loss": 0.3, "head": "e"}, {**rows[0], "val_accuracy": 0.81, "val_log_loss": 0.3}]
+    assert tied[best_index(tied, "log-loss")]["val_accuracy"] == 0.81  # log loss ties: the more accurate
+
+
+def test_compare_command_stars_the_head_select_by_names_and_prints_the_per_class_table(tmp_path):
+    fitted_cache(tmp_path, names=("logreg", "linear"))
+    runner = CliRunner()
+    by_loss = json.loads(runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--format", "json",
+                                              "--select-by", "log-loss"]).stdout)
+    lowest = min(by_loss, key=lambda r: r["val_log_loss"])["head"]
+    assert [r["head"] for r in by_loss if r["best"]] == [lowest] and by_loss[0]["selected_by"] == "log-loss"
+    table = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--select-by", "log-loss"])
+    assert table.exit_code == 0, table.output
+    assert f"{lowest} ★" in table.stdout and "best: lowest val loss, then highest val acc" in table.stdout
+    assert f"{lowest} on test, per class" in table.stdout and "precision" in table.stdout
+    refused = runner.invoke(main, ["compare", "--workdir", str(tmp_path), "--select-by", "f1"])
+    assert refused.exit_code == 2 and "macro-f1" in refused.output
