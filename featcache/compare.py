@@ -22,6 +22,7 @@ class Comparison:
     confusions: dict[str, list[list[int]]] = field(default_factory=dict)
     finetune_epochs: dict[str, int] = field(default_factory=dict)  # head -> epoch where fine-tuning began
     misclassified: list[dict] = field(default_factory=list)
+    best_scores: tuple | None = None  # (split, labels, probabilities) of the best head on its final split
 
     @property
     def best(self) -> str:
@@ -57,6 +58,8 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
         if "finetune" in head.record:
             comparison.finetune_epochs[name] = head.record["finetune"]["started_at_epoch"]
         comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
+    final = results[comparison.best]
+    comparison.best_scores = (final_split, final.labels, final.probabilities)
     root = Path(cache.manifest["dataset"]["root"])
     comparison.misclassified = [
         {**item, "path": root / item["relpath"], "head": comparison.best}
@@ -99,6 +102,12 @@ def write_outputs(comparison: Comparison, cache: Cache, plots_dir: Path | None =
         "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
                                                              plots_dir / "confusion.png"),
     }
+    if comparison.best_scores is not None:
+        split, labels, probabilities = comparison.best_scores
+        curves = report.precision_recall(labels, probabilities, cache.classes)
+        if curves:
+            written["precision-recall"] = report.plot_precision_recall(curves, comparison.best, split,
+                                                                       plots_dir / "precision_recall.png")
     if comparison.histories:
         written["learning curves"] = report.plot_learning_curves(
             comparison.histories, plots_dir / "learning_curves.png", comparison.finetune_epochs)

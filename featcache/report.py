@@ -313,6 +313,42 @@ def _bar_value(ax, value: float, y: float) -> None:
                 ha="right" if inside else "left", va="center", fontsize=8, color="white" if inside else "black")
 
 
+def precision_recall(labels, probabilities, classes: list[str]) -> dict[str, dict]:
+    """Per class, one vs the rest (two classes: the second only): the precision-recall curve of its
+    probability column, its average precision and its support. A rare class's curve shows what
+    accuracy hides: how much precision each extra found case costs."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    curves = {}
+    for k in ([1] if len(classes) == 2 else range(len(classes))):
+        positive = labels == k
+        if not positive.any():
+            continue  # no such case in the split: no curve to draw
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, k])
+        curves[classes[k]] = {"precision": precision, "recall": recall, "support": int(positive.sum()),
+                              "average_precision": float(average_precision_score(positive, probabilities[:, k]))}
+    return curves
+
+
+def plot_precision_recall(curves: dict[str, dict], head: str, split: str, path: Path) -> Path:
+    """The precision-recall curve of each class (one vs the rest), its average precision and support
+    in the legend, the class's share of the split as its chance level (dotted)."""
+    fig = _figure(figsize=(7, 5))
+    ax = fig.subplots()
+    total = sum(c["support"] for c in curves.values()) or 1
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.step(curve["recall"], curve["precision"], where="post", color=f"C{i}",
+                label=f"{literal(name)} (AP {curve['average_precision']:.2f}, n={curve['support']})")
+        ax.axhline(curve["support"] / total, color=f"C{i}", linestyle=":", linewidth=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=f"{head} on {split}: precision-recall per class (one vs rest)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
 def _figure(figsize: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

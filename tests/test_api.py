@@ -136,7 +136,8 @@ def test_fit_head_then_compare_returns_the_json_rows_with_the_head(fitted):
     assert "--select-by 'f1': choose one of" in one_line_error(lambda: featcache.compare(cache, select_by="f1"))
     report_file = cache.path.parent / "report.html"
     featcache.compare(cache, plots=cache.path.parent / "plots", report=report_file)
-    assert {p.name for p in (cache.path.parent / "plots").iterdir()} == {"comparison.png", "confusion.png"}
+    assert {p.name for p in (cache.path.parent / "plots").iterdir()} == {"comparison.png", "confusion.png",
+                                                                         "precision_recall.png"}
     assert "logreg" in report_file.read_text() and "<img" in report_file.read_text()
 
 

@@ -106,10 +106,11 @@ def test_compare_writes_plots_and_a_report_with_misclassified_images(tmp_path):
     report = tmp_path / "report.html"
     result = CliRunner().invoke(main, ["compare", "--workdir", str(tmp_path), "--report", str(report)])
     assert result.exit_code == 0, result.output
-    for name in ("comparison.png", "confusion.png"):
+    for name in ("comparison.png", "confusion.png", "precision_recall.png"):
         assert (cache.path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = report.read_text()
     assert "logreg" in page and "data:image/png;base64," in page and "test/a/" in page
+    assert "<h2>precision-recall</h2>" in page and "logreg on test, per class" in page
 
 
 def test_compare_without_heads_says_what_to_do(tmp_path):

@@ -289,3 +289,28 @@ def test_report_renders_in_headless_chromium(tmp_path, rows, figures):
         assert pixels_of(shown, colour) > 10_000  # the figure itself has them...
         assert pixels_of(seen, colour, 2) > 0.8 * pixels_of(shown, colour), f"the page shows no {name}"
     assert pixels_of(seen, (0xFF, 0xF4, 0xC2)) > 10_000, "the best row is not shaded"  # tr.best's CSS
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_precision_recall_curves_are_one_vs_rest_with_scikit_learns_average_precision(n_classes, tmp_path):
+    """Two classes: the positive class's curve only; more: one per class present in the split."""
+    from sklearn.metrics import average_precision_score
+
+    from featcache.report import plot_precision_recall, precision_recall
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, n_classes, 60)
+    if n_classes == 3:
+        labels[labels == 2] = 0  # a class with no row in the split gets no curve
+    scores = rng.random((60, n_classes)) + np.eye(n_classes)[labels]
+    probabilities = scores / scores.sum(axis=1, keepdims=True)
+    names = ["cat", "dog", "$bird$"][:n_classes]
+    curves = precision_recall(labels, probabilities, names)
+    expected = ["dog"] if n_classes == 2 else ["cat", "dog"]  # 3 classes: "$bird$" has no test row
+    assert list(curves) == expected
+    for name in expected:
+        k = names.index(name)
+        expected_ap = average_precision_score(labels == k, probabilities[:, k])
+        assert curves[name]["average_precision"] == pytest.approx(expected_ap)
+        assert curves[name]["support"] == int((labels == k).sum())
+    assert_png(plot_precision_recall(curves, "logreg", "test", tmp_path / "pr.png"), (500, 350))
