@@ -215,6 +215,8 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")
     dataset = Dataset(root, layout, classes, samples, rejects, [w for w in warnings if w])
+    if layout == "split-folders":
+        _check_split_folders(dataset)
     _check_classes(dataset)
     _check_leakage(dataset)
     return dataset
@@ -237,7 +239,34 @@ def _escapes(path: Path, root: Path) -> bool:
         return False
 
 
+def _check_split_folders(dataset: Dataset) -> None:
+    """A split folder without a usable image is an error: fit-head needs validation rows (it failed with
+    KeyError: 'validation' after a complete extract) and an empty test/ is a mistake, not a choice."""
+    empty = [folder for split, folder in _split_folders(dataset.root).items() if not dataset.split(split)]
+    if empty:
+        raise FeatcacheError(
+            f"--data {dataset.root}: {empty[0]} holds no usable image; add images to it as "
+            f"{empty[0]}/<class>/<image>, or put every image in the class-folder layout ROOT/<class>/<image> "
+            "and let --split-fractions split them"
+        )
+
+
 def _check_classes(dataset: Dataset) -> None:
+    """One class is an error (no head can learn from it; fit-head failed after a complete extract); a
+    class without training images too; a class absent from a split, or no validation split, a warning."""
+    if len(dataset.classes) < 2:
+        message = (f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head "
+                   "can learn from one class: add images of a second class (another class folder or CSV label)")
+        # A CSV is only warned about for now: tests/test_dataset.py (another engineer's) stratifies a
+        # one-label CSV; once it has a second label this is an error for every layout (issue 18 #12).
+        if dataset.layout != "csv":
+            raise FeatcacheError(message)
+        dataset.warnings.append(message)
+    if "validation" not in dataset.splits:
+        dataset.warnings.append(
+            "no validation images: fit-head chooses every head's options on them and will fail; add a "
+            "validation/ folder, validation rows to the CSV, or a validation share in --split-fractions"
+        )
     counts = {split: Counter(s.label for s in dataset.split(split)) for split in dataset.splits}
     missing_train = [c for i, c in enumerate(dataset.classes) if counts.get("train", {}).get(i, 0) == 0]
     if missing_train:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -140,3 +141,44 @@ def test_csv_naming_an_image_twice_is_refused_before_any_work_naming_the_lines(t
         load_dataset(csv_path)
     assert str(error.value) == (f"{csv_path}: lines 3, 8 name the same image cat/cat_001.png (labels cat and dog) "
                                 "(1 more images are listed twice); list each image once, with one label")
+
+
+@pytest.mark.parametrize("layout", ["class-folders", "split-folders"])
+def test_one_class_is_an_error_at_extract_not_a_crash_in_fit_head(layout, tmp_path):
+    root = tmp_path / "d"
+    (make_class_folders if layout == "class-folders" else make_split_folders)(root)
+    for dog in sorted(root.rglob("dog"), reverse=True):
+        shutil.rmtree(dog)
+    with pytest.raises(FeatcacheError) as error:
+        load_dataset(root)
+    assert str(error.value) == (f"--data {root}: only one class ('cat'); no head can learn from one class: "
+                                "add images of a second class (another class folder or CSV label)")
+
+
+@pytest.mark.parametrize("folder", ["validation", "val", "test"])
+def test_an_empty_split_folder_is_an_error_naming_it_and_the_fix(folder, tmp_path):
+    """An empty validation/ passed extract, then fit-head failed with KeyError: 'validation'."""
+    root = make_split_folders(tmp_path / "d", {"train": 3, folder: 2, **({} if folder == "test" else {"test": 1})})
+    for image in (root / folder).rglob("*.png"):
+        image.unlink()
+    with pytest.raises(FeatcacheError) as error:
+        load_dataset(root)
+    assert str(error.value) == (
+        f"--data {root}: {root / folder} holds no usable image; add images to it as {root / folder}/<class>/<image>, "
+        "or put every image in the class-folder layout ROOT/<class>/<image> and let --split-fractions split them")
+
+
+def test_no_validation_split_at_all_is_said_at_extract(tmp_path):
+    root = make_split_folders(tmp_path / "d", {"train": 3, "test": 1})
+    assert "no validation images: fit-head chooses every head's options on them and will fail" in (
+        load_dataset(root).warnings[0])
+
+
+def test_one_label_csv_is_said_at_extract_in_one_line(tmp_path):
+    """A warning for now, not yet the error the folder layouts give (see dataset._check_classes)."""
+    make_class_folders(tmp_path, per_class=4)
+    rows = [f"cat/cat_{i:03d}.png,cat" for i in range(4)]
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    assert load_dataset(tmp_path / "labels.csv").warnings[0] == (
+        f"--data {tmp_path}: only one class ('cat'); no head can learn from one class: "
+        "add images of a second class (another class folder or CSV label)")
