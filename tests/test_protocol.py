@@ -157,6 +157,14 @@ def test_a_record_missing_a_field_is_refused_naming_it(missing):
     assert str(refusal.value).endswith(f"`featcache fit-head --head {fixed_name} --refit`")
 
 
+def test_a_nameless_record_given_by_its_folder_names_that_folder():
+    data = record_json(format=0)
+    del data["name"]
+    with pytest.raises(FeatcacheError) as refusal:
+        HeadRecord.from_json(data, Path("heads/svm"))
+    assert str(refusal.value).endswith("`featcache fit-head --head svm --refit`")
+
+
 # --- the base head ------------------------------------------------------------------------------------
 
 def test_a_new_head_holds_its_name_and_options_and_an_empty_record():
