@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     now = statuses(results(), args.module, args.functions)
     if earlier is not None:
         now = merged(earlier, now, names)
-    if not args.score:
-        verdicts_file(args.module, args.functions).write_text(json.dumps(now, indent=0, sort_keys=True))
-    elif args.survivors is False and kept_verdicts(args.module, args.functions) and "not checked" in now.values():
-        now = kept_verdicts(args.module, args.functions)  # mutmut forgot them (the test selection changed)
+    kept = kept_verdicts(args.module, args.functions) or {}
+    # where mutmut has no verdict (it forgot them when the test selection changed, or a run was stopped)
+    now = {name: kept.get(name, status) if status == "not checked" else status for name, status in now.items()}
+    verdicts_file(args.module, args.functions).write_text(json.dumps(now, indent=0, sort_keys=True))
     print(summary(args.module, Counter(now.values())))
     return 0
 
