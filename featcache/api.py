@@ -19,6 +19,7 @@ notes go to stderr unless ``show_progress=False``.
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 import typing
@@ -68,7 +69,7 @@ class ExtractOptions:
         for name in ("batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise FeatcacheError(f"extract: {name}={getattr(self, name)}: give 1 or more")
-        if self.lock_timeout < 0:
+        if not 0 <= self.lock_timeout < math.inf:  # nan compares false: it would wait forever
             raise FeatcacheError(f"extract: lock_timeout={self.lock_timeout}: give 0 or more seconds")
 
     @classmethod

@@ -77,6 +77,8 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
             "(or run `featcache datasets elpv` to create data/)"
         )
     check_fractions(fractions)
+    if not (data.is_file() or data.is_dir()):  # /dev/null, a FIFO, a socket: nothing to scan or read
+        raise FeatcacheError(f"--data {data}: not a folder or a regular file; pass a dataset folder, a CSV or an .npz")
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise FeatcacheError(f"--data {data}: a file must be a CSV with columns path,label[,split] "
@@ -257,11 +259,7 @@ def _check_classes(dataset: Dataset) -> None:
     if len(dataset.classes) < 2:
         message = (f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head "
                    "can learn from one class: add images of a second class (another class folder or CSV label)")
-        # A CSV is only warned about for now: tests/test_dataset.py (another engineer's) stratifies a
-        # one-label CSV; once it has a second label this is an error for every layout (issue 18 #12).
-        if dataset.layout != "csv":
-            raise FeatcacheError(message)
-        dataset.warnings.append(message)
+        raise FeatcacheError(message)
     if "validation" not in dataset.splits:
         dataset.warnings.append(
             "no validation images: fit-head chooses every head's options on them and will fail; add a "

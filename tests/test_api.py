@@ -324,6 +324,8 @@ IMAGES, LABELS = colour_arrays(per_class=2, size=8)
     (dict(data="x", backbone=16), "backbone=16: give a non-empty str"),
     (dict(data="x", workdir=3), "workdir=3: give a non-empty str"),
     (dict(data="x", workdir=Path(__file__)), "is a file, not a folder"),
+    (dict(data="x", lock_timeout=float("nan")), "lock_timeout=nan: give 0 or more seconds"),
+    (dict(data="x", lock_timeout=float("inf")), "lock_timeout=inf: give 0 or more seconds"),
 ])
 def test_bad_extract_arguments_are_one_line_errors(kwargs, message, tmp_path):
     assert message in one_line_error(lambda: featcache.extract(**{"workdir": tmp_path, **kwargs}))

@@ -174,11 +174,19 @@ def test_no_validation_split_at_all_is_said_at_extract(tmp_path):
         load_dataset(root).warnings[0])
 
 
-def test_one_label_csv_is_said_at_extract_in_one_line(tmp_path):
-    """A warning for now, not yet the error the folder layouts give (see dataset._check_classes)."""
+def test_one_label_csv_is_an_error_at_extract_as_one_class_folder_is(tmp_path):
     make_class_folders(tmp_path, per_class=4)
     rows = [f"cat/cat_{i:03d}.png,cat" for i in range(4)]
     (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    assert load_dataset(tmp_path / "labels.csv").warnings[0] == (
-        f"--data {tmp_path}: only one class ('cat'); no head can learn from one class: "
-        "add images of a second class (another class folder or CSV label)")
+    with pytest.raises(FeatcacheError) as refusal:
+        load_dataset(tmp_path / "labels.csv")
+    assert str(refusal.value) == (f"--data {tmp_path}: only one class ('cat'); no head can learn from one class: "
+                                  "add images of a second class (another class folder or CSV label)")
+
+
+def test_data_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    for data in (Path("/dev/null"), tmp_path / "pipe"):
+        with pytest.raises(FeatcacheError, match="not a folder or a regular file") as refusal:
+            load_dataset(data)
+        assert "\n" not in str(refusal.value)
