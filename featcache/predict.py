@@ -70,6 +70,9 @@ def screen(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
     usable, refused = [], []
     for path in files:
+        if not path.is_file():  # a FIFO or a device would block the read, or never end
+            refused.append((path, "not a regular file"))
+            continue
         try:
             if path.stat().st_size == 0:
                 refused.append((path, "empty file"))

@@ -190,3 +190,12 @@ def test_data_that_is_a_device_or_a_fifo_is_one_line(tmp_path):
         with pytest.raises(FeatcacheError, match="not a folder or a regular file") as refusal:
             load_dataset(data)
         assert "\n" not in str(refusal.value)
+
+
+def test_predict_refuses_a_fifo_named_directly_without_reading_it(tmp_path):
+    from featcache.predict import screen
+
+    os.mkfifo(tmp_path / "pipe.png")
+    write_image(tmp_path / "cell.png")
+    usable, refused = screen([tmp_path / "pipe.png", tmp_path / "cell.png"])  # would block on the FIFO
+    assert usable == [tmp_path / "cell.png"] and refused == [(tmp_path / "pipe.png", "not a regular file")]
