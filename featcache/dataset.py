@@ -254,12 +254,13 @@ def _check_split_folders(dataset: Dataset) -> None:
 
 
 def _check_classes(dataset: Dataset) -> None:
-    """One class is an error (no head can learn from it; fit-head failed after a complete extract); a
-    class without training images too; a class absent from a split, or no validation split, a warning."""
+    """A class without training images is an error; one class only (features are still worth
+    extracting, e.g. for scikit-learn's FeatureExtractor, but no head can learn: fit-head refuses it),
+    a class absent from a split, or no validation split, a warning."""
     if len(dataset.classes) < 2:
-        message = (f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head "
-                   "can learn from one class: add images of a second class (another class folder or CSV label)")
-        raise FeatcacheError(message)
+        dataset.warnings.append(
+            f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head can "
+            "learn from one class: add images of a second class (another class folder or CSV label)")
     if "validation" not in dataset.splits:
         dataset.warnings.append(
             "no validation images: fit-head chooses every head's options on them and will fail; add a "

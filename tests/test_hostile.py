@@ -16,7 +16,7 @@ import pytest
 from featcache import FeatcacheError, cache
 from featcache.dataset import check_fractions, file_sha256, load_dataset
 from featcache.extract import check_options
-from tests.conftest import make_class_folders, make_split_folders, write_image
+from tests.conftest import make_class_folders, make_split_folders, synthetic_cache, write_image
 
 
 @pytest.mark.parametrize("fractions", [(math.nan, 0.5, 0.5), (math.inf, 0.5, -math.inf), (0.7, 0.3, math.nan)])
@@ -144,15 +144,21 @@ def test_csv_naming_an_image_twice_is_refused_before_any_work_naming_the_lines(t
 
 
 @pytest.mark.parametrize("layout", ["class-folders", "split-folders"])
-def test_one_class_is_an_error_at_extract_not_a_crash_in_fit_head(layout, tmp_path):
+def test_one_class_is_said_at_extract_and_refused_by_fit_head_not_a_crash(layout, tmp_path):
+    """Features of one class are still features (scikit-learn's FeatureExtractor extracts them so);
+    a head cannot learn from them, and fit-head says so in one line."""
+    from featcache.heads import fit_head
+
     root = tmp_path / "d"
     (make_class_folders if layout == "class-folders" else make_split_folders)(root)
     for dog in sorted(root.rglob("dog"), reverse=True):
         shutil.rmtree(dog)
-    with pytest.raises(FeatcacheError) as error:
-        load_dataset(root)
-    assert str(error.value) == (f"--data {root}: only one class ('cat'); no head can learn from one class: "
-                                "add images of a second class (another class folder or CSV label)")
+    assert (f"--data {root}: only one class ('cat'); no head can learn from one class: add images of a second "
+            "class (another class folder or CSV label)") in load_dataset(root).warnings
+    one_class = synthetic_cache(tmp_path / "work", classes=("cat",))
+    with pytest.raises(FeatcacheError, match=r"has one class \(cat\); no head can learn from one class") as error:
+        fit_head(one_class, "logreg")
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("folder", ["validation", "val", "test"])
@@ -174,14 +180,13 @@ def test_no_validation_split_at_all_is_said_at_extract(tmp_path):
         load_dataset(root).warnings[0])
 
 
-def test_one_label_csv_is_an_error_at_extract_as_one_class_folder_is(tmp_path):
+def test_one_label_csv_is_said_at_extract_as_one_class_folder_is(tmp_path):
     make_class_folders(tmp_path, per_class=4)
     rows = [f"cat/cat_{i:03d}.png,cat" for i in range(4)]
     (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    with pytest.raises(FeatcacheError) as refusal:
-        load_dataset(tmp_path / "labels.csv")
-    assert str(refusal.value) == (f"--data {tmp_path}: only one class ('cat'); no head can learn from one class: "
-                                  "add images of a second class (another class folder or CSV label)")
+    assert load_dataset(tmp_path / "labels.csv").warnings[0] == (
+        f"--data {tmp_path}: only one class ('cat'); no head can learn from one class: "
+        "add images of a second class (another class folder or CSV label)")
 
 
 def test_data_that_is_a_device_or_a_fifo_is_one_line(tmp_path):

@@ -99,6 +99,9 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
     """
     if "validation" not in cache.splits:
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
+    if len(cache.classes) < 2:
+        raise FeatcacheError(f"cache {cache.key[:16]} has one class ({cache.classes[0]}); no head can learn from "
+                             "one class: extract a dataset with images of two classes or more")
     path, plan = memory_plan(cache, name, options, memory_budget)
     head = build_head(name, options)
     started = time.perf_counter()
