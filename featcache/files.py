@@ -44,3 +44,15 @@ def raise_if_out_of_space(exc: OSError, what: str) -> None:
             f"{what}: {os.strerror(exc.errno)}; free space and run the same command again "
             "(everything finished before is kept, nothing half-written is visible)"
         ) from None
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """``target`` as a hard link to ``source`` (same file system), else a copy: a regular file inside
+    the tree being built, which featcache reads (it skips symlinks that leave the data folder)."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return Path(target)

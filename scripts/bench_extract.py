@@ -49,11 +49,13 @@ TUTORIAL_BATCH = 20  # the notebook's batch size
 
 
 def image_tree(data: Path, n: int, root: Path) -> int:
-    """Symlink ``n`` images of ``data`` (any layout featcache reads) into ROOT/<class>/, classes interleaved.
+    """Hard-link (or copy) ``n`` images of ``data`` (any layout featcache reads) into ROOT/<class>/, classes
+    interleaved.
 
     flow_from_directory and featcache both read this tree, so both see exactly the same files.
     """
     from featcache.dataset import load_dataset
+    from featcache.files import link_or_copy
 
     dataset = load_dataset(data)
     by_class = defaultdict(list)
@@ -64,7 +66,7 @@ def image_tree(data: Path, n: int, root: Path) -> int:
     for s in chosen:
         link = root / dataset.classes[s.label] / s.relpath.replace("/", "__")
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(s.path.resolve())
+        link_or_copy(s.path.resolve(), link)
     return len(chosen)
 
 

@@ -67,10 +67,11 @@ MiB = 2**20
 
 
 def image_tree(data: Path, n: int, root: Path) -> tuple[int, int]:
-    """Symlink about ``n`` images of ``data`` into ROOT/<split>/<class>/: every (split, class) keeps its
+    """Hard-link (or copy) about ``n`` images of ``data`` into ROOT/<split>/<class>/: every (split, class) keeps its
     share of the dataset, and at least one image. Returns (images linked, images in the whole training
     split)."""
     from featcache.dataset import load_dataset
+    from featcache.files import link_or_copy
 
     dataset = load_dataset(data)
     groups = defaultdict(list)
@@ -81,7 +82,7 @@ def image_tree(data: Path, n: int, root: Path) -> tuple[int, int]:
     for s in chosen:
         link = root / s.split / dataset.classes[s.label] / s.relpath.replace("/", "__")
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(s.path.resolve())
+        link_or_copy(s.path.resolve(), link)
     return len(chosen), len(dataset.split("train"))
 
 

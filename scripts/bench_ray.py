@@ -24,12 +24,14 @@ from pathlib import Path
 
 
 def subset(data: Path, images: int, root: Path) -> Path:
-    """A class-folder tree of links to the first ``images`` training images (same files every run)."""
+    """A class-folder tree of hard links (or copies) of the first ``images`` training images (same files every run)."""
+    from featcache.files import link_or_copy
+
     files = sorted(p for p in (data / "train").rglob("*") if p.is_file())[:images]
     for path in files:
         link = root / path.parent.name / path.name
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path.absolute())
+        link_or_copy(path.absolute(), link)
     return root
 
 
