@@ -27,6 +27,7 @@ import tempfile
 
 VERBOSE_ENV = "FEATCACHE_VERBOSE"
 _verbose = False  # this process's choice, as the CLI or the environment made it
+_level_before: str | None = None  # TF_CPP_MIN_LOG_LEVEL as it was before quieting ("" unset); None: not quieted
 
 # absl's format (I0000 00:00:1796203758.506081    3050 port.cc:153] ...), TensorFlow's own before 2.16
 # (2024-01-01 10:00:00.000000: I tensorflow/core/util/port.cc:113] ...), and absl's notice. F (fatal) stays.
@@ -52,12 +53,23 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     FEATCACHE_VERBOSE asks for them (then the environment stays as the user set it).
 
     Call it before TensorFlow is imported; calling it again, or after the import, is harmless (the
-    import lines are then already out). Child processes inherit TF_CPP_MIN_LOG_LEVEL.
+    import lines are then already out). A later call with ``verbose`` undoes an earlier quiet one
+    (``import featcache.api`` quiets; the CLI's ``--verbose`` is parsed after that import). Child
+    processes inherit TF_CPP_MIN_LOG_LEVEL.
     """
-    global _verbose
+    global _verbose, _level_before
     _verbose = verbose or verbose_requested()
     if _verbose:
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _QuietImport)]
+        if _level_before is not None:  # quieted earlier: the user's own setting back
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+            os.environ.update({"TF_CPP_MIN_LOG_LEVEL": _level_before} if _level_before else {})
+            for name in ("tensorflow", "absl"):
+                logging.getLogger(name).setLevel(logging.NOTSET)
+            _level_before = None
         return
+    if _level_before is None:
+        _level_before = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     for name in ("tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -91,3 +91,22 @@ def test_worker_env_carries_the_choice(monkeypatch):
     assert quiet.worker_env() == {"TF_CPP_MIN_LOG_LEVEL": "3"}
     monkeypatch.setattr(quiet, "_verbose", True)
     assert quiet.worker_env() == {quiet.VERBOSE_ENV: "1"}
+
+
+def test_verbose_after_quiet_undoes_it(monkeypatch):
+    """`import featcache.api` quiets before the CLI has parsed --verbose: the later verbose call must
+    restore the user's TF_CPP_MIN_LOG_LEVEL and take the import hook out."""
+    import sys
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.setattr(quiet, "_level_before", None)
+    monkeypatch.setattr(quiet, "_verbose", quiet._verbose)  # restored after the test
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)  # so the hook would be installed
+    quiet.quiet_tensorflow()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    assert any(isinstance(f, quiet._QuietImport) for f in sys.meta_path)
+    quiet.quiet_tensorflow(verbose=True)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1" and quiet.is_verbose()
+    assert not any(isinstance(f, quiet._QuietImport) for f in sys.meta_path)
