@@ -70,7 +70,7 @@ def screen(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
     usable, refused = [], []
     for path in files:
-        if not path.is_file():  # a FIFO or a device would block the read, or never end
+        if not Path(path).is_file():  # a FIFO or a device would block the read, or never end
             refused.append((path, "not a regular file"))
             continue
         try:
