@@ -332,8 +332,9 @@ def compare_command(cv_folds, fmt, select_by, plots_dir, report_path, memory_bud
     cache = cache_store.open_cache(workdir or cache_store.default_workdir(), key)
     comparison = compare(cache, cv_folds, memory_budget[0], select_by)
     click.echo(report.format_table(comparison.rows, fmt))
-    if fmt == "table":
-        click.echo("\n" + report.per_class_table(comparison.rows))
+    per_class = report.per_class_table(comparison.rows) if fmt == "table" else ""
+    if per_class:
+        click.echo("\n" + per_class)
     written = write_outputs(comparison, cache, plots_dir, report_path, cv_folds)
     report_file = written.pop("report", None)
     err_console.print(f"plots: {', '.join(str(p) for p in written.values())}")
