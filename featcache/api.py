@@ -54,7 +54,7 @@ class ExtractOptions:
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # for data without splits
     shard_size: int = 1024  # rows per HDF5 shard, the unit of resume
     xla: bool = False
-    precision: str = "float32"  # or mixed_float16
+    precision: str = "auto"  # auto (measured once per machine), float32, mixed_bfloat16, mixed_float16
     lock_timeout: float = 0.0  # seconds to wait for another run writing the same cache
     augment: int = 0  # augmented views per training image
     seed: int = 0  # seed of the augmented views
@@ -167,24 +167,26 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
     Cheap checks come first, then the dataset is scanned (``warn`` receives its warnings), then the
     weights are resolved and the backbone runs; ``say`` receives notes (weights fetched, the model).
     """
-    from featcache.extract import check_options, make_config
+    from featcache.extract import check_options, choose_precision, make_config
     from featcache.extract import extract as extract_dataset
 
     o = options
     check_options(backbone, o.pooling, o.image_size, o.resize, o.preprocess, o.dtype, o.precision, o.augment,
                   o.seed, o.average_views, o.also_layer)
+    choice = choose_precision(backbone, o.layer, o.pooling, o.image_size, o.precision)
+    say(choice.line())
     dataset = load_data(data, o.split_fractions, workdir)
     for warning in dataset.warnings:
         warn(warning)
     config, resolved = make_config(backbone, o.weights, o.layer, o.pooling, o.image_size, o.resize,
-                                   o.preprocess, o.dtype, o.precision, o.augment, o.seed, o.average_views,
+                                   o.preprocess, o.dtype, choice.precision, o.augment, o.seed, o.average_views,
                                    o.also_layer, say=say)
     averaging = "" if o.average_views == "none" else f", features averaged over {o.average_views} views"
     also = f", also storing {o.also_layer}" if o.also_layer else ""
     say(f"{backbone} at {config.image_size} px{averaging}{also}, weights: {resolved.source}")
     result = extract_dataset(dataset, config, resolved, workdir, batch_size=o.batch_size,
                              shard_size=o.shard_size, xla=o.xla, lock_timeout=o.lock_timeout,
-                             show_progress=o.show_progress, engine=engine)
+                             show_progress=o.show_progress, engine=engine, precision_choice=choice)
     cache_store.set_current(workdir, result.cache.key)
     return result
 
@@ -321,12 +323,13 @@ def compare(cache: Cache | str | Path | None = None, *, cv: int | None = None,
 
 
 def predict(paths, *, workdir: str | Path | None = None, cache: Cache | str | Path | None = None, head=None,
-            batch_size: int = 32, show_progress: bool = True) -> list[dict]:
+            batch_size: int = 32, show_progress: bool = True, precision: str = "auto") -> list[dict]:
     """Class probabilities for image files (or the images under folders), as ``predict --format json``:
     one dict per usable image with path, class, probability and every class's probabilities. Files
     that cannot be used are reported on stderr and skipped.
 
     ``head`` is a name, a Head from ``fit_head``, or None for the best fitted on the cache.
+    ``precision`` of the feature model: auto is the cache's own where this machine runs it natively.
     """
     from featcache.predict import Predictor, image_files
 
@@ -335,7 +338,8 @@ def predict(paths, *, workdir: str | Path | None = None, cache: Cache | str | Pa
     chosen = resolve_head(cache, head)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FeatcacheError(f"predict: batch_size={batch_size!r}: give 1 or more")
-    predictions = Predictor(cache, chosen).predict(files, batch_size, show_progress=show_progress)
+    predictions = Predictor(cache, chosen, _text("precision", precision)).predict(
+        files, batch_size, show_progress=show_progress)
     for path, reason in predictions.rejects:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not predictions.paths:
@@ -345,10 +349,11 @@ def predict(paths, *, workdir: str | Path | None = None, cache: Cache | str | Pa
 
 def export(output: str | Path | None = None, *, workdir: str | Path | None = None,
            cache: Cache | str | Path | None = None, head=None, saved_model: bool = False,
-           tflite: bool = False) -> list[Path]:
+           tflite: bool = False, precision: str = "float32") -> list[Path]:
     """Write backbone + head as one Keras model from pixels to class probabilities (``output``, a
     .keras file; None: ``WORKDIR/exports/BACKBONE_HEAD.keras``), and a SavedModel folder and/or a
-    .tflite file beside it; the paths written."""
+    .tflite file beside it; the paths written. ``precision``: what the model computes in, float32
+    unless asked, so it runs anywhere."""
     from featcache.model import export as export_model
 
     cache = resolve_cache(cache, workdir, head)
@@ -357,7 +362,7 @@ def export(output: str | Path | None = None, *, workdir: str | Path | None = Non
         output = _workdir(workdir) / "exports" / f"{cache.config['backbone']}_{chosen.name}.keras"
     output = Path(_text("output", output))
     return export_model(cache, chosen, output, saved_model=_flag("saved_model", saved_model),
-                        tflite=_flag("tflite", tflite))
+                        tflite=_flag("tflite", tflite), compute=_text("precision", precision))
 
 
 # ---------------------------------------------------------------- arguments

@@ -67,7 +67,7 @@ class ExtractionConfig:
     resize: str
     preprocess: str
     dtype: str
-    precision: str = "float32"  # compute precision; "mixed_float16" on a GPU
+    precision: str = "float32"  # compute precision, never "auto": float32, mixed_bfloat16 or mixed_float16
     augment: int = 0
     seed: int = 0
     average_views: str = "none"  # views.VIEW_SETS: features averaged over turned/mirrored copies

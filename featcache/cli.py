@@ -15,6 +15,7 @@ from featcache.api import ExtractOptions
 from featcache.dataset import DEFAULT_FRACTIONS
 from featcache.finetune import DEFAULTS as FINETUNE_DEFAULTS
 from featcache.heads import FitOptions
+from featcache.precision import PRECISIONS
 
 FIT_DEFAULTS = FitOptions()
 EXTRACT_DEFAULTS = ExtractOptions()
@@ -90,9 +91,10 @@ def main(verbose):
               help="Rows per HDF5 shard (the unit of resume; an image and its views share one).")
 @click.option("--xla/--no-xla", default=EXTRACT_DEFAULTS.xla, show_default=True,
               help="Compile the backbone with XLA.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16"]),
-              default=EXTRACT_DEFAULTS.precision, show_default=True,
-              help="Compute precision of the backbone; mixed_float16 pays off on a GPU.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=EXTRACT_DEFAULTS.precision, show_default=True,
+              help="Compute precision of the backbone. auto: bfloat16 (CPU with AMX or AVX512-BF16) or "
+                   "float16 (GPU with tensor cores) where timing this backbone once shows it faster, else "
+                   "float32; FEATCACHE_PRECISION pins it.")
 @click.option("--lock-timeout", type=float, default=EXTRACT_DEFAULTS.lock_timeout, show_default=True,
               help="Seconds to wait for another run writing the same cache.")
 @click.option("--augment", type=click.IntRange(min=0), default=EXTRACT_DEFAULTS.augment, show_default=True,
@@ -221,6 +223,9 @@ def training_options(defaults):
                      help="Weight classes inversely to their training frequency."),
         click.option("--patience", type=click.IntRange(min=0), default=defaults.patience or 0, show_default=True,
                      help="Early stopping on validation loss after this many epochs without gain (0: off)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=defaults.precision, show_default=True,
+                     help="Compute precision of Keras training. auto: bfloat16 or float16 where timing a "
+                          "training step once shows it faster on this machine, else float32."),
         click.option("--scaling", type=click.Choice(SCALINGS), default=defaults.scaling, show_default=True,
                      help="Feature scaling: auto chooses on validation (linear heads; standard for Keras "
                           "heads); Chollet's recipe is --scaling none --optimizer rmsprop --learning-rate 2e-5."),
@@ -228,11 +233,12 @@ def training_options(defaults):
     return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
 
 
-def fit_options(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience, scaling):
+def fit_options(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience, precision, scaling):
     from featcache.heads import FitOptions
 
     return FitOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
-                      seed=seed, class_weight=class_weight, patience=patience or None, scaling=scaling)
+                      seed=seed, class_weight=class_weight, patience=patience or None, precision=precision,
+                      scaling=scaling)
 
 
 def parse_memory_budget(ctx, param, value: str | None) -> tuple[int | None, str]:
@@ -390,10 +396,13 @@ head_option = click.option("--head", "head_name", default=None,
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--precision", "compute", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Precision of the feature model. auto: the cache's own where this machine runs it natively "
+                   "(new images then meet the very model of the cached rows), else float32.")
 @cache_option
 @workdir_option
 @user_errors
-def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
+def predict_command(inputs, head_name, fmt, batch_size, compute, key, workdir):
     """Classify image files or folders of images: the cache's backbone and preprocessing, then a head.
 
     Files that cannot be used are reported on stderr and skipped.
@@ -410,9 +419,10 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
         raise FeatcacheError(f"none of the {len(files)} files could be used (reasons above)")
     cache = resolve_cache(key, workdir, head_name)
     head = resolve_head(cache, head_name)
+    predictor = Predictor(cache, head, compute)
     err_console.print(f"{len(files)} files; head {head.name} on cache {cache.key[:16]} "
-              f"({cache.config['backbone']}, {cache.config['image_size']} px)")
-    predictions = Predictor(cache, head).predict(files, batch_size)
+                      f"({cache.config['backbone']}, {cache.config['image_size']} px); {predictor.precision.line()}")
+    predictions = predictor.predict(files, batch_size)
     for path, reason in predictions.rejects:
         err_console.print(f"[red]skipped[/] {path}: {reason}")
     if not predictions.paths:
@@ -426,10 +436,12 @@ def predict_command(inputs, head_name, fmt, batch_size, key, workdir):
               help="The .keras file to write [default: WORKDIR/exports/BACKBONE_HEAD.keras].")
 @click.option("--saved-model", is_flag=True, help="Also write a TensorFlow SavedModel folder (TF Serving).")
 @click.option("--tflite", is_flag=True, help="Also write a .tflite file (mobile and edge devices).")
+@click.option("--precision", "compute", type=click.Choice(PRECISIONS[1:]), default="float32", show_default=True,
+              help="What the exported model computes in; float32 runs anywhere at full speed.")
 @cache_option
 @workdir_option
 @user_errors
-def export_command(head_name, output, saved_model, tflite, key, workdir):
+def export_command(head_name, output, saved_model, tflite, compute, key, workdir):
     """Write backbone + head as one Keras model that takes pixels and returns class probabilities."""
     from featcache.api import resolve_cache, resolve_head
     from featcache.model import export
@@ -440,7 +452,7 @@ def export_command(head_name, output, saved_model, tflite, key, workdir):
     cache = resolve_cache(key, workdir, head_name)
     head = resolve_head(cache, head_name)
     output = output or workdir / "exports" / f"{cache.config['backbone']}_{head.name}.keras"
-    for path in export(cache, head, output, saved_model=saved_model, tflite=tflite):
+    for path in export(cache, head, output, saved_model=saved_model, tflite=tflite, compute=compute):
         console.print(f"wrote {path}")
 
 

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from featcache import FeatcacheError, __version__, augment, backbones, cache, views
+from featcache import precision as precisions
 from featcache.backbones import weights
 from featcache.dataset import Dataset, Sample
 from featcache.images import RESIZE_MODES, RejectedImage, load_image
@@ -32,7 +33,6 @@ from featcache.model import conv_base, extraction_model
 from featcache.progress import ImageProgress
 
 DTYPES = ("float16", "float32")
-PRECISIONS = ("float32", "mixed_float16")
 
 
 @dataclass
@@ -49,11 +49,14 @@ class ExtractResult:
 def make_config(
     backbone: str = "vgg16", weights_spec: str = "imagenet", layer: str | None = None,
     pooling: str | None = None, image_size: int | None = None, resize: str = "squash",
-    preprocess: str = "backbone", dtype: str = "float16", precision: str = "float32",
+    preprocess: str = "backbone", dtype: str = "float16", precision: str = "auto",
     augment: int = 0, seed: int = 0, average_views: str = "none", also_layer: str | None = None,
     say=lambda message: None,
 ) -> tuple[cache.ExtractionConfig, weights.ResolvedWeights]:
     """Validate options, fill defaults from the backbone registry, and resolve the weights.
+
+    ``precision="auto"`` is resolved here (``choose_precision``, its line to ``say``): the config
+    holds the precision the backbone will run in, and with it the cache key.
 
     ``augment`` is the number of augmented views per training image, ``seed`` the seed they are
     drawn from; both are part of the cache key. ``average_views`` (views.py) averages each
@@ -64,6 +67,10 @@ def make_config(
                   average_views, also_layer)
     spec = backbones.get(backbone)
     size = image_size or spec.input_size
+    if precision == "auto":
+        choice = choose_precision(backbone, layer, pooling, size, precision)
+        say(choice.line())
+        precision = choice.precision
     resolved = weights.resolve(backbone, weights_spec, say)
     config = cache.ExtractionConfig(
         backbone=backbone, weights=resolved.identity, layer=layer or spec.default_layer,
@@ -96,7 +103,7 @@ def check_options(backbone: str, pooling: str | None, image_size: int | None, re
     _choice("--resize", resize, RESIZE_MODES)
     _choice("--preprocess", preprocess, backbones.PREPROCESSINGS)
     _choice("--dtype", dtype, DTYPES)
-    _choice("--precision", precision, PRECISIONS)
+    precisions.check("--precision", precision)
     size = spec.input_size if image_size is None else image_size  # 0 is a bad size, not the default
     if size < spec.min_size:
         raise FeatcacheError(f"--image-size {size} is below {backbone}'s minimum of {spec.min_size} px")
@@ -104,6 +111,22 @@ def check_options(backbone: str, pooling: str | None, image_size: int | None, re
         raise FeatcacheError(f"--augment {augment}: give the number of views per training image, 0 or more")
     if seed < 0:
         raise FeatcacheError(f"--seed {seed}: the augmentation seed must be 0 or more")
+
+
+def choose_precision(backbone: str, layer: str | None = None, pooling: str | None = None,
+                     image_size: int | None = None, requested: str = "auto") -> precisions.Choice:
+    """The precision to run ``backbone`` (cut and pooled as given) in; ``auto`` times its forward pass
+    in float32 and the machine's mixed candidate once (random weights time like real ones)."""
+    spec = backbones.get(backbone)
+    size = image_size or spec.input_size
+    layer, pooling = layer or spec.default_layer, pooling or spec.default_pooling
+
+    def timer(candidates: tuple[str, ...]) -> dict[str, float]:
+        return precisions.timed_rates(lambda: backbones.build_extractor(spec, None, size, layer, pooling),
+                                      (size, size, 3), candidates)
+
+    network = f"{backbone} ({layer or 'last layer'}, {pooling} pooling, {size} px)"
+    return precisions.resolve(requested, network, timer)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -115,8 +138,11 @@ def extract(
     dataset: Dataset, config: cache.ExtractionConfig, resolved: weights.ResolvedWeights,
     workdir: Path, batch_size: int = 32, shard_size: int = 1024, xla: bool = False,
     lock_timeout: float = 0.0, show_progress: bool = True, engine: Engine | None = None,
+    precision_choice: precisions.Choice | None = None,
 ) -> ExtractResult:
     """Make sure the cache for (config, dataset) is complete on disk and return it.
+
+    ``precision_choice``, how ``config.precision`` was chosen, goes into the manifest.
 
     ``engine`` writes the missing shards (default: this process, ``LocalEngine``); whatever it is,
     this driver plans the shards, holds the lock and writes the manifest, so every engine leaves
@@ -132,7 +158,7 @@ def extract(
     try:
         with cache.locked(cache_dir, lock_timeout):
             return _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla,
-                         show_progress, started, engine or LocalEngine())
+                         show_progress, started, engine or LocalEngine(), precision_choice)
     except BaseException:
         if not any(cache_dir.glob("*.h5")) and not (cache_dir / cache.MANIFEST).exists():
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -146,7 +172,7 @@ def _shards_intact(cache_dir: Path) -> bool:
 
 
 def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started,
-          engine):
+          engine, precision_choice=None):
     """Write every missing shard (the unit of resume) with ``engine``, then mark the cache complete."""
     cache.remove_temporaries(cache_dir)
     plans = cache.plan_shards(dataset, shard_size, config.augment, config.seed)
@@ -159,6 +185,8 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     model = extraction_model(config, resolved.keras_arg) if pending else None
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     manifest["engine"] = engine.name
+    choice = precision_choice or precisions.Choice(config.precision, "given in the config", config.precision)
+    manifest["precision"] = choice.to_json()
     cache.write_manifest(cache_dir, manifest)
 
     provenance = {"key": key, "row_key": config.row_key(), "also_row_key": config.also_row_key(),

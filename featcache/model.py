@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError, __version__, backbones, views
+from featcache import FeatcacheError, __version__, backbones, precision, views
 from featcache.backbones import weights
 from featcache.cache import Cache, ExtractionConfig
 from featcache.dataset import file_sha256
@@ -118,17 +119,14 @@ def backbone_model(config: ExtractionConfig, weights_arg: str | None):
 
     if weights_arg is None:
         keras.utils.set_random_seed(weights.RANDOM_INIT_SEED)
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.precision)  # the policy is global: restore it
     try:
-        return backbones.build_extractor(backbones.get(config.backbone), weights_arg, config.image_size,
-                                         config.layer, config.pooling)
+        with precision.using(config.precision):
+            return backbones.build_extractor(backbones.get(config.backbone), weights_arg, config.image_size,
+                                             config.layer, config.pooling)
     except FeatcacheError:
         raise
     except Exception as exc:  # Keras raises many types for download and file problems
         raise weights.load_failure(config.backbone, weights_arg, exc) from exc
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
 
 
 def cache_config(cache: Cache) -> ExtractionConfig:
@@ -167,33 +165,45 @@ def head_model(head: Head, feature_shape: tuple[int, ...]):
     return head.to_keras(tuple(feature_shape))
 
 
-def end_to_end(cache: Cache, head: Head):
-    """One Keras model: pixels -> features rounded as cached -> the head's probabilities."""
+def end_to_end(cache: Cache, head: Head, compute: str | None = None):
+    """One Keras model: pixels -> features rounded as cached -> the head's probabilities.
+
+    ``compute`` (a concrete precision) replaces the cache's and the head's mixed precision: an
+    exported model is float32 by default, so it runs anywhere at full speed.
+    """
     import keras
 
     head.check_cache(cache)
     config = cache_config(cache)
+    if compute is not None:
+        precision.check("--precision", compute, precision.CONCRETE)
+        config = replace(config, precision=compute)
     features = feature_model(config, cache_weights(cache))
     pixels = keras.Input((config.image_size, config.image_size, 3), name="image")
     cached = keras.layers.Activation("linear", dtype=config.dtype, name="as_cached")(features(pixels))
-    probabilities = head_model(head, cache.feature_shape)(cached)
+    head_layers = head_model(head, cache.feature_shape)
+    if compute == "float32":
+        head_layers = precision.model_in(head_layers, compute)
+    probabilities = head_layers(cached)
     return keras.Model(pixels, probabilities, name=f"{config.backbone}_{head.name}")
 
 
 def export(
-    cache: Cache, head: Head, output: Path, saved_model: bool = False, tflite: bool = False
+    cache: Cache, head: Head, output: Path, saved_model: bool = False, tflite: bool = False,
+    compute: str = "float32",
 ) -> list[Path]:
     """Write the end-to-end model as ``output`` (.keras), plus a SavedModel folder and/or a .tflite file.
 
-    A ``.json`` beside it records what the model expects and where it came from. Every file
-    appears whole or not at all.
+    ``compute`` is the precision it runs in: float32 unless asked (a bfloat16 model crawls on a CPU
+    without bfloat16). A ``.json`` beside it records what the model expects and where it came
+    from. Every file appears whole or not at all.
     """
     import keras
 
     output = Path(output)
     if output.suffix != ".keras":
         raise FeatcacheError(f"--output {output}: the file name must end in .keras")
-    model = end_to_end(cache, head)
+    model = end_to_end(cache, head, compute)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.keras")
     model.save(tmp)
@@ -214,12 +224,12 @@ def export(
             os.replace(building, folder)
             written.append(folder)
         shutil.rmtree(building, ignore_errors=True)
-    metadata = model_card(cache, head, [p.name for p in written], keras.__version__)
+    metadata = model_card(cache, head, [p.name for p in written], keras.__version__, compute)
     written.append(atomic_write(output.with_suffix(".json"), json.dumps(metadata, indent=2)))
     return written
 
 
-def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -> dict:
+def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, compute: str = "float32") -> dict:
     """What an exported model expects, what it returns, and the cache and head it was made from."""
     config = cache.config
     size = config["image_size"]
@@ -233,7 +243,8 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str) -
         "output": {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes},
         "backbone": config["backbone"], "layer": cache.manifest.get("output_layer"),
         "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
-        "preprocess": config["preprocess"], "dtype": config["dtype"],
+        "preprocess": config["preprocess"], "dtype": config["dtype"], "precision": compute,
+        "cache_precision": config.get("precision", "float32"),
         "weights": config["weights"], "weights_source": cache.manifest.get("weights_source"),
         "cache_key": cache.key, "head": head.name, "head_files": head.record.get("files"),
         "head_metrics": head.record.get("metrics"), "featcache_version": __version__,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from featcache import FeatcacheError
+from featcache import FeatcacheError, precision
 from featcache.cache import Cache
 from featcache.dataset import images_under
 from featcache.extract import decoded_batches
@@ -152,10 +152,14 @@ def not_fitted(cache: Cache, name: str) -> str:
 class Predictor:
     """A cache's feature model and one of its heads, built once, applied to any number of files."""
 
-    def __init__(self, cache: Cache, head: Head):
+    def __init__(self, cache: Cache, head: Head, compute: str = "auto"):
+        """``compute``: the precision of the feature model; ``auto`` is the cache's own where this
+        machine runs it natively (``precision.follow``), so new images meet the cached rows' model."""
         head.check_cache(cache)
         self.cache, self.head = cache, head
-        self.config = cache_config(cache)
+        config = cache_config(cache)
+        self.precision = precision.follow(config.precision, compute)
+        self.config = replace(config, precision=self.precision.precision)
         self.weights = cache_weights(cache)  # missing weights are refused here, before any image
         self._features = None
 

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `--precision auto` times the backbone once per machine and may choose bfloat16 on some CI machines
+# and not others; tests pin float32 (scripts they start inherit it). tests/test_precision.py lifts it.
+os.environ["FEATCACHE_PRECISION"] = "float32"
 
 import numpy as np
 import pytest

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache import precision as precisions
 from featcache.heads.export import two_column_output
 from featcache.heads.protocol import Head, class_weight_of, two_columns
 from featcache.heads.scaling import Scaling, streamed_moments
@@ -47,7 +48,7 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     binary = n_classes == 2
     outputs = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
-                                 name="predictions")(x)
+                                 name="predictions", dtype="float32")(x)  # probabilities in float32 always
     return keras.Model(inputs, outputs, name=f"head_{name}")
 
 
@@ -85,9 +86,25 @@ class KerasHead(Head):
     def _compiled(self, feature_shape, n_classes: int, scaling: Scaling):
         import keras
 
-        keras.utils.set_random_seed(self.options.seed)
-        model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling)
+        choice = self._precision(tuple(feature_shape), n_classes, scaling)
+        self.record["precision"] = choice.to_json()
+        keras.utils.set_random_seed(self.options.seed)  # after the timing, which builds models too
+        with precisions.using(choice.precision):
+            model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling)
         return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate)
+
+    def _precision(self, feature_shape, n_classes: int, scaling: Scaling) -> precisions.Choice:
+        """The requested precision; ``auto`` times a training step of this head in float32 and in the
+        machine's mixed candidate (small heads rarely gain: their steps are mostly overhead)."""
+        batch = self.options.batch_size
+
+        def timer(candidates):
+            return precisions.timed_rates(lambda: build_keras_head(self.name, feature_shape, n_classes, scaling),
+                                          feature_shape, candidates, batch=batch, train=True)
+
+        shape = "x".join(map(str, feature_shape))
+        network = f"head {self.name} training on {shape} features, {n_classes} classes, batch {batch}"
+        return precisions.resolve(self.options.precision, network, timer)
 
     def fit(self, x, y, *, n_classes, validation=None, say=None):
         import tensorflow as tf

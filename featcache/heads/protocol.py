@@ -53,9 +53,13 @@ class FitOptions:
     class_weight: str | None = None  # None or "balanced"
     patience: int | None = 10  # early stopping on validation loss (best weights restored)
     scaling: str = "auto"  # auto: chosen on validation (linear heads) or standard (Keras heads)
+    precision: str = "auto"  # Keras training: auto (timed once per machine), float32, mixed_bfloat16, ...
 
     def __post_init__(self):
+        from featcache.precision import PRECISIONS
+
         for option, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
+                                       ("precision", self.precision, PRECISIONS),
                                        ("scaling", self.scaling, SCALINGS),
                                        ("class-weight", self.class_weight, CLASS_WEIGHTS)):
             if value not in allowed:
