@@ -8,6 +8,12 @@ recorded there), so every figure traces to the cache and the head that made it. 
 15% of the rest for validation; heads choose C / stop on validation only. Each test accuracy comes
 with its 95% Wilson interval: on 656 test images about ±3 points, the least gap worth reading.
 
+Every recipe names its compute precision (``--precision`` of extract, fit-head and finetune):
+float32 unless it says otherwise, never ``auto``, which would choose by this machine's timing and
+change the figures from one machine to another. A ``-bf16`` recipe repeats its ``pair``, a float32
+recipe, in ``mixed_bfloat16``; after the table each of its heads is checked against the float32
+row's 95% interval (does bfloat16's rounding cost accuracy?).
+
     python scripts/bench_accuracy.py [--data data/elpv] [--workdir featcache-out/bench-accuracy]
                                      [--only NAME ...] [--json accuracy.json] [--tiny]
 
@@ -44,6 +50,8 @@ class Recipe:
     finetune: tuple[str, ...] = ()
     note: str = ""
     tags: tuple[str, ...] = field(default=())
+    precision: str = "float32"  # extract, fit-head and finetune --precision; never auto (machine-dependent)
+    pair: str | None = None  # the float32 recipe this one repeats in another precision
 
 
 # dense256 on a pooled 1280-vector learns slower than on VGG16's 4x4x512 map: more epochs, a higher rate
@@ -57,6 +65,8 @@ RECIPES = [
            note="the tutorials' recipe: VGG16 150 px, 1/255, block5_pool, dense256, 30 epochs"),
     Recipe("vgg16-150", ("--backbone", "vgg16", "--image-size", "150"),
            note="Chollet's setup with VGG16's own preprocessing"),
+    Recipe("vgg16-150-bf16", ("--backbone", "vgg16", "--image-size", "150"), precision="mixed_bfloat16",
+           pair="vgg16-150", note="vgg16-150 in bfloat16 (about 6x faster with AMX)"),
     Recipe("vgg16-224-block4-avg", ("--backbone", "vgg16", "--image-size", "224", "--layer", "block4_pool",
                                     "--pooling", "avg"), heads=("logreg", "svm-rbf"),
            note="a mid-level layer, averaged"),
@@ -64,6 +74,9 @@ RECIPES = [
            heads=("logreg", "svm-rbf", "dense256"), fit=POOLED_DENSE,
            finetune=MOBILENET_FINETUNE,
            note="TF tutorial's backbone at the images' own 300 px; fine-tuned from layer 100"),
+    Recipe("mobilenet_v2-300-bf16", ("--backbone", "mobilenet_v2", "--image-size", "300"),
+           heads=("logreg", "svm-rbf"), precision="mixed_bfloat16", pair="mobilenet_v2-300",
+           note="mobilenet_v2-300 in bfloat16 (slower than float32 even with AMX: accuracy only)"),
     Recipe("mobilenet_v2-300-aug4", ("--backbone", "mobilenet_v2", "--image-size", "300", "--augment", "4"),
            heads=("logreg",), note="4 augmented views (Chollet's recipe) per training image"),
     Recipe("mobilenet_v2-448", ("--backbone", "mobilenet_v2", "--image-size", "448"),
@@ -99,18 +112,19 @@ TINY = {"extract": ("--image-size", "32", "--weights", "none"), "fit-head": ("--
 
 def run_recipe(recipe: Recipe, data: Path, workdir: Path, tiny: bool = False) -> list[dict]:
     common = ("--workdir", str(workdir))
+    precision = ("--precision", recipe.precision)
     extra = TINY if tiny else {}
     started = time.perf_counter()
-    featcache("extract", "--data", str(data), *recipe.extract, *extra.get("extract", ()), *common)
+    featcache("extract", "--data", str(data), *recipe.extract, *precision, *extra.get("extract", ()), *common)
     key = (workdir / "current").read_text().strip()
     extract_seconds = time.perf_counter() - started
     cache_args = (*common, "--cache", key)
-    featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit,
+    featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit, *precision,
               *extra.get("fit-head", ()), *cache_args)
     folders = {head: workdir / key[:16] / "heads" / head for head in recipe.heads}
     if recipe.finetune:
         printed = featcache("finetune", "--head", "dense256", "--data", str(data), *recipe.finetune,
-                            *extra.get("finetune", ()), *cache_args)
+                            *precision, *extra.get("finetune", ()), *cache_args)
         prefix = re.search(r"prefix cache: (\S+)", printed).group(1)  # the fine-tuned head lives there
         folders["dense256-finetuned"] = Path(prefix) / "heads" / "dense256-finetuned"
     return [row_of(recipe, head, json.loads((folder / "head.json").read_text()), extract_seconds)
@@ -121,6 +135,7 @@ def row_of(recipe: Recipe, head: str, info: dict, extract_seconds: float) -> dic
     metrics = info["metrics"]
     test_images = sum(map(sum, metrics["test"]["confusion"]))
     return {"recipe": recipe.name, "head": head, "note": recipe.note, "extract": list(recipe.extract),
+            "precision": recipe.precision, "pair": recipe.pair,
             "cache_key": info["cache_key"], "options": info.get("options"), "chosen": info.get("chosen"),
             "validation_accuracy": metrics["validation"]["accuracy"],
             "validation_log_loss": metrics["validation"]["log_loss"],
@@ -151,6 +166,22 @@ def print_table(rows: list[dict]) -> None:
     best = max(cached, key=lambda r: (r["validation_accuracy"], -r["validation_log_loss"]))  # as compare
     print(f"best cached head by validation: {best['recipe']} {best['head']}, "
           f"test {best['test_accuracy']:.1%}")
+    for line in pair_lines(rows):
+        print(line)
+
+
+def pair_lines(rows: list[dict]) -> list[str]:
+    """Per head of each recipe with a ``pair`` that ran: is its test accuracy inside the pair's interval?"""
+    partner = {(r["recipe"], r["head"]): r for r in rows}
+    lines = []
+    for row in rows:
+        if row["pair"] and (other := partner.get((row["pair"], row["head"]))):
+            low, high = other["test_ci95"]
+            inside = "yes" if low <= row["test_accuracy"] <= high else "no"
+            lines.append(f"{row['recipe']} {row['head']}: test {row['test_accuracy']:.1%} ({row['precision']}); "
+                         f"test accuracy within the {other['precision']} row's 95% interval: {inside} "
+                         f"({other['recipe']} {other['test_accuracy']:.1%}, {low:.1%}-{high:.1%})")
+    return lines
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,14 +79,23 @@ def test_bench_ray_runs_on_tiny_input(tmp_path):
 
 
 def test_bench_accuracy_runs_a_recipe_with_fine_tuning_on_tiny_input(tmp_path):
-    """The MobileNetV2 recipe: extract, four heads, fine-tuning, and the rows read back from head.json."""
+    """The MobileNetV2 recipe: extract, four heads, fine-tuning, and the rows read back from head.json; beside it
+    its bfloat16 pair, each head checked against the float32 row's interval."""
     data = make_split_folders(tmp_path / "data", counts=TINY)
     run = run_script("bench_accuracy", "--data", data, "--workdir", tmp_path / "work", "--only",
-                     "mobilenet_v2-300", "--tiny", "--json", tmp_path / "out.json")
+                     "mobilenet_v2-300", "mobilenet_v2-300-bf16", "--tiny", "--json", tmp_path / "out.json")
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert [r["head"] for r in rows] == ["logreg", "svm-rbf", "dense256", "dense256-finetuned"]
+    assert [(r["recipe"], r["head"], r["precision"]) for r in rows] == [
+        ("mobilenet_v2-300", "logreg", "float32"), ("mobilenet_v2-300", "svm-rbf", "float32"),
+        ("mobilenet_v2-300", "dense256", "float32"), ("mobilenet_v2-300", "dense256-finetuned", "float32"),
+        ("mobilenet_v2-300-bf16", "logreg", "mixed_bfloat16"), ("mobilenet_v2-300-bf16", "svm-rbf", "mixed_bfloat16"),
+    ]
     assert all(0 <= r["test_accuracy"] <= 1 and r["cache_key"] for r in rows)
+    assert rows[0]["cache_key"] != rows[4]["cache_key"]  # the precision is part of the cache key
     assert "best cached head by validation: mobilenet_v2-300" in run.stdout
+    for head in ("logreg", "svm-rbf"):
+        assert re.search(rf"mobilenet_v2-300-bf16 {head}: .*test accuracy within the float32 row's 95% interval: "
+                         "(yes|no)", run.stdout)
 
 
 def test_readme_command_reference_is_each_commands_help():
