@@ -1,23 +1,34 @@
-"""Images/s of `featcache extract` vs the tutorials' feature-extraction loop and the machine's matmul rate.
+"""Images/s of `featcache extract` in float32 and in bfloat16 vs the tutorials' loop and the machine's matmul rates.
 
 Every repeat measures, one after the other in this process, on the same images, backbone and size:
 
-- sgemm: a large float32 ``np.matmul`` through NumPy's BLAS, a few reps before, between and after
-  the two passes (median); divided by the backbone's FLOPs per image (counted from the Keras
-  model) it gives the img/s of a pipeline running at matmul speed, the "limit";
+- the two limits, a few reps of each before, between and after the passes (median): ``sgemm``, a
+  large float32 ``np.matmul`` through NumPy's BLAS, and ``bf16``, the same matmul of bfloat16
+  tensors through ``tf.matmul`` (TensorFlow's oneDNN kernels, what a bfloat16 backbone runs on);
+  divided by the backbone's FLOPs per image (counted from the Keras model) each gives the img/s of
+  a pipeline running at that matmul's speed, the "limit" of extract in that precision;
 - tutorial: Chollet's loop, ImageDataGenerator(rescale=1/255).flow_from_directory, ``predict`` per
   batch of 20, each batch copied into a NumPy array (``class_mode="sparse"``: elpv has 4 classes);
-- extract: ``featcache extract`` through its Python API into a fresh workdir: scan and hash,
-  decode, backbone, HDF5 shards and manifest.
+  float32, as the tutorials run it;
+- extract f32 and extract bf16: ``featcache extract`` through its Python API into a fresh workdir
+  (scan and hash, decode, backbone, HDF5 shards and manifest) with ``precision`` given explicitly,
+  ``float32`` and ``mixed_bfloat16`` (never ``auto``, which would choose one by timing).
 
-Both passes build their model outside the timing (the tutorials build ``conv_base`` in an earlier
+Each extract is set against the limit of its own precision (``f32/limit``: sgemm, ``bf16/limit``: the
+bf16 matmul), and ``bf16/f32`` is how much faster extract ran in bfloat16. The CPU flags read from
+/proc/cpuinfo say which case ran: native bfloat16 with AMX tiles (``amx_bf16``, where the issue's
+goals apply: bf16 extract at least 5x its float32 rate and 80% of the bf16 limit), native bfloat16
+dot products without AMX (``avx512_bf16``), or neither, where TensorFlow emulates bfloat16 and the
+bf16 figures show what that emulation costs.
+
+All passes build their model outside the timing (the tutorials build ``conv_base`` in an earlier
 cell; ``+build`` is extract with it) and pay their first call's tracing inside it. The passes
-alternate order between repeats so load drifts hit both alike. Wall-clock ratios are only
+alternate order between repeats so load drifts hit all alike. Wall-clock ratios are only
 meaningful within one run, and on a shared machine they swing with other processes' load, so CPU
-time is reported too: GFLOP per CPU-second of each pass against the sgemm's (``cpu`` columns) is
-work efficiency, which load moves much less (the passes' own figures stay within a few %; BLAS
-threads spin while they wait for a descheduled partner, so sgemm's drops under load and these
-ratios rise); ``cores`` is CPU-seconds per wall second, how much of the machine extract got.
+time is reported too: GFLOP per CPU-second of each pass against its limit's matmul (``cpu``
+columns) is work efficiency, which load moves much less (the passes' own figures stay within a few
+%; BLAS threads spin while they wait for a descheduled partner, so the matmuls' drop under load and
+these ratios rise); ``cores`` is CPU-seconds per wall second, how much of the machine extract got.
 Prints a table and writes JSON:
 
     python scripts/bench_extract.py --data data/elpv [--images 240] [--repeats 3] [--json out.json]
@@ -46,6 +57,12 @@ from pathlib import Path
 import numpy as np
 
 TUTORIAL_BATCH = 20  # the notebook's batch size
+CASES = (  # (CPU flag, what runs bfloat16 then), the first flag present wins
+    ("amx_bf16", "native bf16 (AMX)"),
+    ("avx512_bf16", "native bf16 (AVX512-BF16, no AMX)"),
+)
+EMULATED = "no native bf16: TensorFlow emulates it; bf16 figures show the emulation cost"
+BF16_SPEEDUP_GOAL, BF16_LIMIT_GOAL = 5.0, 0.8  # the issue's goals on an AMX machine
 
 
 def image_tree(data: Path, n: int, root: Path) -> int:
@@ -76,23 +93,44 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class Matmul:
-    """float32 n x n x n matmuls through NumPy's BLAS; every rep's wall and CPU seconds are kept."""
+def sgemm(a: np.ndarray, b: np.ndarray):
+    """float32 matmul through NumPy's BLAS."""
+    return lambda: a @ b
 
-    def __init__(self, n: int):
+
+def bf16_matmul(a: np.ndarray, b: np.ndarray):
+    """bfloat16 matmul through TensorFlow (eager ops on the CPU run to completion; one element is read
+    back to be sure, not the whole product, whose copy would be timed too)."""
+    import tensorflow as tf
+
+    a, b = (tf.cast(tf.constant(m), tf.bfloat16) for m in (a, b))
+    return lambda: tf.matmul(a, b)[0, 0].numpy()
+
+
+class Matmul:
+    """n x n x n matmuls by ``kernel`` (``sgemm``, ``bf16_matmul``); every rep's wall and CPU seconds are kept."""
+
+    def __init__(self, n: int, kernel):
         rng = np.random.default_rng(0)
-        self.a = rng.standard_normal((n, n), dtype=np.float32)
-        self.b = rng.standard_normal((n, n), dtype=np.float32)
+        self.multiply = kernel(rng.standard_normal((n, n), dtype=np.float32),
+                               rng.standard_normal((n, n), dtype=np.float32))
         self.flop = 2 * n**3
-        self.a @ self.b  # warm-up: BLAS threads, pages
+        self.multiply()  # warm-up: threads, pages, kernel selection
 
     def reps(self, count: int) -> list[tuple[float, float]]:
         timings = []
         for _ in range(count):
             started, cpu = time.perf_counter(), cpu_seconds()
-            self.a @ self.b
+            self.multiply()
             timings.append((time.perf_counter() - started, cpu_seconds() - cpu))
         return timings
+
+
+# each extract precision: (its limit's matmul kernel, that matmul's JSON key, its limit's key, its extract key)
+PRECISIONS = {
+    "float32": (sgemm, "sgemm", "limit_img_s", "extract"),
+    "mixed_bfloat16": (bf16_matmul, "bf16", "bf16_limit_img_s", "extract_bf16"),
+}
 
 
 def model_flop(model) -> float:
@@ -142,8 +180,9 @@ def tutorial_pass(tree: Path, n: int, backbone: str, weights_file: str | None, s
     return {"seconds": seconds, "cpu_seconds": cpu, "rows": generator.samples}
 
 
-def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: bool, weights: str) -> dict:
-    """`featcache extract` on ``tree`` into a fresh workdir; the model build is timed apart."""
+def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: bool, weights: str,
+                 precision: str) -> dict:
+    """`featcache extract` on ``tree`` in ``precision`` into a fresh workdir; the model build is timed apart."""
     from featcache import extract
     from featcache.dataset import load_dataset
 
@@ -162,7 +201,7 @@ def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: boo
         with tempfile.TemporaryDirectory(prefix="bench-extract-") as workdir:
             started, cpu = time.perf_counter(), cpu_seconds()
             dataset = load_dataset(tree)
-            config, resolved = extract.make_config(backbone, weights, image_size=size)
+            config, resolved = extract.make_config(backbone, weights, image_size=size, precision=precision)
             result = extract.extract(dataset, config, resolved, Path(workdir), batch_size=batch_size,
                                      xla=xla, show_progress=False)
             total, cpu = time.perf_counter() - started, cpu_seconds() - cpu
@@ -172,44 +211,78 @@ def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: boo
             "seconds_with_build": total, "build_seconds": build["seconds"], "rows": result.computed}
 
 
-def repeat_row(repeat: int, n: int, gflop: float, matmul_gflop: float, matmul: list[tuple[float, float]],
+def repeat_row(repeat: int, n: int, gflop: float, matmuls: dict[str, tuple[float, list[tuple[float, float]]]],
                passes: dict) -> dict:
-    """One repeat's figures: img/s, ratios, and GFLOP per wall and per CPU second."""
+    """One repeat's figures: img/s, ratios, and GFLOP per wall and per CPU second, each extract against the
+    limit of its precision (``matmuls``: per matmul key, its GFLOP per rep and the reps' timings)."""
     for name, measured in passes.items():
         if measured["rows"] != n:
             raise SystemExit(f"{name} computed {measured['rows']} rows, expected {n}")
-    sgemm = statistics.median(matmul_gflop / wall for wall, _ in matmul)
-    sgemm_cpu = statistics.median(matmul_gflop / cpu for _, cpu in matmul)
-    tutorial, extract = passes["tutorial"], passes["extract"]
-    return {
-        "repeat": repeat + 1,
-        "sgemm_gflops": sgemm, "sgemm_gflops_best": max(matmul_gflop / wall for wall, _ in matmul),
-        "sgemm_gflop_per_cpu_s": sgemm_cpu,
-        "limit_img_s": sgemm / gflop,
-        "tutorial_img_s": n / tutorial["seconds"],
-        "extract_img_s": n / extract["seconds"],
-        "extract_img_s_with_build": n / extract["seconds_with_build"],
-        "extract_build_seconds": extract["build_seconds"],
-        "extract_vs_tutorial": tutorial["seconds"] / extract["seconds"],
-        "tutorial_vs_limit": n * gflop / tutorial["seconds"] / sgemm,
-        "extract_vs_limit": n * gflop / extract["seconds"] / sgemm,
-        "extract_gflops": n * gflop / extract["seconds"],
-        "tutorial_cores": tutorial["cpu_seconds"] / tutorial["seconds"],
-        "extract_cores": extract["cpu_seconds"] / extract["seconds"],
-        "tutorial_vs_limit_cpu": n * gflop / tutorial["cpu_seconds"] / sgemm_cpu,
-        "extract_vs_limit_cpu": n * gflop / extract["cpu_seconds"] / sgemm_cpu,
-    }
+    row = {"repeat": repeat + 1}
+    rate, rate_cpu = {}, {}
+    for key, (matmul_gflop, timings) in matmuls.items():
+        rate[key] = statistics.median(matmul_gflop / wall for wall, _ in timings)
+        rate_cpu[key] = statistics.median(matmul_gflop / cpu for _, cpu in timings)
+        row |= {f"{key}_gflops": rate[key], f"{key}_gflops_best": max(matmul_gflop / wall for wall, _ in timings),
+                f"{key}_gflop_per_cpu_s": rate_cpu[key]}
+    tutorial = passes["tutorial"]
+    row |= {"tutorial_img_s": n / tutorial["seconds"],
+            "tutorial_vs_limit": n * gflop / tutorial["seconds"] / rate["sgemm"],
+            "tutorial_cores": tutorial["cpu_seconds"] / tutorial["seconds"],
+            "tutorial_vs_limit_cpu": n * gflop / tutorial["cpu_seconds"] / rate_cpu["sgemm"]}
+    for _, matmul, limit, name in PRECISIONS.values():
+        extract = passes[name]
+        row |= {
+            limit: rate[matmul] / gflop,
+            f"{name}_img_s": n / extract["seconds"],
+            f"{name}_img_s_with_build": n / extract["seconds_with_build"],
+            f"{name}_build_seconds": extract["build_seconds"],
+            f"{name}_vs_tutorial": tutorial["seconds"] / extract["seconds"],
+            f"{name}_vs_limit": n * gflop / extract["seconds"] / rate[matmul],
+            f"{name}_gflops": n * gflop / extract["seconds"],
+            f"{name}_cores": extract["cpu_seconds"] / extract["seconds"],
+            f"{name}_vs_limit_cpu": n * gflop / extract["cpu_seconds"] / rate_cpu[matmul],
+        }
+    row["bf16_vs_float32"] = passes["extract"]["seconds"] / passes["extract_bf16"]["seconds"]
+    return row
 
 
 COLUMNS = (  # header, key, format
-    ("repeat", "repeat", "{}"), ("sgemm GF/s", "sgemm_gflops", "{:.0f}"),
-    ("limit img/s", "limit_img_s", "{:.2f}"),
-    ("tutorial img/s", "tutorial_img_s", "{:.2f}"), ("extract img/s", "extract_img_s", "{:.2f}"),
-    ("+build", "extract_img_s_with_build", "{:.2f}"), ("ext/tut", "extract_vs_tutorial", "{:.2f}x"),
-    ("tut/limit", "tutorial_vs_limit", "{:.0%}"), ("ext/limit", "extract_vs_limit", "{:.0%}"),
-    ("ext GF/s", "extract_gflops", "{:.0f}"), ("cores", "extract_cores", "{:.2f}"),
-    ("tut/limit cpu", "tutorial_vs_limit_cpu", "{:.0%}"), ("ext/limit cpu", "extract_vs_limit_cpu", "{:.0%}"),
+    ("repeat", "repeat", "{}"), ("sgemm GF/s", "sgemm_gflops", "{:.0f}"), ("bf16 mm GF/s", "bf16_gflops", "{:.0f}"),
+    ("f32 limit", "limit_img_s", "{:.2f}"), ("bf16 limit", "bf16_limit_img_s", "{:.2f}"),
+    ("tutorial img/s", "tutorial_img_s", "{:.2f}"),
+    ("f32 img/s", "extract_img_s", "{:.2f}"), ("+build", "extract_img_s_with_build", "{:.2f}"),
+    ("bf16 img/s", "extract_bf16_img_s", "{:.2f}"), ("+build", "extract_bf16_img_s_with_build", "{:.2f}"),
+    ("f32/tut", "extract_vs_tutorial", "{:.2f}x"), ("bf16/tut", "extract_bf16_vs_tutorial", "{:.2f}x"),
+    ("bf16/f32", "bf16_vs_float32", "{:.2f}x"),
+    ("tut/limit", "tutorial_vs_limit", "{:.0%}"), ("f32/limit", "extract_vs_limit", "{:.0%}"),
+    ("bf16/limit", "extract_bf16_vs_limit", "{:.0%}"),
+    ("f32 GF/s", "extract_gflops", "{:.0f}"), ("bf16 GF/s", "extract_bf16_gflops", "{:.0f}"),
+    ("cores", "extract_cores", "{:.2f}"), ("tut/limit cpu", "tutorial_vs_limit_cpu", "{:.0%}"),
+    ("f32/limit cpu", "extract_vs_limit_cpu", "{:.0%}"), ("bf16/limit cpu", "extract_bf16_vs_limit_cpu", "{:.0%}"),
 )
+
+
+def bf16_case(flags: frozenset[str]) -> str:
+    """Which bfloat16 hardware this CPU has, in words (the first of ``CASES`` whose flag is present)."""
+    return next((case for flag, case in CASES if flag in flags), EMULATED)
+
+
+def goal_lines(rows: list[dict], median: dict, beats: dict[str, int], flags: frozenset[str]) -> list[str]:
+    """The issue's goals, met or missed, from this run's figures (``beats``: repeats each extract won)."""
+    def verdict(met: bool) -> str:
+        return "met" if met else "MISSED"
+
+    amx = "" if "amx_bf16" in flags else " (this CPU has no AMX: the goal is an AMX machine's, shown for reference)"
+    return [
+        f"goal bf16 extract >= {BF16_SPEEDUP_GOAL:.0f}x its float32 rate: "
+        f"{verdict(median['bf16_vs_float32'] >= BF16_SPEEDUP_GOAL)} (median {median['bf16_vs_float32']:.2f}x){amx}",
+        f"goal bf16 extract >= {BF16_LIMIT_GOAL:.0%} of the bf16 matmul limit: "
+        f"{verdict(median['extract_bf16_vs_limit'] >= BF16_LIMIT_GOAL)} "
+        f"(median {median['extract_bf16_vs_limit']:.0%}){amx}",
+        f"goal extract beat the tutorials' loop in every repeat: {verdict(min(beats.values()) == len(rows))} "
+        f"(float32 in {beats['extract']} of {len(rows)}, bf16 in {beats['extract_bf16']} of {len(rows)})",
+    ]
 
 
 def print_row(row: dict) -> None:
@@ -230,9 +303,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="featcache extract's batch size.")
     parser.add_argument("--xla", action="store_true", help="featcache extract --xla.")
     parser.add_argument("--weights", default="imagenet", help="featcache extract --weights (none: random init).")
-    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n sgemm and bf16 matmul.")
     parser.add_argument("--matmul-reps", type=int, default=3,
-                        help="sgemm reps before, between and after the passes.")
+                        help="Reps of each matmul before, between and after the passes.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -240,10 +313,13 @@ def main() -> None:
 
     from featcache.extract import make_config
     from featcache.model import feature_model
+    from featcache.precision import BF16_FLAGS, cpu_flags
 
-    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size)
+    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size, precision="float32")
     gflop = model_flop(feature_model(config, resolved.keras_arg)) / 1e9
-    matmul = Matmul(args.matmul_size)
+    matmuls = {key: Matmul(args.matmul_size, kernel) for kernel, key, _, _ in PRECISIONS.values()}
+    flags = cpu_flags()
+    case = bf16_case(flags)
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-extract-images-") as tmp:
@@ -253,38 +329,56 @@ def main() -> None:
               f"{args.data}; extract batch {args.batch_size}{' + XLA' if args.xla else ''}, "
               f"tutorial batch {TUTORIAL_BATCH}; "
               f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f}\n"
-              f"limit = median sgemm {args.matmul_size}^3 GFLOP/s / GFLOP per image; "
-              f"cpu = GFLOP per CPU-second vs sgemm's; cores = CPU-seconds per second of extract")
+              f"limits = median {args.matmul_size}^3 matmul GFLOP/s / GFLOP per image: f32 limit sgemm (NumPy), "
+              f"bf16 limit tf.matmul of bfloat16; extract f32 and bf16 = precision float32 and mixed_bfloat16;\n"
+              f"cpu = GFLOP per CPU-second vs its limit's matmul's; cores = CPU-seconds per second of extract f32\n"
+              f"CPU flags: " + ", ".join(f"{flag} {'present' if flag in flags else 'absent'}" for flag in BF16_FLAGS)
+              + f"; case: {case}")
         print("".join(f"{h:>{len(h) + 2}}" for h, _, _ in COLUMNS))
+        names = ("tutorial", *(name for *_, name in PRECISIONS.values()))
         for repeat in range(args.repeats):
-            timings = matmul.reps(args.matmul_reps)
+            timings = {key: matmul.reps(args.matmul_reps) for key, matmul in matmuls.items()}
             passes = {}
-            for name in ("tutorial", "extract") if repeat % 2 == 0 else ("extract", "tutorial"):
+            for name in names if repeat % 2 == 0 else names[::-1]:
                 if name == "tutorial":
                     passes[name] = tutorial_pass(tree, n, args.backbone, resolved.keras_arg, args.image_size)
                 else:
+                    precision = next(p for p, (*_, extract) in PRECISIONS.items() if extract == name)
                     passes[name] = extract_pass(tree, args.backbone, args.image_size, args.batch_size,
-                                                args.xla, args.weights)
+                                                args.xla, args.weights, precision)
                 gc.collect()
-                timings += matmul.reps(args.matmul_reps)
-            rows.append(repeat_row(repeat, n, gflop, matmul.flop / 1e9, timings, passes))
+                for key, matmul in matmuls.items():
+                    timings[key] += matmul.reps(args.matmul_reps)
+            rows.append(repeat_row(repeat, n, gflop, {k: (m.flop / 1e9, timings[k]) for k, m in matmuls.items()},
+                                   passes))
             print_row(rows[-1])
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "repeat"}
     print_row({"repeat": "median", **median})
-    beats = sum(r["extract_img_s"] > r["tutorial_img_s"] for r in rows)
+    beats = {name: sum(r[f"{name}_img_s"] > r["tutorial_img_s"] for r in rows) for *_, name in PRECISIONS.values()}
     load_after = os.getloadavg()
-    print(f"extract beat the tutorials' loop in {beats} of {len(rows)} repeats; median extract "
-          f"{median['extract_gflops']:.0f} GFLOP/s = {median['extract_vs_limit']:.0%} of the sgemm limit "
-          f"({median['extract_img_s'] * gflop / median['sgemm_gflops_best']:.0%} of its best rep), "
-          f"{median['extract_vs_limit_cpu']:.0%} per CPU-second; load average {load_after[0]:.1f}")
+    for _, matmul, _, name in PRECISIONS.values():
+        label = "float32" if name == "extract" else "bf16"
+        print(f"extract {label} beat the tutorials' loop in {beats[name]} of {len(rows)} repeats; median "
+              f"{median[f'{name}_gflops']:.0f} GFLOP/s = {median[f'{name}_vs_limit']:.0%} of the {matmul} limit "
+              f"({median[f'{name}_img_s'] * gflop / median[f'{matmul}_gflops_best']:.0%} of its best rep), "
+              f"{median[f'{name}_vs_limit_cpu']:.0%} per CPU-second")
+    print(f"bf16 matmul limit {median['bf16_gflops']:.0f} GFLOP/s = "
+          f"{median['bf16_gflops'] / median['sgemm_gflops']:.2f}x sgemm's {median['sgemm_gflops']:.0f}; "
+          f"bf16/float32 extract speed {median['bf16_vs_float32']:.2f}x ({case}); load average {load_after[0]:.1f}")
+    goals = goal_lines(rows, median, beats, flags)
+    print("\n".join(goals))
     if args.json:
         results = {
             "command": " ".join(["python", *sys.argv]),
             "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size, "images": n,
             "gflop_per_image": gflop, "batch_size": args.batch_size, "tutorial_batch_size": TUTORIAL_BATCH,
             "xla": args.xla, "matmul_size": args.matmul_size, "repeats": rows, "median": median,
-            "extract_beat_tutorial": beats, "cpus": os.cpu_count(), "machine": platform.processor(),
+            "extract_beat_tutorial": beats["extract"], "extract_bf16_beat_tutorial": beats["extract_bf16"],
+            "precisions": {p: {"limit": limit, "matmul": matmul, "extract": name}
+                           for p, (_, matmul, limit, name) in PRECISIONS.items()},
+            "cpu_flags": {flag: flag in flags for flag in BF16_FLAGS}, "bf16_case": case, "goals": goals,
+            "cpus": os.cpu_count(), "machine": platform.processor(),
             "load_average_before": load_before, "load_average_after": load_after,
             "tensorflow": tf.__version__, "numpy": np.__version__,
         }

@@ -40,8 +40,20 @@ def test_bench_extract_runs_on_tiny_input(tmp_path):
     results = json.loads((tmp_path / "out.json").read_text())
     assert (results["images"], results["image_size"], results["weights"]) == (8, 32, "none")
     assert len(results["repeats"]) == 1 and results["gflop_per_image"] > 0
-    assert results["median"]["extract_img_s"] > 0 and results["median"]["tutorial_img_s"] > 0
-    assert "extract beat the tutorials' loop in" in run.stdout
+    median = results["median"]
+    assert median["extract_img_s"] > 0 and median["tutorial_img_s"] > 0 and median["extract_bf16_img_s"] > 0
+    assert median["sgemm_gflops"] > 0 and median["bf16_gflops"] > 0 and median["bf16_limit_img_s"] > 0
+    assert median["bf16_vs_float32"] == pytest.approx(median["extract_bf16_img_s"] / median["extract_img_s"])
+    assert set(results["cpu_flags"]) == {"amx_bf16", "avx512_bf16"} and results["bf16_case"]
+    assert re.search(r"CPU flags: amx_bf16 (present|absent), avx512_bf16 (present|absent); case: "
+                     r"(native bf16 \(AMX\)|native bf16 \(AVX512-BF16, no AMX\)|no native bf16: TensorFlow emulates)",
+                     run.stdout)
+    for precision in ("float32", "bf16"):
+        assert f"extract {precision} beat the tutorials' loop in" in run.stdout
+    assert re.search(r"bf16 matmul limit \d+ GFLOP/s", run.stdout) and "bf16/float32 extract speed" in run.stdout
+    assert re.search(r"goal bf16 extract >= 5x its float32 rate: (met|MISSED)", run.stdout)
+    assert re.search(r"goal bf16 extract >= 80% of the bf16 matmul limit: (met|MISSED)", run.stdout)
+    assert re.search(r"goal extract beat the tutorials' loop in every repeat: (met|MISSED)", run.stdout)
 
 
 def test_bench_also_layer_runs_on_tiny_input(tmp_path):
