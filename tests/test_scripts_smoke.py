@@ -72,11 +72,18 @@ def test_bench_finetune_runs_on_tiny_input(tmp_path):
     data = make_split_folders(tmp_path / "data")  # 12 training images: warm-up and timed steps of 4
     cache = run_extract(data, tmp_path / "out").cache
     fit_head(cache, "dense256", FitOptions(epochs=1, batch_size=4)).save(head_dir(cache, "dense256"))
-    run_script("bench_finetune", "--workdir", tmp_path / "out", "--data", data, "--steps", 1,
-               "--batch-size", 4, "--json", tmp_path / "out.json")
+    run = run_script("bench_finetune", "--workdir", tmp_path / "out", "--data", data, "--steps", 1,
+                     "--batch-size", 4, "--json", tmp_path / "out.json")
     results = json.loads((tmp_path / "out.json").read_text())
     assert (results["train_rows"], results["prefix_layer"], results["steps_timed"]) == (12, "block4_pool", 1)
     assert results["prefix_seconds_per_step"] > 0 and results["full_seconds_per_step"] > 0
+    assert results["prefix_bf16_seconds_per_step"] > 0 and set(results["cpu_flags"]) == {"amx_bf16", "avx512_bf16"}
+    assert results["bf16_vs_float32"] == pytest.approx(
+        results["prefix_seconds_per_step"] / results["prefix_bf16_seconds_per_step"])
+    assert re.search(r"CPU flags: amx_bf16 (present|absent), avx512_bf16 (present|absent); case: ", run.stdout)
+    assert re.search(r"cached prefix \(block4_pool\), float32 +\d", run.stdout)
+    assert re.search(r"cached prefix, mixed_bfloat16 +\d", run.stdout)
+    assert "bf16/float32 step speed on the cached prefix:" in run.stdout
 
 
 @pytest.mark.ray
