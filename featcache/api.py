@@ -173,9 +173,9 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
     o = options
     check_options(backbone, o.pooling, o.image_size, o.resize, o.preprocess, o.dtype, o.precision, o.augment,
                   o.seed, o.average_views, o.also_layer)
+    dataset = load_data(data, o.split_fractions, workdir)  # bad data fails here, before any timing
     choice = choose_precision(backbone, o.layer, o.pooling, o.image_size, o.precision)
-    say(choice.line())
-    dataset = load_data(data, o.split_fractions, workdir)
+    say(choice.line())  # the run's first line
     for warning in dataset.warnings:
         warn(warning)
     config, resolved = make_config(backbone, o.weights, o.layer, o.pooling, o.image_size, o.resize,

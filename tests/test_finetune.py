@@ -116,12 +116,14 @@ def test_finetune_command_end_to_end_then_predict_and_compare(tmp_path):
     invoke("extract", "--data", data, "--weights", "none", "--image-size", "32", *fast)
     invoke("fit-head", "--head", "dense256", "--epochs", "3", "--learning-rate", "1e-3", *fast)
     result = invoke("finetune", "--head", "dense256", "--unfreeze-from", "block5_conv1", "--epochs", "2",
-                    "--patience", "0", *fast)
+                    "--patience", "0", "--precision", "mixed_bfloat16", *fast)
     assert "finetune epoch 2/2" in result.stderr and "dense256-finetuned: 2 epochs" in result.stdout
+    assert result.stderr.startswith("precision mixed_bfloat16: as asked")  # the top block trains in bf16
     prefix_key = result.stdout.split("--cache ")[1][:16]
     prefix_dir = workdir / prefix_key
     info = json.loads((prefix_dir / "heads" / "dense256-finetuned" / "head.json").read_text())
     assert info["finetune"]["prefix_layer"] == "block4_pool" and info["finetune"]["started_at_epoch"] == 3
+    assert info["precision"]["precision"] == "mixed_bfloat16" and info["options"]["precision"] == "mixed_bfloat16"
     assert len(info["history"]["loss"]) == 5 and info["metrics"]["test"]["rows"] == 6
     assert info["trainable_params"] == 7079424 + 512 * 256 + 256 + 257  # block5 + dense256 head
 

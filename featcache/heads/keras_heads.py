@@ -146,6 +146,7 @@ class KerasHead(Head):
         options = self.options
         callbacks = []
         if say is not None:
+            say(f"{self.name}: {precisions.Choice(**self.record['precision']).line()}")
             def report(epoch, logs):
                 scores = f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}"
                 if "val_loss" in logs:
