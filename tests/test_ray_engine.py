@@ -93,8 +93,10 @@ def test_ray_writes_the_local_engines_cache_shard_for_shard(local, by_ray):
         assert sorted(ours) == sorted(theirs) and "layers/block4_pool" in ours
         for dataset in ("features", "layers/block4_pool"):
             np.testing.assert_allclose(ours[dataset], theirs[dataset], rtol=1e-5, atol=1e-5)
-    strip = lambda manifest: {k: v for k, v in manifest.items() if k not in VOLATILE}  # noqa: E731
+    # how the precision was chosen differs (the CLI resolves auto, the fixture gives it); not what it is
+    strip = lambda manifest: {k: v for k, v in manifest.items() if k not in {*VOLATILE, "precision"}}  # noqa: E731
     assert strip(by_ray.manifest) == strip(local.cache.manifest)
+    assert by_ray.manifest["precision"]["precision"] == local.cache.manifest["precision"]["precision"] == "float32"
     assert (by_ray.manifest["engine"], local.cache.manifest["engine"]) == ("ray", "local")
     assert (by_ray.path.parent / cache.CURRENT).read_text().strip() == by_ray.key
 
