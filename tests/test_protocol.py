@@ -68,7 +68,8 @@ def test_default_options_are_adam_1e3_with_early_stopping_and_auto_scaling():
     ("optimizer", {"optimizer": "sgd"}, "--optimizer 'sgd': choose one of adam, rmsprop"),
     ("scaling", {"scaling": "minmax"}, "--scaling 'minmax': choose one of auto, standard, l2, none"),
     ("class_weight", {"class_weight": "weighted"}, "--class-weight 'weighted': choose one of balanced"),
-    ("precision", {"precision": "bfloat16"}, "--precision 'bfloat16': choose one of auto, float32, mixed_bfloat16, mixed_float16"),
+    ("precision", {"precision": "bfloat16"},
+     "--precision 'bfloat16': choose one of auto, float32, mixed_bfloat16, mixed_float16"),
 ])
 def test_an_option_outside_its_choices_is_refused_naming_them(option, change, message):
     with pytest.raises(FeatcacheError) as refusal:
