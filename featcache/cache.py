@@ -337,7 +337,7 @@ class RowSource:
 
     def read(self, shas: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
         """Copy rows out of their shards, one sorted read per shard and dataset: every part of each row,
-        in the order of ``row_keys``."""
+        in the order of ``row_keys``. Identical images (one sha256 under two names) share one entry."""
         parts: dict[str, list[np.ndarray]] = {sha: [] for sha in shas}
         for where in self.where.values():
             by_dataset: dict[tuple[Path, str], list[tuple[int, str]]] = defaultdict(list)
@@ -350,7 +350,7 @@ class RowSource:
                 with h5py.File(shard, "r") as f:
                     block = dict(zip(rows, f[dataset][rows], strict=True))
                 found.update({sha: block[row] for row, sha in wanted})
-            for sha in shas:
+            for sha in parts:
                 parts[sha].append(found[sha])
         return {sha: tuple(values) for sha, values in parts.items()}
 

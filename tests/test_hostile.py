@@ -204,3 +204,23 @@ def test_predict_refuses_a_fifo_named_directly_without_reading_it(tmp_path):
     write_image(tmp_path / "cell.png")
     usable, refused = screen([tmp_path / "pipe.png", tmp_path / "cell.png"])  # would block on the FIFO
     assert usable == [tmp_path / "cell.png"] and refused == [(tmp_path / "pipe.png", "not a regular file")]
+
+
+def test_identical_images_in_one_shard_do_not_break_the_next_incremental_extract(tmp_path):
+    """Item 2: one image under two names shares a sha256; reusing its rows read it twice and the next
+    extract after any change failed with a zip() length error."""
+    from tests.conftest import run_extract
+
+    data = make_split_folders(tmp_path / "data")
+    train = data / "train" / "cat"
+    shutil.copyfile(train / "cat_000.png", train / "cat_000_copy.png")
+    first = run_extract(data, tmp_path / "out", shard_size=64)
+    write_image(train / "cat_new.png", (200, 60, 40), seed=999)
+    second = run_extract(data, tmp_path / "out", shard_size=64)
+    assert (second.computed, second.reused) == (1, first.computed)
+    features, _, paths = second.cache.read("train")
+    row = {p: features[i] for i, p in enumerate(paths)}
+    before = dict(zip(first.cache.read("train")[2], first.cache.read("train")[0], strict=True))
+    assert (row["train/cat/cat_000.png"] == row["train/cat/cat_000_copy.png"]).all()
+    for path, expected in before.items():
+        assert (row[path] == expected).all()

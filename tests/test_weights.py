@@ -9,6 +9,7 @@ import pickle
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -222,31 +223,49 @@ def _fake_torch_pickle(payload_factory) -> bytes:
                 sys.modules[k] = v
 
 
-def test_zip_format_state_dict_is_read(tmp_path):
-    values = np.arange(6, dtype=np.float32)
+def zip_pth(path: Path, values: np.ndarray, offset=0, size=(2, 3), stride=(3, 1)) -> Path:
+    """A zip-format state dict {"layer.weight": a view of ``values``} as torch.save writes it."""
 
     def make(rebuild, storage_class):
         class Tensor:
             def __reduce__(self):
-                return rebuild, (StorageMarker(), 0, (2, 3), (3, 1), False, {})
+                return rebuild, (StorageMarker(), offset, size, stride, False, {})
 
         class StorageMarker:
             pass
 
         class Pickler(pickle.Pickler):
             def persistent_id(self, obj):
-                return ("storage", storage_class, "0", "cpu", 6) if isinstance(obj, StorageMarker) else None
+                return ("storage", storage_class, "0", "cpu", len(values)) if isinstance(obj, StorageMarker) else None
 
         buffer = io.BytesIO()
         Pickler(buffer, protocol=2).dump({"layer.weight": Tensor()})
         return buffer.getvalue()
 
-    path = tmp_path / "model.pth"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("model/data.pkl", _fake_torch_pickle(make))
         archive.writestr("model/data/0", values.tobytes())
-    state = load_state_dict(path)
-    np.testing.assert_array_equal(state["layer.weight"], values.reshape(2, 3))
+    return path
+
+
+def test_zip_format_state_dict_is_read(tmp_path):
+    values = np.arange(8, dtype=np.float32)
+    state = load_state_dict(zip_pth(tmp_path / "model.pth", values))
+    np.testing.assert_array_equal(state["layer.weight"], values[:6].reshape(2, 3))
+    shifted = load_state_dict(zip_pth(tmp_path / "view.pth", values, offset=2, size=(3, 2), stride=(1, 3)))
+    np.testing.assert_array_equal(shifted["layer.weight"], values[2:8].reshape(2, 3).T)  # the last element fits
+
+
+@pytest.mark.parametrize(("offset", "size", "stride"), [
+    (0, (4000, 4000), (4000, 1)),  # 64 MB of process memory read as weights before
+    (0, (2, 3), (-10**12, 1)),  # segfaulted
+    (-1, (2, 3), (3, 1)), (3, (2, 3), (3, 1)), (0, (2, -3), (3, 1)), (0, (2, 3), (3,)),
+])
+def test_a_tensor_view_reaching_beyond_its_storage_is_refused_in_one_line(tmp_path, offset, size, stride):
+    """Issue 18, item 9: size, offset and stride come from the file; every view is bounded by its storage."""
+    path = zip_pth(tmp_path / "model.pth", np.arange(8, dtype=np.float32), offset, size, stride)
+    with pytest.raises(FeatcacheError, match=r"model.pth: not a readable PyTorch state dict \(tensor layer.weight"):
+        load_state_dict(path)
 
 
 def test_malicious_pickle_is_refused_without_running_code(tmp_path):

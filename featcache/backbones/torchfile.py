@@ -41,8 +41,17 @@ class TensorRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
-    def materialise(self, storages: dict[str, np.ndarray]) -> np.ndarray:
+    def materialise(self, name: str, storages: dict[str, np.ndarray]) -> np.ndarray:
+        """A copy of the view, once it is proven to lie inside its storage: size, offset and stride come
+        from the file, and ``as_strided`` would read any memory they point at."""
         data = storages[self.storage.key]
+        layout = f"tensor {name}: size {self.size}, stride {self.stride}, offset {self.offset}"
+        if len(self.size) != len(self.stride) or min((self.offset, *self.size, *self.stride), default=0) < 0:
+            raise ValueError(f"{layout} is not a valid view")
+        if all(self.size):  # an empty tensor reads nothing
+            last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+            if last >= len(data):
+                raise ValueError(f"{layout} reaches element {last} of a storage of {len(data)}")
         itemsize = data.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             data[self.offset :], shape=self.size, strides=tuple(s * itemsize for s in self.stride)
@@ -92,17 +101,14 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
         state, storages = (_read_zip if zipfile.is_zipfile(path) else _read_legacy)(path)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise FeatcacheError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        return {name: value.materialise(name, storages) for name, value in state.items()
+                if isinstance(value, TensorRef)}
     except (pickle.UnpicklingError, struct.error, EOFError, KeyError, ValueError, TypeError) as exc:
         raise FeatcacheError(f"{path}: not a readable PyTorch state dict ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise FeatcacheError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {
-        name: value.materialise(storages)
-        for name, value in state.items()
-        if isinstance(value, TensorRef)
-    }
 
 
 def _read_legacy(path: Path) -> tuple[object, dict[str, np.ndarray]]:
@@ -117,7 +123,10 @@ def _read_legacy(path: Path) -> tuple[object, dict[str, np.ndarray]]:
         for key in SafeUnpickler(f).load():
             (numel,) = struct.unpack("<q", f.read(8))
             dtype = unpickler.storages[key].dtype
-            storages[key] = np.frombuffer(f.read(numel * dtype.itemsize), dtype=dtype)
+            raw = f.read(numel * dtype.itemsize) if numel >= 0 else b""
+            if numel < 0 or len(raw) != numel * dtype.itemsize:
+                raise ValueError(f"storage {key} claims {numel} elements; the file holds {len(raw) // dtype.itemsize}")
+            storages[key] = np.frombuffer(raw, dtype=dtype)
     return state, storages
 
 
