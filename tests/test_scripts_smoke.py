@@ -129,3 +129,15 @@ def test_readme_command_reference_is_each_commands_help():
     spec.loader.exec_module(module)
     _, current, _ = module.split_readme(stale)
     assert module.differing(current, module.section()) == ["featcache extract"]
+
+
+def test_precision_choices_prints_auto_s_choice_and_the_flags_it_saw():
+    run = run_script("precision_choices", "--networks", "vgg16:32")
+    machine, _, header, _, row = run.stdout.strip().splitlines()[:5]
+    assert "cores" in machine and "tensorflow" in machine and "candidate:" in machine
+    assert header.startswith("| network | float32 img/s")
+    assert row.startswith("| vgg16, 32 px |") and row.rstrip(" |").rsplit("| ", 1)[1].split(":")[0] in (
+        "float32", "mixed_bfloat16", "mixed_float16")
+    if "none (float32 only)" not in machine:  # a candidate was timed: both rates and their ratio
+        rates = [float(cell.split()[0].rstrip("x")) for cell in row.split("|")[2:5]]
+        assert min(rates) > 0
