@@ -187,6 +187,8 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
     result = extract_dataset(dataset, config, resolved, workdir, batch_size=o.batch_size,
                              shard_size=o.shard_size, xla=o.xla, lock_timeout=o.lock_timeout,
                              show_progress=o.show_progress, engine=engine, precision_choice=choice)
+    for warning in result.warnings[len(dataset.warnings):]:  # found while extracting (a damaged source)
+        warn(warning)
     cache_store.set_current(workdir, result.cache.key)
     return result
 

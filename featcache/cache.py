@@ -211,13 +211,18 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool
                 and len({len(f[name]) for name in (*ROW_DATASETS, also) if name and name in f}) == 1
             ):
                 return False
-            for name in ("features", also) if also else ("features",):
-                data = f[name]
-                for start in range(0, len(data), CHUNK_ROWS * 16):
-                    data[start : start + CHUNK_ROWS * 16]  # reading verifies the checksum
+            _verify_features(f, also)
             return True
     except (OSError, KeyError, json.JSONDecodeError):
         return False
+
+
+def _verify_features(f: h5py.File, also: str | None) -> None:
+    """Read the features (an also-layer's too) chunk by chunk: a failed Fletcher-32 checksum raises OSError."""
+    for name in ("features", also) if also else ("features",):
+        data = f[name]
+        for start in range(0, len(data), CHUNK_ROWS * 16):
+            data[start : start + CHUNK_ROWS * 16]
 
 
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
@@ -325,6 +330,23 @@ class RowSource:
 
     def __contains__(self, sha256: str) -> bool:
         return all(sha256 in where for where in self.where.values())
+
+    def drop_damaged(self, shas: list[str]) -> list[Path]:
+        """Verify every shard that rows of ``shas`` would be copied from, and forget the damaged ones, so
+        their rows are computed instead of failing the run (or copying a flipped bit); returns those."""
+        shards = sorted({where[sha][0] for where in self.where.values() for sha in shas if sha in where})
+        damaged = []
+        for shard in shards:
+            try:
+                with h5py.File(shard, "r") as f:
+                    _verify_features(f, _also_name(json.loads(f.attrs["config"])))
+                    f["sha256"][:]
+            except (OSError, KeyError, json.JSONDecodeError):
+                damaged.append(shard)
+        for where in self.where.values():
+            for sha in [sha for sha, (shard, _, _) in where.items() if shard in damaged]:
+                del where[sha]
+        return damaged
 
     def only(self, shas: list[str]) -> RowSource:
         """The part of this index that ``shas`` need, with absolute shard paths (for another process)."""

@@ -179,12 +179,15 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     todo = [p for p in plans if not cache.shard_is_intact(cache_dir / p.name, key, p)]
     row_keys = (config.row_key(), config.also_row_key()) if config.also_layer else (config.row_key(),)
     source = cache.RowSource(cache_dir.parent, row_keys, exclude=cache_dir)
+    damaged = source.drop_damaged([s.sha256 for p in todo for s in p.samples])
     pending = pending_rows(todo, source)
     # built here even when an engine builds its own: a bad layer or weights file fails before any
     # work starts, and the manifest records the output layer and shape
     model = extraction_model(config, resolved.keras_arg) if pending else None
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     manifest["engine"] = engine.name
+    manifest["warnings"] += [f"row reuse skipped {shard} (damaged: its checksums fail); its rows were computed "
+                             f"again, and that cache needs extracting again" for shard in damaged]
     choice = precision_choice or precisions.Choice(config.precision, "given in the config", config.precision)
     manifest["precision"] = choice.to_json()
     cache.write_manifest(cache_dir, manifest)
@@ -429,4 +432,4 @@ def _finish(cache_dir, manifest, dataset, plans, computed, reused, kept, started
     )
     cache.write_manifest(cache_dir, manifest)
     return ExtractResult(cache.Cache(cache_dir), computed, reused, kept, manifest["seconds"], rejects,
-                         list(dataset.warnings))
+                         list(manifest["warnings"]))

@@ -224,3 +224,29 @@ def test_identical_images_in_one_shard_do_not_break_the_next_incremental_extract
     assert (row["train/cat/cat_000.png"] == row["train/cat/cat_000_copy.png"]).all()
     for path, expected in before.items():
         assert (row[path] == expected).all()
+
+
+def test_a_damaged_older_cache_is_skipped_as_a_source_of_rows_named_in_one_warning(tmp_path):
+    """Item 3: a flipped features byte in an older cache made every new extract in the workdir fail with a raw
+    OSError naming neither shard nor cache. Its rows are computed instead, and the shard is named once."""
+    from featcache.api import ExtractOptions, run_extraction
+    from tests.conftest import flip_bits, run_extract
+
+    data = make_split_folders(tmp_path / "data")
+    old = run_extract(data, tmp_path / "out", shard_size=64)
+    reference = {split: old.cache.read(split) for split in old.cache.splits}
+    damaged = old.cache.path / "train-00000.h5"
+    flip_bits(damaged)
+    write_image(data / "test" / "dog" / "dog_new.png", (40, 80, 200), seed=999)
+    warnings = []
+    options = ExtractOptions(image_size=32, dtype="float32", weights="none", shard_size=64, batch_size=4,
+                             show_progress=False)
+    new = run_extraction(data, backbone="vgg16", workdir=tmp_path / "out", options=options, warn=warnings.append)
+    assert warnings == [f"row reuse skipped {damaged} (damaged: its checksums fail); its rows were computed again, "
+                        "and that cache needs extracting again"]
+    assert new.computed == len(reference["train"][0]) + 1  # the damaged shard's rows, and the new image
+    assert new.reused == len(reference["validation"][0]) + len(reference["test"][0])
+    for split, (features, _, paths) in reference.items():
+        rows = dict(zip(new.cache.read(split)[2], new.cache.read(split)[0], strict=True))
+        for path, expected in zip(paths, features, strict=True):
+            assert (rows[path] == expected).all()  # computed again, bit for bit
