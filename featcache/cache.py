@@ -196,10 +196,11 @@ def _also_name(config: dict) -> str | None:
     return also_dataset(config["also_layer"]) if config.get("also_layer") else None
 
 
-def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool:
-    """A shard on disk is reusable only if it opens, belongs to this key (and plan), is whole, and its
-    features (an also-layer's too) pass their Fletcher-32 checksums (read chunk by chunk: a flipped
-    bit is caught here, not by a head halfway through training)."""
+def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None, classes: list[str] | None = None) -> bool:
+    """A shard on disk is reusable only if it opens, belongs to this key (and plan), sits under its own
+    name (and labels by ``classes``), is whole, and its features (an also-layer's too) pass their
+    Fletcher-32 checksums (read chunk by chunk: a flipped bit is caught here, not by a head halfway
+    through training)."""
     try:
         with h5py.File(path, "r") as f:
             also = _also_name(json.loads(f.attrs.get("config", "{}")))
@@ -207,6 +208,7 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool
             if not (
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
+                and _placement_error(f, path, classes) is None
                 and all(name in f for name in required)
                 and len({len(f[name]) for name in (*ROW_DATASETS, also) if name and name in f}) == 1
             ):
@@ -215,6 +217,21 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None) -> bool
             return True
     except (OSError, KeyError, json.JSONDecodeError):
         return False
+
+
+def _placement_error(f: h5py.File, shard: Path, classes: list[str] | None) -> str | None:
+    """Why a shard does not belong where it sits, or None. It must hold the rows its own attributes
+    name (split and index), with labels indexing the manifest's class list: shards swapped between
+    splits, or a reordered ``classes`` in the manifest, would otherwise be read as named (test rows
+    trained on, every label silently renamed)."""
+    holds = f"{f.attrs.get('split')}-{int(f.attrs.get('shard_index', -1)):05d}.h5"
+    if holds != shard.name:
+        return f"shard {shard} holds the rows of {holds} (the cache's files were moved or swapped)"
+    stored = json.loads(f.attrs.get("classes", "null"))
+    if classes is not None and stored != classes:
+        return (f"shard {shard} labels its rows by the classes {stored}, but manifest.json lists {classes} "
+                "(the manifest was edited)")
+    return None
 
 
 def _verify_features(f: h5py.File, also: str | None) -> None:
@@ -445,6 +462,8 @@ class Cache:
                 raise FeatcacheError(f"shard {shard} lacks dataset(s) {', '.join(missing)}; {fix}")
             if len({len(f[name]) for name in ROW_DATASETS if name in f}) != 1:
                 raise FeatcacheError(f"shard {shard} has datasets of different lengths; {fix}")
+            if error := _placement_error(f, shard, self.classes):
+                raise FeatcacheError(f"{error}; {fix}")
             yield f
 
     def iter_batches(self, split: str, batch_size: int = 1024) -> Iterator[Batch]:

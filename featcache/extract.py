@@ -168,7 +168,7 @@ def extract(
 def _shards_intact(cache_dir: Path) -> bool:
     manifest = cache.read_manifest(cache_dir)
     names = [n for split in manifest["splits"].values() for n in split["shards"]]
-    return all(cache.shard_is_intact(cache_dir / n, manifest["key"]) for n in names)
+    return all(cache.shard_is_intact(cache_dir / n, manifest["key"], classes=manifest["classes"]) for n in names)
 
 
 def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla, show_progress, started,

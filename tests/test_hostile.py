@@ -250,3 +250,40 @@ def test_a_damaged_older_cache_is_skipped_as_a_source_of_rows_named_in_one_warni
         rows = dict(zip(new.cache.read(split)[2], new.cache.read(split)[0], strict=True))
         for path, expected in zip(paths, features, strict=True):
             assert (rows[path] == expected).all()  # computed again, bit for bit
+
+
+def test_shards_swapped_between_splits_or_a_reordered_class_list_are_refused_and_extract_repairs_them(tmp_path):
+    """Item 11: readers trusted where a shard sits and what the manifest says: a head trained on test rows
+    swapped into train, and a reordered ``classes`` relabelled every prediction. Both are refused in one
+    line, and the same extract repairs them."""
+    import json
+
+    from featcache.heads import fit_head
+    from tests.conftest import run_extract
+
+    data = make_split_folders(tmp_path / "data")
+    first = run_extract(data, tmp_path / "out", shard_size=64)
+    train, test = first.cache.path / "train-00000.h5", first.cache.path / "test-00000.h5"
+    reference = first.cache.read("train")
+    train.rename(tmp_path / "swap.h5")
+    test.rename(train)
+    (tmp_path / "swap.h5").rename(test)
+    with pytest.raises(FeatcacheError, match=f"^shard {train} holds the rows of test-00000.h5 .*featcache extract"):
+        cache.Cache(first.cache.path).read("train")
+    with pytest.raises(FeatcacheError, match="holds the rows of"):
+        fit_head(cache.Cache(first.cache.path), "logreg")
+    repaired = run_extract(data, tmp_path / "out", shard_size=64)
+    assert repaired.computed == 12 + 6  # the two swapped shards (train and test rows), rebuilt
+    features, labels, paths = repaired.cache.read("train")
+    assert (features == reference[0]).all() and (labels == reference[1]).all() and paths == reference[2]
+
+    manifest_path = first.cache.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["classes"] = manifest["classes"][::-1]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(FeatcacheError, match=r"labels its rows by the classes \['cat', 'dog'\], but manifest.json "
+                                             r"lists \['dog', 'cat'\] \(the manifest was edited\)"):
+        cache.Cache(first.cache.path).read("test")
+    again = run_extract(data, tmp_path / "out", shard_size=64)
+    assert again.computed == 0 and again.cache.classes == ["cat", "dog"]
+    assert (again.cache.read("train")[1] == reference[1]).all()
