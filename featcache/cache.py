@@ -41,6 +41,7 @@ import numpy as np
 from featcache import FeatcacheError, __version__, augment
 from featcache.dataset import Dataset, Sample
 from featcache.files import atomic_write
+from featcache.images import UNREADABLE
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -198,7 +199,8 @@ def _also_name(config: dict) -> str | None:
 
 def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None, classes: list[str] | None = None) -> bool:
     """A shard on disk is reusable only if it opens, belongs to this key (and plan), sits under its own
-    name (and labels by ``classes``), is whole, and its features (an also-layer's too) pass their
+    name (and labels by ``classes``), rejected no file for a mere read failure (retried: a file
+    deleted and restored is not bad content), is whole, and its features (an also-layer's too) pass their
     Fletcher-32 checksums (read chunk by chunk: a flipped bit is caught here, not by a head halfway
     through training)."""
     try:
@@ -209,6 +211,7 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None, classes
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
                 and _placement_error(f, path, classes) is None
+                and not any(reason.startswith(UNREADABLE) for reason in json.loads(f.attrs["rejects"]).values())
                 and all(name in f for name in required)
                 and len({len(f[name]) for name in (*ROW_DATASETS, also) if name and name in f}) == 1
             ):

@@ -22,6 +22,9 @@ class RejectedImage(Exception):
     """The file cannot become a training row; the message is the reason shown to the user."""
 
 
+UNREADABLE = "could not be read"  # a reject that says nothing of the content: the next extract retries it
+
+
 def load_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:
     """Return a (size, size, 3) uint8 RGB array, or raise RejectedImage with the reason.
 
@@ -45,6 +48,8 @@ def load_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarra
         raise RejectedImage("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
         raise RejectedImage(f"too large ({exc})") from None
+    except (FileNotFoundError, PermissionError) as exc:  # gone or locked now: not the file's content
+        raise RejectedImage(f"{UNREADABLE} ({exc.strerror}); the next extract tries it again") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise RejectedImage(f"corrupt or truncated ({exc})") from None
     except Exception as exc:  # Pillow's plugins raise odd types on malformed files: never crash a run

@@ -287,3 +287,26 @@ def test_shards_swapped_between_splits_or_a_reordered_class_list_are_refused_and
     again = run_extract(data, tmp_path / "out", shard_size=64)
     assert again.computed == 0 and again.cache.classes == ["cat", "dog"]
     assert (again.cache.read("train")[1] == reference[1]).all()
+
+
+def test_a_file_unreadable_for_a_moment_is_retried_by_the_next_run_not_rejected_for_good(tmp_path):
+    """Item 6: a file deleted after the scan and restored unchanged stayed "1 rejected, nothing to compute"
+    for good. Only content makes a permanent reject; a read failure is retried."""
+    from featcache.extract import extract, make_config
+    from tests.conftest import FAST
+
+    data = make_split_folders(tmp_path / "data")
+    config, resolved = make_config(**FAST)
+    dataset = load_dataset(data)  # scanned and hashed while the file is there
+    victim = data / "train" / "dog" / "dog_002.png"
+    content = victim.read_bytes()
+    victim.unlink()
+    first = extract(dataset, config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
+    assert [(r["relpath"], r["reason"].split(" (")[0]) for r in first.rejects] == [
+        ("train/dog/dog_002.png", "could not be read")]
+    victim.write_bytes(content)  # back, unchanged
+    second = extract(load_dataset(data), config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
+    assert second.cache.key == first.cache.key and second.rejects == [] and second.computed == 12
+    assert "train/dog/dog_002.png" in second.cache.read("train")[2]
+    third = extract(load_dataset(data), config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
+    assert third.computed == 0  # complete now: nothing left to retry
