@@ -23,7 +23,7 @@ from featcache import FeatcacheError, __version__, backbones, precision, views
 from featcache.backbones import weights
 from featcache.cache import Cache, ExtractionConfig
 from featcache.dataset import file_sha256
-from featcache.files import atomic_write
+from featcache.files import raise_if_out_of_space
 from featcache.heads import Head
 
 
@@ -195,8 +195,10 @@ def export(
     """Write the end-to-end model as ``output`` (.keras), plus a SavedModel folder and/or a .tflite file.
 
     ``compute`` is the precision it runs in: float32 unless asked (a bfloat16 model crawls on a CPU
-    without bfloat16). A ``.json`` beside it records what the model expects and where it came
-    from. Every file appears whole or not at all.
+    without bfloat16). A ``.json`` beside it records what the model expects and where it came from.
+    Every file is built as a hidden temporary first and renamed into place only once all are
+    built, so a killed or failed export leaves the previous files as they were, all of one head;
+    temporaries of killed exports are removed by the next.
     """
     import keras
 
@@ -205,28 +207,68 @@ def export(
         raise FeatcacheError(f"--output {output}: the file name must end in .keras")
     model = end_to_end(cache, head, compute)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, output)
-    written = [output]
-    if saved_model or tflite:
-        folder = output.with_name(f"{output.stem}_savedmodel")
-        building = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(building, ignore_errors=True)
-        model.export(building, format="tf_saved_model", verbose=False)
+    _remove_stale_temporaries(output)
+    folder = output.with_name(f"{output.stem}_savedmodel")
+    built: dict[Path, Path] = {}  # final path -> its temporary
+    try:
+        built[output] = _temporary(output)
+        model.save(built[output])
+        if saved_model or tflite:
+            built[folder] = _temporary(folder)
+            model.export(built[folder], format="tf_saved_model", verbose=False)
         if tflite:
             import tensorflow as tf
 
-            flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(building)).convert()
-            written.append(atomic_write(output.with_suffix(".tflite"), flatbuffer))
-        if saved_model:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(building, folder)
-            written.append(folder)
-        shutil.rmtree(building, ignore_errors=True)
-    metadata = model_card(cache, head, [p.name for p in written], keras.__version__, compute)
-    written.append(atomic_write(output.with_suffix(".json"), json.dumps(metadata, indent=2)))
-    return written
+            built[output.with_suffix(".tflite")] = _temporary(output.with_suffix(".tflite"))
+            flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(built[folder])).convert()
+            built[output.with_suffix(".tflite")].write_bytes(flatbuffer)
+        if not saved_model and folder in built:  # built only for the .tflite conversion
+            _remove(built.pop(folder))
+        names = [path.name for path in built]
+        built[output.with_suffix(".json")] = _temporary(output.with_suffix(".json"))
+        card = model_card(cache, head, names, keras.__version__, compute)
+        built[output.with_suffix(".json")].write_text(json.dumps(card, indent=2))
+        for final, tmp in built.items():  # the .json last: it names the files of one head
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as exc:
+        raise_if_out_of_space(exc, f"export to {output}")
+        raise
+    finally:
+        for tmp in built.values():
+            _remove(tmp)
+    return list(built)
+
+
+def _temporary(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}{final.suffix}")
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporaries of exports to ``output`` whose process is gone (killed mid-export: a SavedModel is
+    a hundred MB)."""
+    for tmp in output.parent.glob(f".{output.stem}*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, compute: str = "float32") -> dict:

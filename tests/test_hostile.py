@@ -310,3 +310,52 @@ def test_a_file_unreadable_for_a_moment_is_retried_by_the_next_run_not_rejected_
     assert "train/dog/dog_002.png" in second.cache.read("train")[2]
     third = extract(load_dataset(data), config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
     assert third.computed == 0  # complete now: nothing left to retry
+
+
+def test_export_replaces_all_its_files_or_none_and_sweeps_temporaries_of_killed_exports(tmp_path, monkeypatch):
+    """Item 10: killed during the SavedModel step, m.keras described one head and m.json another; killed
+    exports left hidden temporaries (a SavedModel is 100 MB) that no run removed; a full disk was a raw
+    OSError 28."""
+    import errno
+    import json
+
+    import keras
+
+    from featcache.heads import FitOptions, fit_head
+    from featcache.model import export
+    from tests.conftest import run_extract
+
+    fitted = run_extract(make_split_folders(tmp_path / "data"), tmp_path / "out", pooling="avg").cache
+    first, second = fit_head(fitted, "logreg"), fit_head(fitted, "dense256", FitOptions(epochs=1))
+    out = tmp_path / "exports" / "m.keras"
+    export(fitted, first, out)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert sorted(before) == ["m.json", "m.keras"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill mid-step would leave it, minus the process
+
+    monkeypatch.setattr(keras.Model, "export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(fitted, second, out, saved_model=True)
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # all of the first head, nothing else
+    assert json.loads((out.parent / "m.json").read_text())["head"] == "logreg"
+
+    monkeypatch.undo()
+    stale = [out.parent / ".m.keras.tmp-999999999.keras", out.parent / ".m_savedmodel.tmp-999999999"]
+    stale[0].write_bytes(b"x" * 1000)
+    (stale[1] / "variables").mkdir(parents=True)
+    written = export(fitted, second, out)
+    assert not any(path.exists() for path in stale) and sorted(p.name for p in out.parent.iterdir()) == [
+        "m.json", "m.keras"]
+    assert [p.name for p in written] == ["m.keras", "m.json"]
+    assert json.loads((out.parent / "m.json").read_text())["head"] == "dense256"
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    with pytest.raises(FeatcacheError) as error:
+        export(fitted, first, out)
+    assert str(error.value).startswith(f"export to {out}: No space left on device; free space and run the same")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.keras"]
