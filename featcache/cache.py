@@ -177,6 +177,7 @@ def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
         f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
         f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
         f.create_dataset("views", data=np.array([s.view for s in rows], dtype=np.int32))
+        f.attrs["rows_sha256"] = rows_digest(f)
         f.attrs.update(
             {
                 "cache_key": provenance["key"],
@@ -211,6 +212,7 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None, classes
                 f.attrs.get("cache_key") == key
                 and (plan is None or f.attrs.get("plan_digest") == plan.digest)
                 and _placement_error(f, path, classes) is None
+                and _rows_error(f, path) is None
                 and not any(reason.startswith(UNREADABLE) for reason in json.loads(f.attrs["rejects"]).values())
                 and all(name in f for name in required)
                 and len({len(f[name]) for name in (*ROW_DATASETS, also) if name and name in f}) == 1
@@ -220,6 +222,24 @@ def shard_is_intact(path: Path, key: str, plan: ShardPlan | None = None, classes
             return True
     except (OSError, KeyError, json.JSONDecodeError):
         return False
+
+
+def rows_digest(f: h5py.File) -> str:
+    """sha256 of what a shard says of its rows (labels, paths, image hashes, views): the features carry
+    HDF5 checksums, these small arrays carry this one, so a flipped bit in a label is caught too."""
+    digest = hashlib.sha256()
+    for name in ("labels", "sha256", "views"):
+        if name in f:
+            digest.update(np.ascontiguousarray(f[name][:]).tobytes())
+    digest.update("\0".join(p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]).encode())
+    return digest.hexdigest()
+
+
+def _rows_error(f: h5py.File, shard: Path) -> str | None:
+    stored = f.attrs.get("rows_sha256")  # shards written before it carry none
+    if stored is not None and stored != rows_digest(f):
+        return f"shard {shard}: its labels, paths or image hashes fail their checksum (damaged on disk)"
+    return None
 
 
 def _placement_error(f: h5py.File, shard: Path, classes: list[str] | None) -> str | None:
@@ -360,7 +380,8 @@ class RowSource:
             try:
                 with h5py.File(shard, "r") as f:
                     _verify_features(f, _also_name(json.loads(f.attrs["config"])))
-                    f["sha256"][:]
+                    if _rows_error(f, shard):
+                        raise OSError("rows checksum")
             except (OSError, KeyError, json.JSONDecodeError):
                 damaged.append(shard)
         for where in self.where.values():
@@ -465,7 +486,7 @@ class Cache:
                 raise FeatcacheError(f"shard {shard} lacks dataset(s) {', '.join(missing)}; {fix}")
             if len({len(f[name]) for name in ROW_DATASETS if name in f}) != 1:
                 raise FeatcacheError(f"shard {shard} has datasets of different lengths; {fix}")
-            if error := _placement_error(f, shard, self.classes):
+            if error := _placement_error(f, shard, self.classes) or _rows_error(f, shard):
                 raise FeatcacheError(f"{error}; {fix}")
             yield f
 

@@ -359,3 +359,34 @@ def test_export_replaces_all_its_files_or_none_and_sweeps_temporaries_of_killed_
         export(fitted, first, out)
     assert str(error.value).startswith(f"export to {out}: No space left on device; free space and run the same")
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.keras"]
+
+
+def test_a_flipped_bit_in_labels_or_paths_is_caught_by_readers_and_rebuilt_by_extract(tmp_path):
+    """Item 5: a 1-bit flip in ``labels`` was trained on by fit-head and extract called the cache complete."""
+    import h5py
+
+    from featcache.heads import fit_head
+    from tests.conftest import run_extract
+
+    data = make_split_folders(tmp_path / "data")
+    first = run_extract(data, tmp_path / "out", shard_size=64)
+    reference = first.cache.read("train")
+    shard = first.cache.path / "train-00000.h5"
+    for dataset in ("labels", "paths"):
+        original = shard.read_bytes()
+        with h5py.File(shard, "r") as f:
+            address = f[dataset].id.get_offset() if dataset == "labels" else None
+        damaged = bytearray(original)
+        if address is None:  # variable-length strings live in the global heap: flip a byte of a path there
+            address = damaged.find(b"train/cat/cat_001.png") + len("train/cat/cat_")
+        damaged[address] ^= 0x01
+        shard.write_bytes(bytes(damaged))
+        with pytest.raises(FeatcacheError, match=f"^shard {shard}: its labels, paths or image hashes fail their "
+                                                 "checksum .*featcache extract"):
+            cache.Cache(first.cache.path).read("train")
+        with pytest.raises(FeatcacheError, match="fail their checksum"):
+            fit_head(cache.Cache(first.cache.path), "logreg")
+        repaired = run_extract(data, tmp_path / "out", shard_size=64)
+        assert repaired.computed == 12  # that shard alone
+        features, labels, paths = repaired.cache.read("train")
+        assert (labels == reference[1]).all() and paths == reference[2] and (features == reference[0]).all()
