@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache import FeatcacheError
+from featcache.files import open_regular
 from featcache.images import IMAGE_SUFFIXES
 
 SPLITS = ("train", "validation", "test")
@@ -367,9 +368,7 @@ def hash_split(relpath: str, fractions: tuple[float, float, float] = DEFAULT_FRA
 def file_sha256(path: Path) -> str:
     """The sha256 of a regular file's bytes; OSError for anything else (a FIFO swapped in after the scan
     must not block: it is opened without waiting for a writer, and refused)."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(f"{path} is not a regular file")
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

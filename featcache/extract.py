@@ -319,7 +319,8 @@ def _run_backbone(backbone: FeaturePass, job: ShardJob, pending: list[Sample], c
         return augment.augmented_view(image, config.seed, s.source_sha256, s.view) if s.view else image
 
     paths = [s.path for s in pending]
-    batches = decoded_batches(paths, config.image_size, config.resize, job.batch_size, reject, view_of)
+    hashes = [s.source_sha256 or s.sha256 for s in pending]  # a view's row identity is not its file's hash
+    batches = decoded_batches(paths, config.image_size, config.resize, job.batch_size, reject, view_of, hashes)
     for indices, batch in batches:
         outputs = [output.numpy().astype(config.dtype) for output in backbone.forward(batch)]
         for j, i in enumerate(indices):
@@ -328,12 +329,14 @@ def _run_backbone(backbone: FeaturePass, job: ShardJob, pending: list[Sample], c
     yield len(pending)  # trailing rejects after the last batch
 
 
-def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, reject, transform=None):
+def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, reject, transform=None,
+                    hashes: list[str] | None = None):
     """(indices, uint8 images) batches, decoded in parallel by ``load_image`` in a tf.data pipeline.
 
     A file that cannot be used is skipped and reported as ``reject(index, reason)``; order is kept.
     ``transform(index, image)``, if given, replaces each decoded image (extraction's augmented
-    views). Extraction and prediction both read images through here.
+    views); ``hashes``, the scan's sha256 of each file, which the decoded bytes must match.
+    Extraction and prediction both read images through here.
     """
     import tensorflow as tf
 
@@ -341,7 +344,7 @@ def decoded_batches(paths: list[Path], size: int, resize: str, batch_size: int, 
 
     def decode(i):
         try:
-            image = load_image(paths[int(i)], size, resize)
+            image = load_image(paths[int(i)], size, resize, hashes[int(i)] if hashes else None)
         except RejectedImage as exc:
             reject(int(i), str(exc))
             return blank, False

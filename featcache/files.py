@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from featcache import FeatcacheError
@@ -26,6 +27,16 @@ def atomic_write(path: str | Path, data: bytes | memoryview | str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def open_regular(path: str | Path):
+    """``path`` opened for binary reading if it is a regular file; OSError for anything else (a FIFO
+    swapped in after a scan must not block: it is opened without waiting for a writer, and refused)."""
+    f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise OSError(f"{path} is not a regular file")
+    return f
 
 
 def fsync(path: Path) -> None:

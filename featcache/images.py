@@ -5,11 +5,15 @@ The same function serves extraction and prediction, so preprocessing is identica
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featcache.files import open_regular
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 MAX_PIXELS = 100_000_000  # larger is a decompression bomb or a mistake, never a photo to classify
@@ -25,19 +29,28 @@ class RejectedImage(Exception):
 UNREADABLE = "could not be read"  # a reject that says nothing of the content: the next extract retries it
 
 
-def load_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:
+def load_image(path: str | Path, size: int, resize: str = "squash", sha256: str | None = None) -> np.ndarray:
     """Return a (size, size, 3) uint8 RGB array, or raise RejectedImage with the reason.
 
     "squash" resizes without keeping the aspect ratio (like Keras); "crop" takes the largest
-    centred square first.
+    centred square first. With ``sha256`` (the hash a scan took) the very bytes decoded are hashed:
+    a file rewritten since the scan is refused for this run, never given the scanned file's row.
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise RejectedImage("empty file")
+        source = path
+        if sha256 is not None:
+            with open_regular(path) as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RejectedImage(f"{UNREADABLE} as scanned (its content changed during extract); "
+                                    "the next extract reads it again")
+            source = io.BytesIO(data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 _check_dimensions(img.size)
                 img.draft("RGB", (size, size))  # JPEG: decode at the smallest sufficient scale
                 img.load()

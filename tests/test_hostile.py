@@ -390,3 +390,26 @@ def test_a_flipped_bit_in_labels_or_paths_is_caught_by_readers_and_rebuilt_by_ex
         assert repaired.computed == 12  # that shard alone
         features, labels, paths = repaired.cache.read("train")
         assert (labels == reference[1]).all() and paths == reference[2] and (features == reference[0]).all()
+
+
+def test_a_file_rewritten_after_the_scan_never_gets_the_scanned_files_row(tmp_path):
+    """Item 4: the sha256 was taken at the scan and the pixels decoded later, so an image overwritten in
+    between kept the old hash and label with the new image's features, for good. The decoded bytes
+    are hashed now: a mismatch is a changed file, refused for this run and read again by the next."""
+    from featcache.extract import extract, make_config
+    from tests.conftest import FAST
+
+    data = make_split_folders(tmp_path / "data")
+    config, resolved = make_config(**FAST)
+    scanned = load_dataset(data)
+    victim = data / "train" / "cat" / "cat_001.png"
+    shutil.copyfile(data / "train" / "dog" / "dog_001.png", victim)  # another class's image, after the scan
+    first = extract(scanned, config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
+    assert [r["relpath"] for r in first.rejects] == ["train/cat/cat_001.png"]
+    assert "content changed during extract" in first.rejects[0]["reason"]
+    assert "train/cat/cat_001.png" not in first.cache.read("train")[2]
+    second = extract(load_dataset(data), config, resolved, tmp_path / "out", shard_size=64, show_progress=False)
+    assert second.cache.key != first.cache.key and second.rejects == []
+    features, labels, paths = second.cache.read("train")
+    row = dict(zip(paths, features, strict=True))
+    assert (row["train/cat/cat_001.png"] == row["train/dog/dog_001.png"]).all()  # its own pixels now
