@@ -7,10 +7,14 @@ Each fault runs the real CLI in a child process that kills itself at a chosen po
 - shard:    halfway through writing the Nth shard's bytes to its temporary file
 - rename:   just before, or just after, the Nth shard is renamed into place
 - manifest: halfway through writing the manifest, or just after it was renamed into place
+- rewrite:  not a kill: the Nth image is overwritten with another image's bytes just before it is
+  decoded (after the scan hashed it); the run must finish with that image refused, no row of it,
+  and the next run, once the file is restored, must read it again
 
 After every kill the cache is opened the way `fit-head` would open it (it must be refused until
-complete), and every fifth kill bit-flips one finished shard on disk (if that kill left none, the
-finished cache's, which is then run once more). The next run resumes;
+complete), and every fifth kill damages one finished shard on disk, alternately a bit flip in its
+features and a swap with another shard (if that kill left no shard, the finished cache's, which
+must then be refused until it is run once more). The next run resumes;
 when a run finally completes, its cache is compared with an uninterrupted run's: same key, same
 rows in the same order (no duplicates, no missing image), same labels and rejects, features equal
 within float tolerance. Prints a table and writes JSON:
@@ -37,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("decode", "backbone", "shard", "rename", "manifest")
+PHASES = ("decode", "backbone", "shard", "rename", "manifest", "rewrite")
+REWRITTEN = "CHAOS_REWRITTEN"  # env: the file where a rewrite run notes which image it overwrote
 
 
 # ---------------------------------------------------------------- child: the run that gets killed
@@ -105,6 +110,17 @@ def arm(phase: str, nth: int, seed: int) -> None:
             return replace(src, dst, *args, **kwargs)
 
         files.os.replace = dying_replace
+    elif phase == "rewrite":
+        load_image = extract.load_image
+
+        def racing_load_image(path, *args, **kwargs):
+            if count():  # another writer replaces the file between the scan and the decode
+                other = next(p for p in sorted(Path(path).parent.parent.glob("*/img*.jpg")) if p != Path(path))
+                Path(path).write_bytes(other.read_bytes())
+                Path(os.environ[REWRITTEN]).write_text(str(path))
+            return load_image(path, *args, **kwargs)
+
+        extract.load_image = racing_load_image
     else:
         raise SystemExit(f"unknown phase {phase!r}: choose one of {', '.join(PHASES)}")
 
@@ -207,21 +223,46 @@ def flip_a_byte(workdir: Path, rng: random.Random) -> Path | None:
     return shard
 
 
+def swap_shards(workdir: Path, rng: random.Random) -> Path | None:
+    """Swap two finished shards' files (readers must refuse them, the next run must rebuild both)."""
+    shards = sorted(workdir.glob("*/*.h5"))
+    if len(shards) < 2:
+        return None
+    a, b = rng.sample(shards, 2)
+    a.rename(a.with_suffix(".swap"))
+    b.rename(a)
+    a.with_suffix(".swap").rename(b)
+    return a
+
+
 def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
     rng = random.Random(seed)
     data = root / "data"
     make_images(data, images, seed)
+    originals = {path: path.read_bytes() for path in data.glob("*/*")}  # to undo a rewrite
+    os.environ[REWRITTEN] = str(root / "rewritten")
     started = time.monotonic()
     reference_run = run(extract_args(data, root / "reference"))
     if reference_run.returncode:
         raise SystemExit(f"the uninterrupted run failed:\n{reference_run.stderr}")
     reference = snapshot(root / "reference")
     shards = len(list((root / "reference").glob("*/*.h5")))
-    limits = {"decode": images, "backbone": images // 4, "shard": shards, "rename": shards, "manifest": 2}
+    limits = {"decode": images, "backbone": images // 4, "shard": shards, "rename": shards, "manifest": 2,
+              "rewrite": images}
 
     totals = {"faults_injected": 0, "runs": 0, "runs_resumed": 0, "runs_finished_without_fault": 0,
-              "shards_bitflipped": 0, "images_lost": 0, "corrupt_caches_accepted": 0, "episodes": 0,
-              "faults_by_phase": {p: 0 for p in PHASES}, "problems": []}
+              "shards_bitflipped": 0, "shards_swapped": 0, "files_rewritten": 0, "images_lost": 0,
+              "corrupt_caches_accepted": 0, "episodes": 0, "faults_by_phase": {p: 0 for p in PHASES},
+              "problems": []}
+
+    def damage(episode: Path) -> str | None:
+        """Every fifth kill: a bit flip or a shard swap, alternately; what was done, or None (no shard)."""
+        swap = totals["shards_swapped"] < totals["shards_bitflipped"]
+        if not (swap_shards if swap else flip_a_byte)(episode, rng):
+            return None
+        totals["shards_swapped" if swap else "shards_bitflipped"] += 1
+        return "swapped two shards" if swap else "bit-flipped a shard"
+
     episode_dir, phases_left = None, []
     flip_due = False  # every fifth kill corrupts a shard: the next time one is on disk
     while totals["faults_injected"] < faults or episode_dir is not None:
@@ -239,6 +280,23 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
         totals["runs"] += 1
         totals["runs_resumed"] += had_shards
         got = snapshot(episode_dir)
+        if fault and phase == "rewrite" and result.returncode == 0 and (root / "rewritten").exists():
+            path = Path((root / "rewritten").read_text())
+            (root / "rewritten").unlink()
+            relpath = path.relative_to(data).as_posix()
+            held = [p for _, _, paths in got.get("splits", {}).values() for p in paths]
+            refused = [r for r in got.get("manifest", {}).get("rejects", []) if r["relpath"] == relpath]
+            if "refused" in got or relpath in held or not refused or "changed during" not in refused[0]["reason"]:
+                totals["corrupt_caches_accepted"] += 1
+                totals["problems"].append(f"a file rewritten during extract ({relpath}) was not refused")
+            path.write_bytes(originals[path])  # the writer is done: the scanned content is back
+            phases_left.pop()
+            totals["faults_injected"] += 1
+            totals["faults_by_phase"][phase] += 1
+            totals["files_rewritten"] += 1
+            flip_due = flip_due or totals["faults_injected"] % 5 == 0
+            say(f"fault {totals['faults_injected']:>2}: rewrote {relpath} during extract (refused, restored)")
+            continue
         if result.returncode == -signal.SIGKILL:
             phases_left.pop()
             totals["faults_injected"] += 1
@@ -250,8 +308,7 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
                     totals["corrupt_caches_accepted"] += 1
                     totals["problems"].append(f"after a kill in {phase}: {differences(reference, got)}")
             flip_due = flip_due or totals["faults_injected"] % 5 == 0
-            if flip_due and flip_a_byte(episode_dir, rng):
-                totals["shards_bitflipped"] += 1
+            if flip_due and damage(episode_dir):
                 flip_due = False
             continue
         if result.returncode != 0:
@@ -265,10 +322,12 @@ def chaos(faults: int, images: int, seed: int, root: Path, say=print) -> dict:
             totals["problems"].append(f"episode {totals['episodes']}: {problems}")
         say(f"run completed episode {totals['episodes']}: "
             f"{'identical to the uninterrupted run' if not problems else problems}")
-        if flip_due and flip_a_byte(episode_dir, rng):  # the kill left no shard: corrupt the finished cache
-            totals["shards_bitflipped"] += 1
+        if flip_due and (done := damage(episode_dir)):  # the kill left no shard: damage the finished cache
             flip_due = False
-            say("bit-flipped a shard of the finished cache; running again")
+            if "refused" not in snapshot(episode_dir):
+                totals["corrupt_caches_accepted"] += 1
+                totals["problems"].append(f"episode {totals['episodes']}: {done}, and readers accepted the cache")
+            say(f"{done} of the finished cache (refused by readers); running again")
             continue
         episode_dir = None
     totals["seconds"] = round(time.monotonic() - started, 1)
@@ -291,7 +350,8 @@ def main() -> None:
     width = max(map(len, totals))
     print()
     for name in ("faults_injected", "faults_by_phase", "runs", "runs_resumed", "shards_bitflipped",
-                 "episodes", "images", "images_lost", "corrupt_caches_accepted", "seconds"):
+                 "shards_swapped", "files_rewritten", "episodes", "images", "images_lost",
+                 "corrupt_caches_accepted", "seconds"):
         print(f"{name.replace('_', ' '):<{width}}  {totals[name]}")
     for problem in totals["problems"]:
         print(f"PROBLEM: {problem}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import re
 import resource
 import signal
@@ -146,16 +147,17 @@ def test_symlink_loops_and_unreadable_links_are_skipped_and_reported(tmp_path):
 
 
 def test_chaos_kills_in_every_phase_lose_nothing_and_no_partial_cache_is_accepted(tmp_path):
-    """The short version of scripts/chaos.py: five SIGKILLs, one in each phase, then resume. 8 images
-    (4 shards): a run's time is mostly TensorFlow's start-up, and with seed 0 8 images take 7 runs
-    after the reference run (5 kills, 2 to finish), where 16 images took 8."""
+    """The short version of scripts/chaos.py: six faults, one in each phase (five SIGKILLs and a file
+    rewritten during extract), then resume. 8 images (4 shards): a run's time is mostly TensorFlow's
+    start-up."""
     report = tmp_path / "chaos.json"
-    run = subprocess.run([sys.executable, "scripts/chaos.py", "--faults", "5", "--images", "8",
+    run = subprocess.run([sys.executable, "scripts/chaos.py", "--faults", "6", "--images", "8",
                           "--json", str(report)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     totals = json.loads(report.read_text())
-    assert totals["faults_by_phase"] == {p: 1 for p in ("decode", "backbone", "shard", "rename", "manifest")}
-    assert totals["runs_resumed"] >= 1 and totals["shards_bitflipped"] == 1
+    assert totals["faults_by_phase"] == {p: 1 for p in ("decode", "backbone", "shard", "rename", "manifest",
+                                                        "rewrite")}
+    assert totals["runs_resumed"] >= 1 and totals["shards_bitflipped"] == 1 and totals["files_rewritten"] == 1
     assert totals["images_lost"] == 0 and totals["corrupt_caches_accepted"] == 0 and not totals["problems"]
 
 
@@ -200,6 +202,11 @@ def test_chaos_checker_reports_every_difference_from_the_uninterrupted_run(split
     other = chaos.snapshot(tmp_path / "ref")
     other["manifest"] = {**other["manifest"], "key": "0" * 64, "rejects": [{"relpath": "train/cat/x.png"}]}
     assert chaos.differences(reference, other) == ["different key", "rejects differ"]
+    swapped = chaos.swap_shards(tmp_path / "ref", random.Random(0))  # on disk: readers refuse it
+    refused = chaos.snapshot(tmp_path / "ref")
+    assert swapped and "holds the rows of" in refused["refused"]
+    run_extract(split_data, tmp_path / "ref")  # and the next run rebuilds both
+    assert chaos.differences(reference, chaos.snapshot(tmp_path / "ref")) == []
     flip_bits(next((tmp_path / "ref").glob("*/train-00001.h5")))  # on disk: a reader refuses it
     refused = chaos.snapshot(tmp_path / "ref")
     assert chaos.differences(reference, refused) == [f"refused: {refused['refused']}"]
