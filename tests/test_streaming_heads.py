@@ -244,38 +244,33 @@ def test_fit_head_memory_budget_option(tmp_path):
 # --- peak RSS ---------------------------------------------------------------------------------------
 
 PEAK_RSS = """
-import json, shutil, sys
+import json, sys
 from pathlib import Path
 from featcache.cache import Cache
-from featcache.compare import compare
-from featcache.heads import FitOptions, fit_head, head_dir
+from featcache.evaluate import cross_validate, cross_validation_bytes
+from featcache.heads import FitOptions, fit_head
 
 def status(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024
 
 big, small, name, budget = Cache(Path(sys.argv[1])), Cache(Path(sys.argv[2])), sys.argv[3], int(sys.argv[4])
-cross_validation = sys.argv[5] == "cv"  # measure compare --cv 2 on the big cache instead of fit-head
+cross_validation = sys.argv[5] == "cv"  # measure compare --cv 2's folds on the big cache instead of fit-head
 options = FitOptions(epochs=1, batch_size=64, learning_rate=1e-3, optimizer="adam", patience=None)
 head = fit_head(small, name, options, memory_budget=budget)  # the libraries' one-off set-up, the same model
-if cross_validation:  # compare cross-validates every saved head: this one alone
-    for cache in (small, big):
-        shutil.rmtree(cache.path / "heads", ignore_errors=True)
-    head.save(head_dir(small, name))
-    compare(small, cv_folds=2, memory_budget=budget)
-    head = fit_head(big, name, options, memory_budget=budget)
-    head.save(head_dir(big, name))
+if cross_validation:  # what compare --cv runs per saved head; the folds refit the head's recipe
+    cross_validate(head, small, 2, budget)
 try:
     Path("/proc/self/clear_refs").write_text("5")  # peak := now (Linux >= 4.0)
 except OSError:
     pass
 baseline = status("VmRSS")
 if cross_validation:
-    rows = compare(big, cv_folds=2, memory_budget=budget).rows
-    assert rows[0]["cv_accuracy"] is not None
+    assert len(cross_validate(head, big, 2, budget)) == 2
+    memory = {"path": "streamed" if cross_validation_bytes(big) > budget else "in-memory"}
 else:
-    head = fit_head(big, name, options, memory_budget=budget)
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": head.record["memory"],
+    memory = fit_head(big, name, options, memory_budget=budget).record["memory"]
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": memory,
                   "params": head.record.get("trainable_params", 0)}))
 """
 RSS_BUDGET = 32 * MiB
@@ -297,7 +292,8 @@ def caches_over_budget(tmp_path_factory):
 @pytest.mark.parametrize("name, what", [("logreg", "fit"), ("dense256", "fit"), ("logreg", "cv"),
                                         ("dense256", "cv")])
 def test_peak_rss_stays_bounded_on_a_cache_many_times_the_budget(name, what, caches_over_budget):
-    """fit-head, and compare --cv 2, whose folds stream their rows when the training split is over budget."""
+    """fit-head, and compare --cv 2's folds (``cross_validate``), which stream their rows when the training
+    split is over budget."""
     big, small = caches_over_budget
     cache_bytes = sum(p.stat().st_size for p in big.path.glob("*.h5"))
     done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(big.path), str(small.path), name,
