@@ -211,6 +211,38 @@ def extract_pass(tree: Path, backbone: str, size: int, batch_size: int, xla: boo
             "seconds_with_build": total, "build_seconds": build["seconds"], "rows": result.computed}
 
 
+def integrity_cost(tree: Path, size: int, rounds: int = 3) -> dict:
+    """The integrity checks extract added, side by side with the code without them: decoding each image
+    with and without hashing the decoded bytes against the scan (alternating, median of ``rounds``),
+    and the rows checksum of a 1,024-row shard."""
+    import h5py
+
+    from featcache.cache import rows_digest
+    from featcache.dataset import file_sha256
+    from featcache.images import load_image
+
+    paths = sorted(p for p in tree.rglob("*") if p.is_file())
+    hashes = {p: file_sha256(p) for p in paths}
+    plain, checked = [], []
+    for _ in range(rounds):
+        for timings, check in ((plain, False), (checked, True)):
+            started = time.perf_counter()
+            for p in paths:
+                load_image(p, size, "squash", hashes[p] if check else None)
+            timings.append((time.perf_counter() - started) / len(paths))
+    with tempfile.TemporaryDirectory() as tmp, h5py.File(Path(tmp) / "shard.h5", "w") as f:
+        rows = 1024
+        f["labels"], f["views"] = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        f["sha256"] = np.array([b"0" * 64] * rows, dtype="S64")
+        f.create_dataset("paths", data=[f"train/class/image_{i:06d}.png" for i in range(rows)],
+                         dtype=h5py.string_dtype())
+        started = time.perf_counter()
+        rows_digest(f)
+        digest_seconds = time.perf_counter() - started
+    return {"decode_ms": 1000 * statistics.median(plain), "decode_checked_ms": 1000 * statistics.median(checked),
+            "rows_digest_ms_per_1024_rows": 1000 * digest_seconds}
+
+
 def repeat_row(repeat: int, n: int, gflop: float, matmuls: dict[str, tuple[float, list[tuple[float, float]]]],
                passes: dict) -> dict:
     """One repeat's figures: img/s, ratios, and GFLOP per wall and per CPU second, each extract against the
@@ -352,6 +384,7 @@ def main() -> None:
             rows.append(repeat_row(repeat, n, gflop, {k: (m.flop / 1e9, timings[k]) for k, m in matmuls.items()},
                                    passes))
             print_row(rows[-1])
+        integrity = integrity_cost(tree, args.image_size)
 
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "repeat"}
     print_row({"repeat": "median", **median})
@@ -368,6 +401,12 @@ def main() -> None:
           f"bf16/float32 extract speed {median['bf16_vs_float32']:.2f}x ({case}); load average {load_after[0]:.1f}")
     goals = goal_lines(rows, median, beats, flags)
     print("\n".join(goals))
+    per_image_ms = 1000 / median["extract_img_s"]
+    added = integrity["decode_checked_ms"] - integrity["decode_ms"]
+    print(f"integrity checks, side by side: decode {integrity['decode_ms']:.2f} ms/image, with the decoded bytes "
+          f"hashed against the scan {integrity['decode_checked_ms']:.2f} ms ({added:+.2f} ms = "
+          f"{added / per_image_ms:+.2%} of extract's float32 {per_image_ms:.1f} ms/image; decoding runs beside "
+          f"the backbone); rows checksum {integrity['rows_digest_ms_per_1024_rows']:.2f} ms per 1,024-row shard")
     if args.json:
         results = {
             "command": " ".join(["python", *sys.argv]),
@@ -378,6 +417,7 @@ def main() -> None:
             "precisions": {p: {"limit": limit, "matmul": matmul, "extract": name}
                            for p, (_, matmul, limit, name) in PRECISIONS.items()},
             "cpu_flags": {flag: flag in flags for flag in BF16_FLAGS}, "bf16_case": case, "goals": goals,
+            "integrity": integrity,
             "cpus": os.cpu_count(), "machine": platform.processor(),
             "load_average_before": load_before, "load_average_after": load_after,
             "tensorflow": tf.__version__, "numpy": np.__version__,

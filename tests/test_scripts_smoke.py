@@ -52,6 +52,8 @@ def test_bench_extract_runs_on_tiny_input(tmp_path):
         assert f"extract {precision} beat the tutorials' loop in" in run.stdout
     assert re.search(r"bf16 matmul limit \d+ GFLOP/s", run.stdout) and "bf16/float32 extract speed" in run.stdout
     assert re.search(r"goal bf16 extract >= 5x its float32 rate: (met|MISSED)", run.stdout)
+    integrity = results["integrity"]
+    assert integrity["decode_checked_ms"] > 0 and integrity["decode_ms"] > 0 and "integrity checks" in run.stdout
     assert re.search(r"goal bf16 extract >= 80% of the bf16 matmul limit: (met|MISSED)", run.stdout)
     assert re.search(r"goal extract beat the tutorials' loop in every repeat: (met|MISSED)", run.stdout)
 
