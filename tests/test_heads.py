@@ -255,7 +255,7 @@ def test_balanced_class_weight_raises_the_minority_class_probability(name, strea
     cache = synthetic_cache(tmp_path, per_class=((60, 6), (30, 3), (40, 40)), shape=(8,), separation=1.5)
     minority = {}
     for weight in (None, "balanced"):
-        options = FitOptions(epochs=30, batch_size=16, learning_rate=1e-2, class_weight=weight, scaling="standard")
+        options = FitOptions(epochs=12, batch_size=16, learning_rate=2e-2, class_weight=weight, scaling="standard")
         result = predict_split(fitted(cache, name, options, streamed), cache, "test")
         minority[weight] = float(result.probabilities[result.labels == 1, 1].mean())
     assert minority["balanced"] >= minority[None] + 0.05, minority
