@@ -18,7 +18,7 @@ from featcache.heads import FitOptions, fit_head, head_dir
 from featcache.report import COLUMNS
 from tests.conftest import synthetic_cache, write_image
 
-QUICK = FitOptions(epochs=20, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=5)
+QUICK = FitOptions(epochs=8, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=5)
 
 
 def fitted_cache(tmp_path, names=("logreg", "dense256", "svm"), **cache_options):
