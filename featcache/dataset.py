@@ -129,14 +129,25 @@ def _scan_class_folders(root: Path) -> Scanned:
 
 def _read_csv(csv_path: Path) -> Scanned:
     root = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
-        if not {"path", "label"} <= columns:
-            raise FeatcacheError(
-                f"{csv_path}: the header must name columns path,label[,split]; found {sorted(columns)}"
-            )
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            if not {"path", "label"} <= columns:
+                raise FeatcacheError(
+                    f"{csv_path}: the header must name columns path,label[,split]; found {sorted(columns)}"
+                )
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raw = csv_path.read_bytes()  # the decoder saw a chunk; find the first bad byte in the whole file
+        try:
+            raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line, byte = raw[: exc.start].count(b"\n") + 1, raw[exc.start]
+        raise FeatcacheError(
+            f"{csv_path}:{line}: not UTF-8 (byte 0x{byte:02x}); save the CSV as UTF-8 "
+            "(Excel: \"CSV UTF-8\"; or `iconv -f latin1 -t utf-8`)"
+        ) from None
     entries: list[Entry] = []
     rejects: list[Reject] = []
     special: list[str] = []

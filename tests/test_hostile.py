@@ -413,3 +413,14 @@ def test_a_file_rewritten_after_the_scan_never_gets_the_scanned_files_row(tmp_pa
     features, labels, paths = second.cache.read("train")
     row = dict(zip(paths, features, strict=True))
     assert (row["train/cat/cat_001.png"] == row["train/dog/dog_001.png"]).all()  # its own pixels now
+
+
+def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line_and_the_fix(tmp_path):
+    """Item 15: a Latin-1 CSV was a raw UnicodeDecodeError traceback."""
+    csv_path = tmp_path / "labels.csv"
+    rows = "".join(f"cat/{i:04d}.png,cat\n" for i in range(3000))  # past the decoder's first chunk
+    csv_path.write_bytes(("path,label\n" + rows + "cat/x.png,caf\xe9\n").encode("latin-1"))
+    with pytest.raises(FeatcacheError) as error:
+        load_dataset(csv_path)
+    assert str(error.value) == (f"{csv_path}:3002: not UTF-8 (byte 0xe9); save the CSV as UTF-8 "
+                                '(Excel: "CSV UTF-8"; or `iconv -f latin1 -t utf-8`)')
