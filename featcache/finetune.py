@@ -27,7 +27,7 @@ from featcache.heads import FitOptions, Head, head_dir, keras_head_of, load_head
 from featcache.heads.keras_heads import compile_head, parameter_counts
 from featcache.heads.protocol import class_weight_of
 from featcache.model import backbone_model, cache_config, cache_weights
-from featcache.streaming import split_batches, split_labels
+from featcache.streaming import errors_from_tf, split_batches, split_labels
 
 DEFAULTS = FitOptions(epochs=30, batch_size=20, learning_rate=1e-5, optimizer="rmsprop", seed=0, patience=5)
 
@@ -182,13 +182,14 @@ def finetune(
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                        restore_best_weights=True))
     started = time.perf_counter()
-    history = model.fit(
-        split_batches(prefix, "train", options.batch_size, options.seed),
-        validation_data=split_batches(prefix, "validation", 256, None), epochs=options.epochs,
-        callbacks=callbacks, verbose=0,
-        class_weight=class_weight_of(split_labels(prefix, "train"), len(prefix.classes), options.class_weight),
-        shuffle=False,  # split_batches shuffles shards, rows and a buffer itself
-    )
+    with errors_from_tf():
+        history = model.fit(
+            split_batches(prefix, "train", options.batch_size, options.seed),
+            validation_data=split_batches(prefix, "validation", 256, None), epochs=options.epochs,
+            callbacks=callbacks, verbose=0,
+            class_weight=class_weight_of(split_labels(prefix, "train"), len(prefix.classes), options.class_weight),
+            shuffle=False,  # split_batches shuffles shards, rows and a buffer itself
+        )
     seconds = time.perf_counter() - started
     before = head.record.get("history", {})
     after = {k: [float(v) for v in values] for k, values in history.history.items()}

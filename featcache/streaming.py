@@ -11,6 +11,7 @@ weights come on top.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -248,6 +249,20 @@ def _read_into(f, shard: Path, buffer: np.ndarray, rows: np.ndarray, dest: slice
             f"shard {shard} failed its checksum ({exc}); "
             "delete it and run the same `featcache extract` again to rebuild it"
         ) from None
+
+
+@contextlib.contextmanager
+def errors_from_tf():
+    """A FeatcacheError raised while tf.data reads shards (a damaged shard) reaches Keras' ``fit`` as a
+    TensorFlow UnknownError with some 60 lines of traceback around its message: raise it as itself."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        if found := re.search(r"FeatcacheError: (.*)", exc.message):
+            raise FeatcacheError(found.group(1)) from None
+        raise
 
 
 def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None,

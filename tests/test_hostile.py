@@ -424,3 +424,17 @@ def test_a_csv_that_is_not_utf8_is_one_line_naming_the_line_and_the_fix(tmp_path
         load_dataset(csv_path)
     assert str(error.value) == (f"{csv_path}:3002: not UTF-8 (byte 0xe9); save the CSV as UTF-8 "
                                 '(Excel: "CSV UTF-8"; or `iconv -f latin1 -t utf-8`)')
+
+
+def test_a_damaged_shard_met_inside_keras_training_is_one_line_not_tensorflows_traceback(tmp_path):
+    """Item 15: a checksum failure while a streamed Keras head trained surfaced as 62 lines of TensorFlow."""
+    from featcache.heads import FitOptions, fit_head
+    from tests.conftest import flip_bits
+
+    blobs = synthetic_cache(tmp_path, per_class=(30, 10, 10), shard_size=8)
+    shard = blobs.path / "validation-00000.h5"
+    flip_bits(shard)
+    options = FitOptions(epochs=2, scaling="none")  # no moments pass: the first read is tf.data's
+    with pytest.raises(FeatcacheError) as error:
+        fit_head(blobs, "dense256", options, memory_budget=20 * 1024)  # streamed: over the budget
+    assert str(error.value).startswith(f"shard {shard} failed its") and "\n" not in str(error.value)

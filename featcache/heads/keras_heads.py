@@ -143,6 +143,8 @@ class KerasHead(Head):
     def _train(self, train, val, weights, n_classes, say):
         import keras
 
+        from featcache import streaming
+
         options = self.options
         callbacks = []
         if say is not None:
@@ -157,8 +159,9 @@ class KerasHead(Head):
         if options.patience and val is not None:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
                                                            restore_best_weights=True))
-        history = self.model.fit(train, validation_data=val, epochs=options.epochs, callbacks=callbacks,
-                                 class_weight=weights, verbose=0, shuffle=False)
+        with streaming.errors_from_tf():
+            history = self.model.fit(train, validation_data=val, epochs=options.epochs, callbacks=callbacks,
+                                     class_weight=weights, verbose=0, shuffle=False)
         self.record.update(
             history={k: [float(v) for v in values] for k, values in history.history.items()},
             epochs_run=len(history.history["loss"]), output="sigmoid" if n_classes == 2 else "softmax",
