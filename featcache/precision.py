@@ -146,6 +146,10 @@ def resolve(
     memory = memory or memory_path()
     key = f"{network} on {machine_id(flags, gpus)}"
     remembered = _read_memory(memory).get(key)
+    if not (isinstance(remembered, dict) and isinstance(remembered.get("rates"), dict)
+            and all(isinstance(remembered["rates"].get(p), (int, float)) and remembered["rates"][p] > 0
+                    for p in ("float32", mixed)) and isinstance(remembered.get("measured"), str)):
+        remembered = None  # missing, or an entry no run of this version wrote: measure again
     rates = remembered["rates"] if remembered else timer(("float32", mixed))
     if not remembered:
         _remember(memory, key, {"rates": rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -170,8 +174,8 @@ def _remember(path: Path, key: str, entry: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
-    except OSError:
-        pass  # a read-only home only costs a measurement next time
+    except (OSError, FeatcacheError):  # FeatcacheError: atomic_write's one line for a full disk
+        pass  # a read-only home or a full disk only costs a measurement next time
 
 
 @contextlib.contextmanager

@@ -90,6 +90,10 @@ def test_auto_remembers_the_measurement_per_network_and_measures_again_if_the_me
     auto.write_text("{not json")
     assert precision.resolve("auto", "vgg16 150 px", timer, flags=AMX, gpus=[]).precision == "mixed_bfloat16"
     assert len(calls) == 4 and json.loads(auto.read_text())
+    entries = json.loads(auto.read_text())
+    auto.write_text(json.dumps({key: {"rates": {"float32": 0}} for key in entries}))  # an entry gone wrong
+    assert precision.resolve("auto", "vgg16 150 px", timer, flags=AMX, gpus=[]).precision == "mixed_bfloat16"
+    assert len(calls) == 5
 
 
 def test_explicit_precision_and_the_environment_pin_skip_the_measurement(auto, monkeypatch):
