@@ -39,13 +39,14 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = load_dataset(args.data)
-    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size)
+    config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size,
+                                   precision="float32")  # never auto: the figures must not vary by machine
     cut = plan_cut(backbone_model(config, resolved.keras_arg), args.backbone, args.unfreeze_from)
     results, prefixes = {}, {}
     scratch = tempfile.TemporaryDirectory(prefix="bench-also-")  # both workdirs, removed at exit
     for path, also_layer in (("second pass", None), ("--also-layer", cut.prefix_layer)):
         config, resolved = make_config(args.backbone, args.weights, image_size=args.image_size,
-                                       also_layer=also_layer)
+                                       precision="float32", also_layer=also_layer)
         workdir = Path(scratch.name) / path.strip("-").replace(" ", "-")
         started = time.perf_counter()
         head_cache = extract(dataset, config, resolved, workdir, show_progress=False)

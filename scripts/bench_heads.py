@@ -127,7 +127,7 @@ def reextract(tree: Path, workdir: Path, size: int) -> dict:
     if "nothing to compute" not in text:
         raise SystemExit(f"the second extract computed rows:\n{text[-2000:]}")
     started = time.perf_counter()
-    config, resolved = make_config("vgg16", image_size=size)
+    config, resolved = make_config("vgg16", image_size=size, precision="float32")  # never auto: comparable runs
     result = extract(load_dataset(tree), config, resolved, workdir, show_progress=False)
     work = time.perf_counter() - started
     return {"command": shlex.join(["featcache", *args]), "first_seconds": first, "second_seconds": second,
