@@ -70,7 +70,12 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
 
 
 def gpu_capabilities() -> list[tuple[int, int]]:
-    """CUDA compute capability of each GPU TensorFlow sees; [] on CPU-only machines."""
+    """CUDA compute capability of each GPU TensorFlow sees; [] on CPU-only machines, found without
+    starting TensorFlow (seconds), so that a run whose precision is remembered, such as extract on
+    an unchanged dataset, never starts it."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") or not (
+            Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists()):
+        return []
     import tensorflow as tf
 
     found = []
@@ -107,8 +112,14 @@ def memory_path() -> Path:
 
 def machine_id(flags: frozenset[str], gpus: list[tuple[int, int]]) -> str:
     """What a measurement depends on besides the network: CPU model and cores (or GPUs), TensorFlow."""
-    import tensorflow as tf
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        tensorflow = version("tensorflow")
+    except PackageNotFoundError:  # a tensorflow-cpu or other distribution
+        import tensorflow as tf
+
+        tensorflow = tf.__version__
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
@@ -118,7 +129,7 @@ def machine_id(flags: frozenset[str], gpus: list[tuple[int, int]]) -> str:
     except OSError:
         pass
     hardware = f"gpus {gpus}" if gpus else f"{model}, {os.cpu_count()} cores, {hardware_line(flags, gpus)}"
-    return f"{hardware}; tensorflow {tf.__version__}"
+    return f"{hardware}; tensorflow {tensorflow}"
 
 
 def resolve(

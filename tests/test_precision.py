@@ -4,6 +4,8 @@ to float32 on real weights, the precision in keys, manifests and head records, f
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -270,3 +272,24 @@ def test_a_keras_head_trains_in_the_precision_asked_and_records_it(bf16_cache, t
     plain = fit_head(cache, "dense256", FitOptions(epochs=2))  # pinned to float32 by the tests' environment
     assert plain.record["precision"]["reason"] == "FEATCACHE_PRECISION=float32"
     assert plain.model.get_layer("dense256").compute_dtype == "float32"
+
+
+def test_a_remembered_choice_is_resolved_without_starting_tensorflow(tmp_path):
+    """extract on an unchanged dataset must stay a fraction of a second: resolving auto from memory reads
+    /proc/cpuinfo and a JSON file, never imports TensorFlow (on a machine without an NVIDIA GPU)."""
+    script = f"""
+import os, sys
+os.environ.pop("FEATCACHE_PRECISION", None)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+from pathlib import Path
+from featcache import precision
+flags = frozenset({{"avx512_bf16"}})
+memory = Path({str(tmp_path / "precision.json")!r})
+first = precision.resolve("auto", "net", lambda c: {{"float32": 1.0, "mixed_bfloat16": 2.0}}, flags=flags,
+                          memory=memory)
+again = precision.resolve("auto", "net", lambda c: sys.exit("measured again"), flags=flags, memory=memory)
+assert first.precision == again.precision == "mixed_bfloat16", (first, again)
+assert "tensorflow" not in sys.modules and "keras" not in sys.modules
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
