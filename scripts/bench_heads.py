@@ -121,13 +121,14 @@ def reextract(tree: Path, workdir: Path, size: int) -> dict:
     from featcache.dataset import load_dataset
     from featcache.extract import extract, make_config
 
-    args = ("extract", "--data", str(tree), "--workdir", str(workdir), "--image-size", str(size))
+    args = ("extract", "--data", str(tree), "--workdir", str(workdir), "--image-size", str(size),
+            "--precision", "float32")  # never auto: comparable runs, the same cache as the in-process call
     first, _, _ = featcache(*args)
     second, _, text = featcache(*args)
     if "nothing to compute" not in text:
         raise SystemExit(f"the second extract computed rows:\n{text[-2000:]}")
     started = time.perf_counter()
-    config, resolved = make_config("vgg16", image_size=size, precision="float32")  # never auto: comparable runs
+    config, resolved = make_config("vgg16", image_size=size, precision="float32")
     result = extract(load_dataset(tree), config, resolved, workdir, show_progress=False)
     work = time.perf_counter() - started
     return {"command": shlex.join(["featcache", *args]), "first_seconds": first, "second_seconds": second,
@@ -517,7 +518,8 @@ def fashion_mnist_cache(folder: Path, n_train: int, n_test: int, workdir: Path, 
 
     images, labels, splits = fashion_mnist(folder, n_train, n_test, seed)
     return featcache.extract(images=images, labels=labels, splits=splits, classes=FASHION_CLASSES,
-                             backbone="vgg16", workdir=workdir, image_size=32, pooling="avg")
+                             backbone="vgg16", workdir=workdir, image_size=32, pooling="avg",
+                             precision="float32")
 
 
 # ---------------------------------------------------------------- printing the heads tables
