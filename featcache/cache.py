@@ -56,6 +56,9 @@ def default_workdir() -> Path:
     return Path(os.environ.get("FEATCACHE_HOME", DEFAULT_WORKDIR))
 
 
+PIXELS = "pixels"  # the layer of a pixel cache: the network's input, before its preprocessing
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     """Everything that determines one image's feature row."""
@@ -81,7 +84,14 @@ class ExtractionConfig:
 
     def at_layer(self, layer: str) -> ExtractionConfig:
         """The config of a cache of ``layer``'s unpooled output for the same images: a fine-tune prefix,
-        or what an also-layer stores (whose rows thus carry this config's row key)."""
+        or what an also-layer stores (whose rows thus carry this config's row key).
+
+        At ``PIXELS`` it is a pixel cache: the decoded, resized images themselves, exact as uint8 and
+        computed in float32, with no stored augmented views (a whole-network fine-tune augments them
+        online) and no averaged views."""
+        if layer == PIXELS:
+            return replace(self, layer=PIXELS, pooling="none", dtype="uint8", precision="float32", augment=0,
+                           seed=0, average_views="none", also_layer=None)
         return replace(self, layer=layer, pooling="none", also_layer=None)
 
     def also_row_key(self) -> str | None:

@@ -14,10 +14,14 @@ from featcache import cache as cache_store
 from featcache.api import ExtractOptions
 from featcache.dataset import DEFAULT_FRACTIONS
 from featcache.finetune import DEFAULTS as FINETUNE_DEFAULTS
+from featcache.finetune import SCHEDULES
+from featcache.finetune import Recipe as FinetuneRecipe
 from featcache.heads import FitOptions
+from featcache.online_augment import RECIPES
 from featcache.precision import PRECISIONS
 
 FIT_DEFAULTS = FitOptions()
+FINETUNE_RECIPE = FinetuneRecipe()
 EXTRACT_DEFAULTS = ExtractOptions()
 
 console = Console(soft_wrap=True)  # long lines stay whole in logs and pipes
@@ -352,8 +356,25 @@ def compare_command(cv_folds, fmt, select_by, plots_dir, report_path, memory_bud
 @click.option("--head", "head_name", default="dense256", show_default=True,
               help="The fitted Keras head to start from.")
 @click.option("--unfreeze-from", required=True,
-              help="First layer to train: a name (block5_conv1) or an index into the base's layers (100).")
+              help="First layer to train: a name (block5_conv1), an index into the base's layers (100), or all "
+                   "(the whole network, on a cache of the decoded pixels).")
 @training_options(FINETUNE_DEFAULTS)
+@click.option("--augment-online", type=click.Choice(list(RECIPES)), default=FINETUNE_RECIPE.augment_online,
+              show_default=True, help="A fresh random view of every training image each epoch (with "
+                                      "--unfreeze-from all): d4 = flips and quarter turns; paper = d4, +-3 degrees, "
+                                      "+-2% scale and shift, +-10% brightness and contrast.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=FINETUNE_RECIPE.schedule, show_default=True,
+              help="Learning rate after the warm-up: constant, or cosine decay to 0 by the last epoch.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=FINETUNE_RECIPE.warmup_epochs,
+              show_default=True, help="Epochs of linear warm-up from 0 to --learning-rate.")
+@click.option("--head-epochs", type=click.IntRange(min=0), default=FINETUNE_RECIPE.head_epochs, show_default=True,
+              help="A first stage training the head alone on the frozen base (Adam at --head-learning-rate).")
+@click.option("--head-learning-rate", type=float, default=FINETUNE_RECIPE.head_learning_rate, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+              default=FINETUNE_RECIPE.label_smoothing, show_default=True)
+@click.option("--average-views", type=click.Choice(list(views.VIEW_SETS)), default=FINETUNE_RECIPE.average_views,
+              show_default=True, help="Test-time averaging of the probabilities over turned and mirrored copies "
+                                      "(with --unfreeze-from all), in evaluation, predict and export alike.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="The dataset of the head's cache [default: where it was extracted from].")
 @click.option("--split-fractions", callback=parse_fractions, default=",".join(map(str, DEFAULT_FRACTIONS)),
@@ -362,21 +383,28 @@ def compare_command(cv_folds, fmt, select_by, plots_dir, report_path, memory_bud
               help="Cache of the head [default: the last extracted, else the newest with that head].")
 @workdir_option
 @user_errors
-def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workdir, **training):
-    """Fine-tune the top of the conv base with a fitted head, on a cache of the frozen prefix.
+def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workdir, augment_online, schedule,
+                     warmup_epochs, head_epochs, head_learning_rate, label_smoothing, average_views, **training):
+    """Fine-tune the top of the conv base (or all of it) with a fitted head, on a cache of the frozen prefix.
 
     The prefix is extracted once (a cache like any other); each epoch runs only the unfrozen layers.
-    The result is a head of the prefix cache, named HEAD-finetuned, for predict, export and compare.
+    With --unfreeze-from all the cache holds the decoded pixels, and the fine-tuned base is also saved
+    as a weights file for `featcache extract --weights`. The result is a head of the prefix cache,
+    named HEAD-finetuned, for predict, export and compare.
     """
     from featcache.evaluate import evaluate
-    from featcache.finetune import cache_with_head, finetune
+    from featcache.finetune import Recipe, cache_with_head, finetune
     from featcache.heads import head_dir
 
     workdir = workdir or cache_store.default_workdir()
+    recipe = Recipe(augment_online=augment_online, schedule=schedule, warmup_epochs=warmup_epochs,
+                    head_epochs=head_epochs, head_learning_rate=head_learning_rate,
+                    label_smoothing=label_smoothing, average_views=average_views)
+    recipe.check_cut(unfreeze_from)
     cache = cache_store.open_cache(workdir, key) if key else cache_with_head(workdir, head_name)
     options = fit_options(**training)
     head, prefix = finetune(cache, head_name, unfreeze_from, workdir, data, split_fractions, options,
-                            say=err_console.print)
+                            say=err_console.print, recipe=recipe)
     head.record["metrics"] = evaluate(head, prefix)
     folder = head.save(head_dir(prefix, head.name))
     scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in head.record["metrics"].items())
@@ -384,6 +412,8 @@ def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workd
     console.print(f"{head.name}: {info['epochs_run']} epochs, {info['seconds_per_epoch']:.1f} s each, "
                   f"{info['trainable_params']:,} trainable parameters; {scores} -> {folder}\n"
                   f"prefix cache: {prefix.path} (`featcache compare --cache {prefix.key[:16]}`)")
+    if base := info["finetune"].get("base_weights"):
+        console.print(f"cheap heads on the fine-tuned base's features: {base['extract']}")
 
 
 head_option = click.option("--head", "head_name", default=None,

@@ -21,7 +21,7 @@ import numpy as np
 
 from featcache import FeatcacheError, __version__, backbones, precision, views
 from featcache.backbones import weights
-from featcache.cache import Cache, ExtractionConfig
+from featcache.cache import PIXELS, Cache, ExtractionConfig
 from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
 from featcache.heads import Head
@@ -72,6 +72,8 @@ def feature_model(config: ExtractionConfig, weights_arg: str | None):
     """
     import keras
 
+    if config.layer == PIXELS:
+        return pixel_model(config.image_size)
     pixels, preprocessed = _preprocessed_input(config)
     features = views.averaged(backbone_model(config, weights_arg), preprocessed, config.average_views,
                               config.image_size)
@@ -96,6 +98,17 @@ def extraction_model(config: ExtractionConfig, weights_arg: str | None):
     both = keras.Model(base.input, [base.output, also], name=base.name)
     pixels, preprocessed = _preprocessed_input(config)
     return keras.Model(pixels, both(preprocessed), name=f"{config.backbone}_features")
+
+
+def pixel_model(size: int):
+    """The feature model of a pixel cache (``cache.PIXELS``): the decoded, resized pixels as they are,
+    what a whole-network fine-tune trains on. Its one nested model stands where a conv base would."""
+    import keras
+
+    pixels = keras.Input((size, size, 3), name="image")
+    identity = keras.Sequential([keras.Input((size, size, 3)), keras.layers.Identity(name=PIXELS)],
+                                name="pixel_cache")
+    return keras.Model(pixels, identity(pixels), name="pixels")
 
 
 def _preprocessed_input(config: ExtractionConfig):
@@ -180,7 +193,8 @@ def end_to_end(cache: Cache, head: Head, compute: str | None = None):
         config = replace(config, precision=compute)
     features = feature_model(config, cache_weights(cache))
     pixels = keras.Input((config.image_size, config.image_size, 3), name="image")
-    cached = keras.layers.Activation("linear", dtype=config.dtype, name="as_cached")(features(pixels))
+    dtype = "float32" if config.layer == PIXELS else config.dtype  # pixels are whole numbers already
+    cached = keras.layers.Activation("linear", dtype=dtype, name="as_cached")(features(pixels))
     head_layers = head_model(head, cache.feature_shape)
     if compute == "float32":
         head_layers = precision.model_in(head_layers, compute)

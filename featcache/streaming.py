@@ -266,13 +266,14 @@ def errors_from_tf():
 
 
 def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int | None,
-                  buffer_rows: int = KERAS_SHUFFLE_ROWS, rows: np.ndarray | None = None):
+                  buffer_rows: int = KERAS_SHUFFLE_ROWS, rows: np.ndarray | None = None, transform=None):
     """A tf.data pipeline of float32 batches streamed from shards (never the whole cache in memory).
 
     With a seed, every epoch visits shards, blocks and rows in a new order drawn from (seed, epoch),
     mixed in a buffer of ``buffer_rows`` rows (``batches``); memory holds that buffer and
     two prefetched batches, whatever the size of the cache. ``rows`` (a mask over the split) keeps
-    only those rows.
+    only those rows. ``transform(batch, rng)``, with a seed only, replaces each batch (online
+    augmentation) from a generator of its own drawn from (seed, epoch), so the order stays as without it.
     """
     import itertools
 
@@ -281,8 +282,15 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
     epochs = itertools.count()
 
     def generate():
-        rng = np.random.default_rng([shuffle_seed, next(epochs)]) if shuffle_seed is not None else None
-        yield from batches(cache, split, batch_size, max(buffer_rows, batch_size), rng, rows)
+        epoch = next(epochs)
+        rng = np.random.default_rng([shuffle_seed, epoch]) if shuffle_seed is not None else None
+        parts = batches(cache, split, batch_size, max(buffer_rows, batch_size), rng, rows)
+        if transform is None or rng is None:
+            yield from parts
+            return
+        views = np.random.default_rng([shuffle_seed, epoch, 1])
+        for x, y in parts:
+            yield transform(x, views), y
 
     signature = (tf.TensorSpec((None, *cache.feature_shape), tf.float32),
                  tf.TensorSpec((None,), tf.int32))

@@ -52,15 +52,32 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
     return keras.Model(inputs, outputs, name=f"head_{name}")
 
 
-def compile_head(model, n_classes: int, optimizer: str, learning_rate: float, one_column: bool | None = None):
-    """Compiled with cross-entropy: binary on one sigmoid column, sparse categorical on k columns."""
+def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_column: bool | None = None,
+                 label_smoothing: float = 0.0):
+    """Compiled with cross-entropy: binary on one sigmoid column, sparse categorical on k columns.
+
+    ``learning_rate`` is a number or a Keras schedule. With ``label_smoothing`` on k columns the loss
+    is categorical: the labels must come one-hot (``one_hot_labels``)."""
     import keras
 
-    optimizer_class = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam}[optimizer]
+    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
+                  "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9)}
     one_column = n_classes == 2 if one_column is None else one_column
-    loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
-    model.compile(optimizer=optimizer_class(learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+    if not label_smoothing:
+        loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
+    elif one_column:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
     return model
+
+
+def one_hot_labels(dataset, n_classes: int):
+    """A tf.data pipeline of (x, class index) as (x, one-hot row): what a smoothed categorical loss takes."""
+    import tensorflow as tf
+
+    return dataset.map(lambda x, y: (x, tf.one_hot(y, n_classes)))
 
 
 class KerasHead(Head):

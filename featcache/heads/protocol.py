@@ -24,7 +24,7 @@ from featcache import FeatcacheError
 from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
 
-OPTIMIZERS = ("adam", "rmsprop")
+OPTIMIZERS = ("adam", "rmsprop", "sgd")  # sgd: with momentum 0.9
 SCALINGS = ("auto", "standard", "l2", "none")
 CLASS_WEIGHTS = (None, "balanced")
 # Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
