@@ -30,6 +30,7 @@ from featcache import FeatcacheError, quiet
 from featcache import cache as cache_store
 from featcache.cache import Cache
 from featcache.dataset import DEFAULT_FRACTIONS
+from featcache.files import READ_ONLY
 
 quiet.quiet_tensorflow()  # before any TensorFlow import; FEATCACHE_VERBOSE=1 shows TensorFlow's log
 
@@ -189,7 +190,13 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
                              show_progress=o.show_progress, engine=engine, precision_choice=choice)
     for warning in result.warnings[len(dataset.warnings):]:  # found while extracting (a damaged source)
         warn(warning)
-    cache_store.set_current(workdir, result.cache.key)
+    try:
+        cache_store.set_current(workdir, result.cache.key)
+    except OSError as exc:  # a read-only workdir still serves a complete cache
+        if exc.errno not in READ_ONLY:
+            raise
+        warn(f"{workdir} is not writable ({exc.strerror}): cache {result.cache.key[:16]} is complete but not "
+             f"the default of later commands; pass them --cache {result.cache.key[:16]}")
     return result
 
 

@@ -13,6 +13,7 @@ from featcache import FeatcacheError, __version__, backbones, quiet, views
 from featcache import cache as cache_store
 from featcache.api import ExtractOptions
 from featcache.dataset import DEFAULT_FRACTIONS
+from featcache.files import READ_ONLY
 from featcache.finetune import DEFAULTS as FINETUNE_DEFAULTS
 from featcache.finetune import SCHEDULES
 from featcache.finetune import Recipe as FinetuneRecipe
@@ -37,6 +38,12 @@ def user_errors(command):
             return command(*args, **kwargs)
         except FeatcacheError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in READ_ONLY:
+                raise
+            raise click.ClickException(
+                f"cannot write {exc.filename or 'here'} ({exc.strerror}): give a --workdir you may write to "
+                "(compare: --plots DIR, export: --output FILE)") from None
 
     return wrapper
 

@@ -184,6 +184,8 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     # built here even when an engine builds its own: a bad layer or weights file fails before any
     # work starts, and the manifest records the output layer and shape
     model = extraction_model(config, resolved.keras_arg) if pending else None
+    if model is not None:
+        check_batch_memory(model, batch_size, config.image_size)
     manifest = _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, model)
     manifest["engine"] = engine.name
     manifest["warnings"] += [f"row reuse skipped {shard} (damaged: its checksums fail); its rows were computed "
@@ -198,6 +200,39 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     computed = engine(job, todo, source, model, show_progress)
     return _finish(cache_dir, manifest, dataset, plans, computed,
                    sum(len(p.samples) for p in todo) - len(pending), len(plans) - len(todo), started)
+
+
+def activation_bytes(model) -> int:
+    """Bytes one image's forward pass holds at its peak, in float32: the largest layer input plus output
+    (inference frees the rest), over the layers of the conv base and of the model around it."""
+    import keras
+
+    peak = 0
+    for layer in [*model.layers, *conv_base(model).layers]:
+        if isinstance(layer, keras.Model):
+            continue
+        inputs = layer.input if isinstance(layer.input, list | tuple) else [layer.input]
+        outputs = layer.output if isinstance(layer.output, list | tuple) else [layer.output]
+        size = sum(int(np.prod(t.shape[1:])) for t in [*inputs, *outputs])
+        peak = max(peak, 4 * size)
+    return peak
+
+
+def check_batch_memory(model, batch_size: int, image_size: int) -> None:
+    """Refuse, in one line, a batch whose activations exceed the memory available (TensorFlow would be
+    killed or crash without a message, e.g. VGG16 at --image-size 2000: 2 GB per image)."""
+    from featcache.streaming import available_memory, format_size
+
+    available = available_memory()
+    per_image = activation_bytes(model)
+    if available is None or per_image * batch_size <= available:
+        return
+    fits = available // per_image
+    fix = f"use --batch-size {fits} or less" if fits else "lower --image-size"
+    raise FeatcacheError(
+        f"--image-size {image_size} with --batch-size {batch_size} needs about {format_size(per_image * batch_size)} "
+        f"of activations ({format_size(per_image)} per image), over the {format_size(available)} available: {fix}"
+    )
 
 
 @dataclass(frozen=True)

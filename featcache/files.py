@@ -10,6 +10,7 @@ from pathlib import Path
 from featcache import FeatcacheError
 
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file size limit, quota
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only file system, no permission
 
 
 def atomic_write(path: str | Path, data: bytes | memoryview | str) -> Path:

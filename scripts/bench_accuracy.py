@@ -52,12 +52,19 @@ class Recipe:
     tags: tuple[str, ...] = field(default=())
     precision: str = "float32"  # extract, fit-head and finetune --precision; never auto (machine-dependent)
     pair: str | None = None  # the float32 recipe this one repeats in another precision
+    rebase: tuple[str, ...] = ()  # heads fitted on the features of a whole-network fine-tune's base
 
 
 # dense256 on a pooled 1280-vector learns slower than on VGG16's 4x4x512 map: more epochs, a higher rate
 POOLED_DENSE = ("--epochs", "100", "--patience", "10", "--learning-rate", "1e-4")
 MOBILENET_FINETUNE = ("--unfreeze-from", "100", "--epochs", "30", "--learning-rate", "1e-5",
                       "--patience", "5")
+
+# The whole network on the pixel cache, from dense256 fitted on the cached features: the paper's augmentation
+# online, Adam at the block5 fine-tune's rate with a warm-up and cosine decay, early stopping on validation
+WHOLE_FINETUNE = ("--unfreeze-from", "all", "--augment-online", "paper", "--optimizer", "adam",
+                  "--learning-rate", "2e-5", "--schedule", "cosine", "--warmup-epochs", "1", "--epochs", "8",
+                  "--patience", "3")
 
 RECIPES = [
     Recipe("tutorial", ("--backbone", "vgg16", "--image-size", "150", "--preprocess", "rescale"),
@@ -67,6 +74,9 @@ RECIPES = [
            note="Chollet's setup with VGG16's own preprocessing"),
     Recipe("vgg16-150-bf16", ("--backbone", "vgg16", "--image-size", "150"), precision="mixed_bfloat16",
            pair="vgg16-150", note="vgg16-150 in bfloat16 (about 6x faster with AMX)"),
+    Recipe("vgg16-150-whole", ("--backbone", "vgg16", "--image-size", "150"), heads=("dense256",),
+           finetune=WHOLE_FINETUNE, rebase=("logreg", "svm-rbf", "dense256"), precision="mixed_bfloat16",
+           note="the whole VGG16 fine-tuned on the pixel cache; then heads on its base's features"),
     Recipe("vgg16-224-block4-avg", ("--backbone", "vgg16", "--image-size", "224", "--layer", "block4_pool",
                                     "--pooling", "avg"), heads=("logreg", "svm-rbf"),
            note="a mid-level layer, averaged"),
@@ -96,13 +106,27 @@ RECIPES = [
 
 
 def featcache(*args: str) -> str:
-    """Run one featcache command, echo its one-line results, fail loudly with its output."""
+    """Run one featcache command, its epoch lines passed on to stderr as they come (a whole-network epoch
+    takes minutes); fail loudly with its output. Returns its stdout."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = Path(sys.executable).with_name("featcache")  # this environment's entry point
-    run = subprocess.run([str(command), *args], capture_output=True, text=True, env=env)
+    with subprocess.Popen([str(command), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as run:
+        stdout = _pass_on_epochs(run)
     if run.returncode:
-        sys.exit(f"featcache {' '.join(args)} failed:\n{run.stdout}{run.stderr}")
-    return run.stdout
+        sys.exit(f"featcache {' '.join(args)} failed:\n{stdout}{run.stderr_text}")
+    return stdout
+
+
+def _pass_on_epochs(run) -> str:
+    """Read a command's stderr line by line (epoch lines to this script's stderr), then its stdout."""
+    lines = []
+    for line in run.stderr:
+        lines.append(line)
+        if " epoch " in line:
+            print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
+    run.stderr_text = "".join(lines)
+    return run.stdout.read()
 
 
 # --tiny: appended to each command's options (a repeated option's last value wins)
@@ -122,13 +146,32 @@ def run_recipe(recipe: Recipe, data: Path, workdir: Path, tiny: bool = False) ->
     featcache("fit-head", *(a for h in recipe.heads for a in ("--head", h)), *recipe.fit, *precision,
               *extra.get("fit-head", ()), *cache_args)
     folders = {head: workdir / key[:16] / "heads" / head for head in recipe.heads}
+    rows = []
     if recipe.finetune:
         printed = featcache("finetune", "--head", "dense256", "--data", str(data), *recipe.finetune,
                             *precision, *extra.get("finetune", ()), *cache_args)
         prefix = re.search(r"prefix cache: (\S+)", printed).group(1)  # the fine-tuned head lives there
         folders["dense256-finetuned"] = Path(prefix) / "heads" / "dense256-finetuned"
+        if recipe.rebase:
+            rows = run_rebase(recipe, printed, workdir, extra)
     return [row_of(recipe, head, json.loads((folder / "head.json").read_text()), extract_seconds)
-            for head, folder in folders.items()]
+            for head, folder in folders.items()] + rows
+
+
+def run_rebase(recipe: Recipe, printed: str, workdir: Path, extra: dict) -> list[dict]:
+    """Run the extract command finetune printed (the fine-tuned base's features), then the cheap heads on them."""
+    command = re.search(r"fine-tuned base's features: featcache (.+)", printed).group(1).split()
+    common = ("--workdir", str(workdir), "--precision", recipe.precision)
+    started = time.perf_counter()
+    featcache(*command, *common)
+    key = (workdir / "current").read_text().strip()
+    seconds = time.perf_counter() - started
+    featcache("fit-head", *(a for h in recipe.rebase for a in ("--head", h)), *recipe.fit,
+              *extra.get("fit-head", ()), *common, "--cache", key)
+    based = Recipe(f"{recipe.name}+base", tuple(command[1:]), precision=recipe.precision,
+                   note="cheap heads on the fine-tuned base's features (the base saw the training split)")
+    return [row_of(based, head, json.loads((workdir / key[:16] / "heads" / head / "head.json").read_text()),
+                   seconds) for head in recipe.rebase]
 
 
 def row_of(recipe: Recipe, head: str, info: dict, extract_seconds: float) -> dict:
@@ -143,6 +186,8 @@ def row_of(recipe: Recipe, head: str, info: dict, extract_seconds: float) -> dic
             "test_ci95": wilson_interval(metrics["test"]["accuracy"], test_images),
             "test_balanced_accuracy": metrics["test"].get("balanced_accuracy"),
             "test_confusion": metrics["test"].get("confusion"), "fit_seconds": info.get("fit_seconds"),
+            "epochs_run": info.get("epochs_run"), "seconds_per_epoch": info.get("seconds_per_epoch"),
+            "trained_precision": (info.get("precision") or {}).get("precision"),
             "extract_seconds_this_run": extract_seconds}
 
 
@@ -168,6 +213,13 @@ def print_table(rows: list[dict]) -> None:
           f"test {best['test_accuracy']:.1%}")
     for line in pair_lines(rows):
         print(line)
+    from featcache import precision
+
+    for row in rows:
+        if row["head"].endswith("finetuned"):
+            print(f"{row['recipe']} {row['head']}: {row['epochs_run']} epochs, {row['seconds_per_epoch']:.0f} s each "
+                  f"({row['fit_seconds'] / 60:.1f} min) in {row['trained_precision']}, "
+                  f"{precision.hardware_line(precision.cpu_flags(), [])}")
 
 
 def pair_lines(rows: list[dict]) -> list[str]:

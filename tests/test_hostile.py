@@ -438,3 +438,63 @@ def test_a_damaged_shard_met_inside_keras_training_is_one_line_not_tensorflows_t
     with pytest.raises(FeatcacheError) as error:
         fit_head(blobs, "dense256", options, memory_budget=20 * 1024)  # streamed: over the budget
     assert str(error.value).startswith(f"shard {shard} failed its") and "\n" not in str(error.value)
+
+
+def test_a_read_only_workdir_still_serves_a_complete_cache_and_other_writes_are_one_line(tmp_path, monkeypatch):
+    """Item 15: extract on a complete cache in a read-only workdir was a traceback from writing `current`
+    (root writes through chmod, so the file system's refusal is simulated where featcache writes)."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from featcache import compare
+    from featcache.cli import main
+
+    data = make_split_folders(tmp_path / "data", counts={"train": 2, "validation": 1, "test": 1})
+    args = ["--workdir", str(tmp_path / "out")]
+    extract = ["extract", "--data", str(data), "--weights", "none", "--image-size", "32", *args]
+    first = CliRunner().invoke(main, extract)
+    assert first.exit_code == 0, first.output
+    assert CliRunner().invoke(main, ["fit-head", "--head", "logreg", *args]).exit_code == 0
+
+    def read_only(path, *_):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(cache, "atomic_write", read_only)
+    again = CliRunner().invoke(main, extract)
+    assert again.exit_code == 0, again.output
+    key = (tmp_path / "out" / "current").read_text().strip()[:16]
+    assert f"is not writable (Read-only file system): cache {key} is complete" in again.output
+    assert f"pass them --cache {key}" in again.output
+
+    def no_plots(comparison, cache, *_):
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache.path / "plots"))
+
+    monkeypatch.setattr(compare, "write_outputs", no_plots)
+    refused = CliRunner().invoke(main, ["compare", *args])
+    error = refused.stderr.strip().splitlines()  # the table went to stdout before the plots failed
+    assert refused.exit_code == 1 and len(error) == 1, refused.stderr
+    assert error[0].startswith("Error: cannot write ") and "(Permission denied): give a --workdir you may" in error[0]
+
+
+def test_an_image_size_whose_batch_cannot_fit_in_memory_is_refused_before_the_backbone_runs(tmp_path, monkeypatch):
+    """Item 15: `--image-size 2000` under a memory limit killed TensorFlow without a message."""
+    from click.testing import CliRunner
+
+    from featcache import streaming
+    from featcache.cli import main
+
+    data = make_split_folders(tmp_path / "data", counts={"train": 2, "validation": 1, "test": 1})
+    monkeypatch.setattr(streaming, "available_memory", lambda: 8 * 2**30)  # an 8 GiB container
+    args = ["extract", "--data", str(data), "--weights", "none", "--workdir", str(tmp_path / "out")]
+    refused = CliRunner().invoke(main, [*args, "--image-size", "2000"])
+    assert refused.exit_code == 1 and refused.output.count("Error:") == 1, refused.output
+    assert "Error:" in refused.output.strip().splitlines()[-1]  # one line, the last
+    # VGG16's first block at 2000 px: 2 x 2000 x 2000 x 64 float32 = 1.9 GiB per image
+    assert ("--image-size 2000 with --batch-size 32 needs about 61.0 GiB of activations (1.9 GiB per image), "
+            "over the 8.0 GiB available: use --batch-size 4 or less") in refused.output
+    assert not list((tmp_path / "out").glob("*/*.h5"))  # nothing written, nothing half-done
+    monkeypatch.setattr(streaming, "available_memory", lambda: 10 * 2**20)  # 64 px: 2 MiB per image
+    assert "use --batch-size 5 or less" in CliRunner().invoke(main, [*args, "--image-size", "64"]).output
+    fits = CliRunner().invoke(main, [*args, "--image-size", "64", "--batch-size", "4"])
+    assert fits.exit_code == 0, fits.output

@@ -100,17 +100,23 @@ def test_bench_ray_runs_on_tiny_input(tmp_path):
 
 
 def test_bench_accuracy_runs_a_recipe_with_fine_tuning_on_tiny_input(tmp_path):
-    """The MobileNetV2 recipe: extract, three heads, fine-tuning, and the rows read back from head.json."""
+    """The whole-network recipe: extract, dense256, the whole VGG16 fine-tuned on the pixel cache, then the
+    fine-tuned base's features extracted and three heads on them, every row read back from head.json."""
     data = make_split_folders(tmp_path / "data", counts=TINY)
     run = run_script("bench_accuracy", "--data", data, "--workdir", tmp_path / "work", "--only",
-                     "mobilenet_v2-300", "--tiny", "--json", tmp_path / "out.json")
+                     "vgg16-150-whole", "--tiny", "--json", tmp_path / "out.json")
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert [(r["recipe"], r["head"], r["precision"]) for r in rows] == [
-        ("mobilenet_v2-300", "logreg", "float32"), ("mobilenet_v2-300", "svm-rbf", "float32"),
-        ("mobilenet_v2-300", "dense256", "float32"), ("mobilenet_v2-300", "dense256-finetuned", "float32"),
+    based = "vgg16-150-whole+base"
+    assert [(r["recipe"], r["head"]) for r in rows] == [
+        ("vgg16-150-whole", "dense256"), ("vgg16-150-whole", "dense256-finetuned"),
+        (based, "logreg"), (based, "svm-rbf"), (based, "dense256"),
     ]
     assert all(0 <= r["test_accuracy"] <= 1 and r["cache_key"] for r in rows)
-    assert "best cached head by validation: mobilenet_v2-300" in run.stdout
+    assert all(r["precision"] == "mixed_bfloat16" for r in rows)
+    assert rows[2]["cache_key"] not in {rows[0]["cache_key"], rows[1]["cache_key"]}
+    assert rows[2]["extract"][rows[2]["extract"].index("--weights") + 1].endswith(".weights.h5")
+    assert "vgg16-150-whole dense256-finetuned: 1 epochs" in run.stdout and "CPU flags" in run.stdout
+    assert "finetune epoch 1/1" in run.stderr  # long runs show their epochs as they come
 
 
 def test_bench_accuracy_checks_each_bf16_row_against_its_float32_pair():
