@@ -167,8 +167,9 @@ def trainable_model(extractor, cut: Cut, head_model, config=None):
     top = keras.Model(start, extractor.output, name="top")
     set_trainable(top, cut)
     prefix = keras.Input(tuple(top.input.shape[1:]), name="image" if whole else "prefix")
-    x = preprocessing_layer(backbones.get(config.backbone), config.preprocess, config.image_size)(prefix) \
-        if whole else prefix
+    x = prefix
+    if whole:  # pixels in [0, 255], as cached and as predict decodes them
+        x = preprocessing_layer(backbones.get(config.backbone), config.preprocess, config.image_size)(prefix)
     return keras.Model(prefix, head_model(top(x, training=False)), name="finetune")
 
 
@@ -242,8 +243,9 @@ def finetune(
             f"(extract with --also-layer {cut.prefix_layer} to skip this)")
     extracted = prefix_cache(head_cache, cut, workdir, data, fractions, show_progress)
     prefix = extracted.cache
+    computed = "decoded" if cut.prefix_layer == PIXELS else "through the backbone"
     say(f"{'pixel' if cut.prefix_layer == PIXELS else 'prefix'} cache {prefix.key[:16]}: {extracted.computed} "
-        f"rows computed, {extracted.reused} copied")
+        f"rows {computed}, {extracted.reused} copied")
     keras.utils.set_random_seed(options.seed)
     with precision.using(choice.precision):  # the model's policy: mixed_float16 compiles with loss scaling
         model = trainable_model(extractor, cut, head_layers, config)

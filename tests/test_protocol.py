@@ -65,7 +65,7 @@ def test_default_options_are_adam_1e3_with_early_stopping_and_auto_scaling():
 
 
 @pytest.mark.parametrize(("option", "change", "message"), [
-    ("optimizer", {"optimizer": "sgd"}, "--optimizer 'sgd': choose one of adam, rmsprop"),
+    ("optimizer", {"optimizer": "adagrad"}, "--optimizer 'adagrad': choose one of adam, rmsprop, sgd"),
     ("scaling", {"scaling": "minmax"}, "--scaling 'minmax': choose one of auto, standard, l2, none"),
     ("class_weight", {"class_weight": "weighted"}, "--class-weight 'weighted': choose one of balanced"),
     ("precision", {"precision": "bfloat16"},
@@ -103,7 +103,7 @@ def test_options_round_trip_through_json_ignoring_fields_they_do_not_know():
         epochs=2, batch_size=3, learning_rate=0.5, optimizer="rmsprop", seed=9, class_weight="balanced",
         patience=None, scaling="none")
     with pytest.raises(FeatcacheError):
-        options.pinned(optimizer="sgd")  # pinned options are checked too
+        options.pinned(optimizer="adagrad")  # pinned options are checked too
 
 
 # --- the record ---------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_record_fields_are_converted_to_their_types():
     ({"format": None}, "h/head.json: head record format None, not 1"),
     ({"classes": 3}, "h/head.json: not a valid head record ("),
     ({"feature_shape": ["x"]}, "h/head.json: not a valid head record ("),
-    ({"options": {"optimizer": "sgd"}}, "h/head.json: not a valid head record (--optimizer 'sgd'"),
+    ({"options": {"optimizer": "adagrad"}}, "h/head.json: not a valid head record (--optimizer 'adagrad'"),
     ({"files": [1]}, "h/head.json: not a valid head record ("),
     ({"files": {"model.npz": 5}}, "h/head.json: the record's files are not names with their sha256; "
                                   "fit it again with `featcache fit-head --head logreg --refit`"),

@@ -44,10 +44,23 @@ def test_verbose_shows_tensorflow_lines(tmp_path):
     assert tf_lines(done.stderr), done.stderr  # TF 2.21 on a CPU: the absl notice, oneDNN, cuda drivers
 
 
-def test_verbose_environment_variable(tmp_path):
-    done = run_extract(tmp_path, env=clean_env(FEATCACHE_VERBOSE="1"))
-    assert done.returncode == 0, done.stderr
-    assert tf_lines(done.stderr), done.stderr
+def test_verbose_environment_variable_acts_as_the_flag(monkeypatch):
+    """FEATCACHE_VERBOSE=1 takes the path --verbose takes (shown end to end above): no import hook,
+    the user's TF_CPP_MIN_LOG_LEVEL left alone."""
+    import sys
+
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "1")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.setattr(quiet, "_level_before", None)
+    monkeypatch.setattr(quiet, "_verbose", False)
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)  # so a quiet call would install the hook
+    quiet.quiet_tensorflow()
+    assert quiet.is_verbose() and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    assert not any(isinstance(f, quiet._QuietImport) for f in sys.meta_path)
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "0")  # and "0" means quiet
+    quiet.quiet_tensorflow()
+    assert not quiet.is_verbose() and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
 
 
 def test_filter_keeps_every_line_that_is_not_tensorflow_log():
