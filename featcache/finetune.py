@@ -255,6 +255,7 @@ def finetune(
         history = train_stages(model, cut, prefix, options, recipe, one_column, say)
     seconds = time.perf_counter() - started
     counts = parameter_counts(model)  # before test-time averaging wraps it
+    model = keras.Model(model.input, model.output, name=model.name)  # uncompiled: saved without Adam's state
     if recipe.average_views != "none":
         model = averaged_model(model, recipe.average_views, config.image_size)
     before = head.record.get("history", {})

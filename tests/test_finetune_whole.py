@@ -61,6 +61,9 @@ def test_the_record_says_how_it_trained(whole):
     # dense256's 2 epochs, the head stage's 1, the whole network's 1
     assert len(whole.tuned.record["history"]["loss"]) == 4 and whole.tuned.record["epochs_run"] == 2
     assert "head epoch 1/1" in whole.output.stderr and "finetune epoch 1/1" in whole.output.stderr
+    # the file holds the weights, not Adam's two slots per weight too (which tripled it)
+    weights = 4 * (whole.tuned.record["trainable_params"] + whole.tuned.record["non_trainable_params"])
+    assert (head_dir(whole.pixels, "dense256-finetuned") / "model.keras").stat().st_size < 1.1 * weights
 
 
 def test_the_saved_base_reloads_and_reproduces_the_finetuned_features(whole):
