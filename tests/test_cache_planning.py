@@ -136,18 +136,31 @@ def test_a_shard_without_the_optional_views_is_kept(written):
     with h5py.File(shard, "r+") as f:
         del f["views"], f.attrs["rows_sha256"]  # shards before views existed had no rows checksum either
     assert cache.shard_is_intact(shard, c.key, plan)
+    with h5py.File(shard, "r+") as f:
+        del f.attrs["config"]  # what it tells (an also-layer) is absent: no also-layer, not a crash
+    assert cache.shard_is_intact(shard, c.key, plan)
 
 
-def test_every_chunk_of_a_long_shard_is_checked(tmp_path):
-    """A flipped bit past the first read block (1024 rows) is caught too."""
-    data = dataset((1100, 0, 0))
-    c = write_cache(tmp_path, data, (2,), "float32", 0, lambda p: np.ones((len(p.samples), 2), np.float32), 2000)
-    shard = c.path / "train-00000.h5"
+@pytest.fixture(scope="module")
+def long_shard(tmp_path_factory):
+    """One shard of 2,100 rows: 33 chunks of 64, read in blocks of 1,024 rows (three blocks)."""
+    root = tmp_path_factory.mktemp("long")
+    data = dataset((2100, 0, 0))
+    c = write_cache(root, data, (2,), "float32", 0, lambda p: np.ones((len(p.samples), 2), np.float32), 4000)
+    return c, (c.path / "train-00000.h5").read_bytes()
+
+
+@pytest.mark.parametrize("chunk", [0, 15, 16, 31, 32], ids=lambda c: f"chunk{c}")
+def test_every_chunk_of_a_long_shard_is_checked(chunk, long_shard, tmp_path):
+    """A flipped bit in any block a shard is read in (at its first and last chunk, past 2,048 rows too) is caught."""
+    c, clean = long_shard
+    shard = tmp_path / "train-00000.h5"
+    shard.write_bytes(clean)
     assert cache.shard_is_intact(shard, c.key)
     with h5py.File(shard, "r") as f:
-        chunks = f["features"].id.get_num_chunks()
-        offset = f["features"].id.get_chunk_info(chunks - 1).byte_offset
-    raw = bytearray(shard.read_bytes())
+        assert f["features"].id.get_num_chunks() == 33
+        offset = f["features"].id.get_chunk_info(chunk).byte_offset
+    raw = bytearray(clean)
     raw[offset] ^= 0xFF
     shard.write_bytes(bytes(raw))
     assert not cache.shard_is_intact(shard, c.key)
@@ -177,10 +190,15 @@ def test_an_also_layer_with_flipped_bits_is_not_kept(tmp_path):
     provenance = {"key": "k", "row_key": "r", "also_row_key": "r2", "config": {"also_layer": "mixed"},
                   "classes": ["a", "b"]}
     shard = tmp_path / plan.name
+    also = cache.also_dataset("mixed")
     cache.write_shard(shard, plan, provenance, np.ones((3, 2), np.float32), list(plan.samples), {},
-                      also=np.arange(12, dtype=np.float32).reshape(3, 4))
-    flip_bits(shard, cache.also_dataset("mixed"))
-    assert not cache.shard_is_intact(shard, "k", plan)
+                      also=np.arange(3 * 64, dtype=np.float32).reshape(3, 64))
+    flip_bits(shard, also)  # 128 bytes inside the layer's one chunk of 768: nothing else is touched
+    with h5py.File(shard, "r") as f:
+        assert f["features"][:].sum() == 6 and cache._rows_error(f, shard) is None
+        with pytest.raises(OSError):
+            f[also][:]
+    assert not cache.shard_is_intact(shard, "k", plan)  # so the layer's own checksum is what refuses it
 
 
 def test_a_cache_is_whole_only_while_every_shard_its_manifest_lists_is(written):
@@ -238,6 +256,22 @@ def test_no_rows_are_found_in_the_excluded_cache_another_config_or_a_broken_cach
     (c1.path / "train-00000.h5").write_bytes(b"broken")
     source = cache.RowSource(tmp_path, (row_key,))
     assert [s.sha256 in source for s in v1.samples] == [False, False, False, True]  # the second shard's row
+
+
+def test_rows_are_found_past_caches_that_lend_none(tmp_path):
+    """Caches scanned before the one holding the rows (in path order) that are excluded, unreadable or of
+    another config are passed over, not the end of the scan."""
+    v1, _, c1, _ = two_versions(tmp_path)
+    row_key = c1.manifest["row_key"]
+    for name, manifest in (("00-excluded", c1.manifest), ("01-unreadable", None),
+                           ("02-other-config", {**c1.manifest, "row_key": "another config"})):
+        (tmp_path / name).mkdir()
+        for shard in c1.path.glob("*.h5"):
+            (tmp_path / name / shard.name).write_bytes(shard.read_bytes())
+        (tmp_path / name / cache.MANIFEST).write_text(json.dumps(manifest) if manifest else "{not json")
+    source = cache.RowSource(tmp_path, (row_key,), exclude=tmp_path / "00-excluded")
+    assert all(s.sha256 in source for s in v1.samples)
+    assert {shard.parent for shard, _, _ in source.where[row_key].values()} == {c1.path}
 
 
 def test_a_cache_without_a_manifest_lends_no_rows(tmp_path):
