@@ -237,6 +237,10 @@ def training_options(defaults):
         click.option("--precision", type=click.Choice(PRECISIONS), default=defaults.precision, show_default=True,
                      help="Compute precision of Keras training. auto: bfloat16 or float16 where timing a "
                           "training step once shows it faster on this machine, else float32."),
+        click.option("--threshold", callback=parse_threshold, default=None,
+                     help="Two classes: the second class's probability from which it is predicted, carried into "
+                          "predict and export; balanced-accuracy: the best on validation (for imbalanced "
+                          "classes)  [default: 0.5, the most probable class]"),
         click.option("--scaling", type=click.Choice(SCALINGS), default=defaults.scaling, show_default=True,
                      help="Feature scaling: auto chooses on validation (linear heads; standard for Keras "
                           "heads); Chollet's recipe is --scaling none --optimizer rmsprop --learning-rate 2e-5."),
@@ -244,12 +248,29 @@ def training_options(defaults):
     return lambda command: functools.reduce(lambda c, option: option(c), reversed(options), command)
 
 
-def fit_options(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience, precision, scaling):
+def fit_options(epochs, batch_size, learning_rate, optimizer, seed, class_weight, patience, precision, threshold,
+                scaling):
     from featcache.heads import FitOptions
 
     return FitOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, optimizer=optimizer,
                       seed=seed, class_weight=class_weight, patience=patience or None, precision=precision,
-                      scaling=scaling)
+                      threshold=threshold, scaling=scaling)
+
+
+def parse_threshold(ctx, param, value: str | None) -> float | str | None:
+    """None (the most probable class), a name from ``THRESHOLDS`` (chosen on validation), or a probability
+    strictly between 0 and 1."""
+    from featcache.heads.protocol import THRESHOLDS
+
+    if value is None or value in THRESHOLDS:
+        return value
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = float("nan")
+    if not 0 < threshold < 1:
+        raise click.BadParameter(f"{value!r}: give a probability between 0 and 1 such as 0.3, or balanced-accuracy")
+    return threshold
 
 
 def parse_memory_budget(ctx, param, value: str | None) -> tuple[int | None, str]:
@@ -307,6 +328,8 @@ def fit_head_command(names, memory_budget, refit, key, workdir, **training):
         done = f"{record['epochs_run']} epochs, {chosen}" if "epochs_run" in record else f"chosen {chosen}"
         if "best_epoch" in record:  # early stopping restored this epoch's weights: the metrics are its
             done += f", weights of epoch {record['best_epoch']}"
+        if (threshold := record.get("threshold")) and threshold["value"] != 0.5:
+            done += f", {record['classes'][1]} from p >= {threshold['value']:.3g} ({threshold['chosen_by']})"
         # The saved head's log loss on each split, as compare computes it: the epoch lines above show
         # Keras' loss while training, of the last epoch.
         scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}, log loss {m['log_loss']:.3f}"

@@ -12,6 +12,7 @@ import numpy as np
 from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.heads import Head, head_dir, load_head
+from featcache.heads.protocol import choose_threshold, decide
 
 
 @dataclass
@@ -22,10 +23,11 @@ class SplitResult:
     labels: np.ndarray
     paths: list[str]
     predict_seconds: float
+    threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=1)
+        return decide(self.probabilities, self.threshold)
 
     def metrics(self, n_classes: int) -> dict:
         from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
@@ -68,7 +70,23 @@ def predict_split(head: Head, cache: Cache, split: str, batch_size: int = 2048) 
     probabilities = np.concatenate([p for p, _, _ in parts])
     labels = np.concatenate([y for _, y, _ in parts])
     return SplitResult(probabilities, labels, [q for _, _, ps in parts for q in ps],
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, head.threshold)
+
+
+def decision_threshold(head: Head, cache: Cache, threshold: float | str | None = None) -> dict | None:
+    """What decides a two-class head, as ``FitOptions.threshold`` asks: None (the most probable class), a
+    pinned threshold, or the one with the best balanced accuracy on validation (``protocol.choose_threshold``),
+    with both scores recorded."""
+    if len(cache.classes) != 2 or threshold is None:
+        return None
+    if not isinstance(threshold, str):
+        return {"value": float(threshold), "chosen_by": "--threshold"}
+    validation = predict_split(head, cache, "validation")
+    if len(set(validation.labels.tolist())) < 2:
+        return {"value": 0.5, "chosen_by": "default (validation holds one class)"}
+    value, balanced, at_half = choose_threshold(validation.labels, validation.probabilities[:, 1])
+    return {"value": value, "chosen_by": "balanced accuracy on validation",
+            "validation_balanced_accuracy": balanced, "validation_balanced_accuracy_at_0.5": at_half}
 
 
 def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict]:

@@ -31,6 +31,7 @@ from featcache import FeatcacheError, backbones, online_augment, precision, stre
 from featcache.backbones.weights import ResolvedWeights, weights_digest
 from featcache.cache import PIXELS, Cache, cache_key
 from featcache.dataset import DEFAULT_FRACTIONS, file_sha256, load_dataset
+from featcache.evaluate import decision_threshold
 from featcache.extract import ExtractResult, choose_precision, extract
 from featcache.heads import FitOptions, Head, head_dir, keras_head_of, load_head
 from featcache.heads.keras_heads import compile_head, one_hot_labels, parameter_counts
@@ -281,7 +282,10 @@ def finetune(
         info["finetune"]["base_weights"] = {"file": str(path.resolve()), "sha256": file_sha256(path),
                                             "extract": extract_command(head_cache, path)}
         say(f"fine-tuned base saved: {path}")
-    return keras_head_of(info["name"], model, options, info), prefix
+    tuned = keras_head_of(info["name"], model, options, info)
+    if threshold := decision_threshold(tuned, prefix, options.threshold):  # two classes: chosen on validation
+        tuned.record["threshold"] = threshold
+    return tuned, prefix
 
 
 def train_stages(model, cut: Cut, prefix: Cache, options: FitOptions, recipe: Recipe, one_column: bool,

@@ -297,6 +297,7 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, c
                       "as featcache.images.load_image does; the backbone's preprocessing is inside the model",
         },
         "output": {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes},
+        "decision": _decision(cache.classes, head.threshold),
         "backbone": config["backbone"], "layer": cache.manifest.get("output_layer"),
         "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
         "preprocess": config["preprocess"], "dtype": config["dtype"], "precision": compute,
@@ -306,3 +307,11 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, c
         "head_metrics": head.record.get("metrics"), "featcache_version": __version__,
         "keras_version": keras_version, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _decision(classes: list[str], threshold: float | None) -> dict:
+    """How a class is read from the probabilities, as ``predict`` reads it."""
+    if threshold is None:
+        return {"rule": "the class of the highest probability"}
+    return {"rule": f"{classes[1]} where probabilities[:, 1] >= threshold, else {classes[0]}",
+            "threshold": threshold}

@@ -21,6 +21,7 @@ from featcache.cache import Cache
 from featcache.dataset import images_under
 from featcache.extract import decoded_batches
 from featcache.heads import Head, head_dir, head_info, load_head, saved_heads
+from featcache.heads.protocol import decide
 from featcache.images import IMAGE_SUFFIXES
 from featcache.model import cache_config, cache_weights, feature_model
 from featcache.progress import ImageProgress
@@ -35,13 +36,15 @@ class Predictions:
     paths: list[Path]
     probabilities: np.ndarray  # (len(paths), len(classes))
     rejects: list[tuple[Path, str]] = field(default_factory=list)
+    threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
 
     def rows(self) -> list[dict]:
         """One dict per image: path, predicted class, its probability, and every class's probability."""
+        decided = decide(self.probabilities, self.threshold) if len(self.paths) else []
         return [
-            {"path": str(path), "class": self.classes[int(p.argmax())], "probability": float(p.max()),
+            {"path": str(path), "class": self.classes[int(k)], "probability": float(p[k]),
              "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=True)}}
-            for path, p in zip(self.paths, self.probabilities, strict=True)
+            for path, p, k in zip(self.paths, self.probabilities, decided, strict=True)
         ]
 
 
@@ -195,7 +198,7 @@ class Predictor:
         n_classes = len(self.cache.classes)
         probabilities = np.concatenate(chunks) if chunks else np.zeros((0, n_classes))
         rejects = [(files[i], reason) for i, reason in sorted(rejected.items())]
-        return Predictions(self.cache.classes, [files[i] for i in kept], probabilities, rejects)
+        return Predictions(self.cache.classes, [files[i] for i in kept], probabilities, rejects, self.head.threshold)
 
 
 def format_predictions(predictions: Predictions, fmt: str) -> str:

@@ -97,6 +97,8 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
     bytes of feature data held at once (None: no limit): within it the head fits in memory,
     over it from streamed shards.
     """
+    from featcache.evaluate import decision_threshold
+
     if "validation" not in cache.splits:
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
     if len(cache.classes) < 2:
@@ -119,6 +121,8 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
         seed=options.seed, fit_seconds=round(time.perf_counter() - started, 3),
         fitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"), memory=memory,
     )
+    if threshold := decision_threshold(head, cache, options.threshold):
+        head.record["threshold"] = threshold
     return head
 
 

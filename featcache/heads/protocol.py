@@ -27,6 +27,7 @@ from featcache.files import raise_if_out_of_space
 OPTIMIZERS = ("adam", "rmsprop", "sgd")  # sgd: with momentum 0.9
 SCALINGS = ("auto", "standard", "l2", "none")
 CLASS_WEIGHTS = (None, "balanced")
+THRESHOLDS = ("balanced-accuracy",)  # what a two-class head's decision threshold can be chosen by
 # Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
 # shuffled folds; 3: heads stored as data only, scaling chosen on validation, linear heads fitted in
 # the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input;
@@ -54,6 +55,9 @@ class FitOptions:
     patience: int | None = 10  # early stopping on validation loss (best weights restored)
     scaling: str = "auto"  # auto: chosen on validation (linear heads) or standard (Keras heads)
     precision: str = "auto"  # Keras training: auto (timed once per machine), float32, mixed_bfloat16, ...
+    # two classes: None decides by the most probable class (0.5), a number pins the second class's probability
+    # from which it is predicted, "balanced-accuracy" chooses that on validation (for imbalanced classes)
+    threshold: float | str | None = None
 
     def __post_init__(self):
         from featcache.precision import PRECISIONS
@@ -65,6 +69,10 @@ class FitOptions:
             if value not in allowed:
                 names = ", ".join(str(a) for a in allowed if a is not None)
                 raise FeatcacheError(f"--{option} {value!r}: choose one of {names}")
+        if isinstance(self.threshold, str) and self.threshold not in THRESHOLDS or (
+                isinstance(self.threshold, int | float) and not 0 < self.threshold < 1):
+            raise FeatcacheError(f"--threshold {self.threshold!r}: a probability between 0 and 1, or "
+                                 f"{' or '.join(THRESHOLDS)} (chosen on validation)")
         if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise FeatcacheError(
                 f"epochs {self.epochs}, batch size {self.batch_size} and learning rate "
@@ -72,7 +80,11 @@ class FitOptions:
             )
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The options; one added later is left out at its default, so heads fitted before it keep theirs."""
+        options = asdict(self)
+        if options["threshold"] is None:
+            del options["threshold"]
+        return options
 
     @classmethod
     def from_json(cls, data: dict) -> FitOptions:
@@ -182,9 +194,14 @@ class Head:
     def n_classes(self) -> int:
         return len(self.record["classes"])
 
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold of a two-class head (on the second class's probability), if it has one."""
+        return (self.record.get("threshold") or {}).get("value")
+
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Class indices: the most probable class of each row."""
-        return self.predict_proba(features).argmax(axis=1)
+        """Class indices: the most probable class of each row, or by the head's threshold (two classes)."""
+        return decide(self.predict_proba(features), self.threshold)
 
     def check_cache(self, cache) -> None:
         if self.record.get("cache_key") != cache.key:
@@ -259,6 +276,41 @@ def class_weight_of(labels: np.ndarray, n_classes: int, class_weight: str | None
         return None
     counts = np.bincount(np.asarray(labels, int), minlength=n_classes)
     return {i: float(len(labels) / (n_classes * max(n, 1))) for i, n in enumerate(counts)}
+
+
+def decide(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Class indices: the most probable class; with two classes and a threshold, the second class where its
+    probability reaches the threshold."""
+    p = np.asarray(probabilities)
+    if threshold is not None and p.shape[1] == 2:
+        return (p[:, 1] >= threshold).astype(int)
+    return p.argmax(axis=1)
+
+
+def choose_threshold(labels: np.ndarray, positive: np.ndarray) -> tuple[float, float, float]:
+    """(threshold, its balanced accuracy, 0.5's) on these rows: the threshold on the second class's
+    probability with the best balanced accuracy (0.5 when it is as good; else the middle of the best
+    interval between two rows' scores, nearest 0.5). Imbalanced classes move it off 0.5; balanced ones
+    rarely do."""
+    from sklearn.metrics import roc_curve
+
+    labels, positive = np.asarray(labels), np.asarray(positive, np.float64)
+    at_half = _balanced_accuracy(labels, positive >= 0.5)
+    fpr, tpr, cuts = roc_curve(labels, positive, drop_intermediate=False)  # class 1 where positive >= cut
+    balanced = (tpr + 1 - fpr) / 2
+    best = float(balanced.max())
+    if at_half >= best - 1e-12:
+        return 0.5, at_half, at_half
+    lower = np.append(cuts[1:], 0.0)  # each cut's interval of identical decisions: (lower, cut]
+    middles = (np.minimum(cuts, 1.0) + lower) / 2
+    candidates = np.flatnonzero(balanced >= best - 1e-12)
+    chosen = candidates[np.argmin(np.abs(middles[candidates] - 0.5))]
+    return float(middles[chosen]), best, at_half
+
+
+def _balanced_accuracy(labels: np.ndarray, predicted_second: np.ndarray) -> float:
+    recalls = [np.mean(predicted_second[labels == c] == bool(c)) for c in (0, 1) if np.any(labels == c)]
+    return float(np.mean(recalls))
 
 
 def two_columns(p: np.ndarray) -> np.ndarray:
