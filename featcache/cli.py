@@ -42,8 +42,8 @@ def user_errors(command):
             if exc.errno not in READ_ONLY:
                 raise
             raise click.ClickException(
-                f"cannot write {exc.filename or 'here'} ({exc.strerror}): give a --workdir you may write to "
-                "(compare: --plots DIR, export: --output FILE)") from None
+                f"cannot use {exc.filename or 'a file'} ({exc.strerror}): give --data you may read and a --workdir "
+                "you may write to (compare: --plots DIR, export: --output FILE)") from None
 
     return wrapper
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -220,6 +221,10 @@ def finetune(
     import keras
 
     recipe.check_cut(unfreeze_from)
+    if recipe.warmup_epochs and recipe.warmup_epochs >= options.epochs:
+        raise FeatcacheError(f"--warmup-epochs {recipe.warmup_epochs} leaves none of the {options.epochs} epochs at "
+                             "the learning rate: fewer warm-up epochs, or more --epochs")
+    keras.utils.set_random_seed(options.seed)  # the head's and the base's layers draw their seeds when built
     head = load_head(head_dir(head_cache, head_name))
     head.check_cache(head_cache)
     head_layers = head.to_keras(head_cache.feature_shape)  # refuses a head with no Keras form
@@ -280,7 +285,7 @@ def finetune(
     if cut.prefix_layer == PIXELS:
         path = save_base(extractor, config, cache_weights(head_cache), workdir, info["name"])
         info["finetune"]["base_weights"] = {"file": str(path.resolve()), "sha256": file_sha256(path),
-                                            "extract": extract_command(head_cache, path)}
+                                            "extract": extract_command(head_cache, path, data, fractions)}
         say(f"fine-tuned base saved: {path}")
     tuned = keras_head_of(info["name"], model, options, info)
     if threshold := decision_threshold(tuned, prefix, options.threshold):  # two classes: chosen on validation
@@ -382,13 +387,19 @@ def save_base(extractor, config, weights_arg: str | None, workdir: Path, name: s
     return path
 
 
-def extract_command(head_cache: Cache, base: Path) -> str:
-    """The extract command that caches features of the fine-tuned base for the head cache's images."""
+def extract_command(head_cache: Cache, base: Path, data: Path | None = None,
+                    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+    """The extract command that caches features of the fine-tuned base for exactly the head cache's images,
+    splits and preprocessing (another split would put images the base trained on into test)."""
     config = head_cache.config
-    root = head_cache.manifest["dataset"]["root"]
-    layer = f" --layer {config['layer']}" if config.get("layer") else ""
-    return (f"featcache extract --backbone {config['backbone']} --weights {base}{layer} --pooling "
-            f"{config['pooling']} --image-size {config['image_size']} --data {root}")
+    options = {"--backbone": config["backbone"], "--weights": str(base), "--layer": config.get("layer"),
+               "--pooling": config["pooling"], "--image-size": config["image_size"],
+               "--resize": config["resize"], "--preprocess": config["preprocess"], "--dtype": config["dtype"],
+               "--data": str(data or head_cache.manifest["dataset"]["root"])}
+    if fractions != DEFAULT_FRACTIONS:
+        options["--split-fractions"] = ",".join(map(str, fractions))
+    return "featcache extract " + " ".join(f"{option} {shlex.quote(str(value))}" for option, value in options.items()
+                                           if value is not None)
 
 
 def cache_with_head(workdir: Path, head_name: str) -> Cache:

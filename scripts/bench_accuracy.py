@@ -28,8 +28,10 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,28 +112,30 @@ def featcache(*args: str) -> str:
     takes minutes); fail loudly with its output. Returns its stdout."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = Path(sys.executable).with_name("featcache")  # this environment's entry point
-    with subprocess.Popen([str(command), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env) as run:
-        stdout = _pass_on_epochs(run)
+    with tempfile.TemporaryFile("w+") as stdout:  # a file, not a pipe: read after stderr, it never fills up
+        with subprocess.Popen([str(command), *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              env=env) as run:
+            stderr = _pass_on_epochs(run.stderr)
+        stdout.seek(0)
+        printed = stdout.read()
     if run.returncode:
-        sys.exit(f"featcache {' '.join(args)} failed:\n{stdout}{run.stderr_text}")
-    return stdout
+        sys.exit(f"featcache {' '.join(args)} failed:\n{printed}{stderr}")
+    return printed
 
 
-def _pass_on_epochs(run) -> str:
-    """Read a command's stderr line by line (epoch lines to this script's stderr), then its stdout."""
-    lines = []
-    for line in run.stderr:
-        lines.append(line)
+def _pass_on_epochs(lines) -> str:
+    """A command's stderr, read line by line, its epoch lines passed on to this script's stderr."""
+    kept = []
+    for line in lines:
+        kept.append(line)
         if " epoch " in line:
             print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
-    run.stderr_text = "".join(lines)
-    return run.stdout.read()
+    return "".join(kept)
 
 
 # --tiny: appended to each command's options (a repeated option's last value wins)
 TINY = {"extract": ("--image-size", "32", "--weights", "none"), "fit-head": ("--epochs", "2"),
-        "finetune": ("--epochs", "1")}
+        "finetune": ("--epochs", "1", "--warmup-epochs", "0")}
 
 
 def run_recipe(recipe: Recipe, data: Path, workdir: Path, tiny: bool = False) -> list[dict]:
@@ -160,7 +164,7 @@ def run_recipe(recipe: Recipe, data: Path, workdir: Path, tiny: bool = False) ->
 
 def run_rebase(recipe: Recipe, printed: str, workdir: Path, extra: dict) -> list[dict]:
     """Run the extract command finetune printed (the fine-tuned base's features), then the cheap heads on them."""
-    command = re.search(r"fine-tuned base's features: featcache (.+)", printed).group(1).split()
+    command = shlex.split(re.search(r"fine-tuned base's features: featcache (.+)", printed).group(1))
     common = ("--workdir", str(workdir), "--precision", recipe.precision)
     started = time.perf_counter()
     featcache(*command, *common)

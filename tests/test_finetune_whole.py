@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +34,7 @@ def whole(tmp_path_factory):
     cache = run_extract(data, workdir).cache
     fit_head(cache, "dense256", QUICK).save(head_dir(cache, "dense256"))
     result = CliRunner().invoke(main, [
-        "finetune", "--head", "dense256", "--unfreeze-from", "all", "--cache", cache.key[:16], "--epochs", "1",
+        "finetune", "--head", "dense256", "--unfreeze-from", "all", "--cache", cache.key[:16], "--epochs", "2",
         "--head-epochs", "1", "--augment-online", "paper", "--average-views", "d4", "--schedule", "cosine",
         "--warmup-epochs", "1", "--label-smoothing", "0.1", "--optimizer", "adam", "--learning-rate", "1e-4",
         "--batch-size", "4", "--workdir", str(workdir)])
@@ -58,9 +59,9 @@ def test_the_record_says_how_it_trained(whole):
     assert record["prefix_layer"] == PIXELS and record["requested"] == "all"
     assert record["recipe"]["augment_online"]["name"] == "paper" and record["recipe"]["label_smoothing"] == 0.1
     assert record["batch_norm"].startswith("frozen")
-    # dense256's 2 epochs, the head stage's 1, the whole network's 1
-    assert len(whole.tuned.record["history"]["loss"]) == 4 and whole.tuned.record["epochs_run"] == 2
-    assert "head epoch 1/1" in whole.output.stderr and "finetune epoch 1/1" in whole.output.stderr
+    # dense256's 2 epochs, the head stage's 1, the whole network's 2 (the first a warm-up)
+    assert len(whole.tuned.record["history"]["loss"]) == 5 and whole.tuned.record["epochs_run"] == 3
+    assert "head epoch 1/1" in whole.output.stderr and "finetune epoch 2/2" in whole.output.stderr
     # the file holds the weights, not Adam's two slots per weight too (which tripled it)
     weights = 4 * (whole.tuned.record["trainable_params"] + whole.tuned.record["non_trainable_params"])
     assert (head_dir(whole.pixels, "dense256-finetuned") / "model.keras").stat().st_size < 1.1 * weights
@@ -68,9 +69,13 @@ def test_the_record_says_how_it_trained(whole):
 
 def test_the_saved_base_reloads_and_reproduces_the_finetuned_features(whole):
     base = whole.tuned.record["finetune"]["base_weights"]
-    assert f"--weights {base['file']}" in whole.output.stdout  # the command to run next is printed
+    assert base["extract"] in whole.output.stdout  # the command to run next is printed
+    printed = shlex.split(base["extract"])[1:]  # without "featcache"
+    result = CliRunner().invoke(main, [*printed, "--workdir", str(whole.workdir)])
+    assert result.exit_code == 0, result.output
     again = run_extract(whole.data, whole.workdir, weights_spec=base["file"]).cache
     assert again.config["weights"] == base["sha256"]
+    assert (whole.workdir / "current").read_text().strip() == again.key  # the printed command made this cache
     x, _, relpaths = again.read("test")
     top = whole.tuned.model.get_layer("finetune").get_layer("top")
     matrix, offset = preprocessing_affine(backbones.get("vgg16"), "backbone")
@@ -91,7 +96,7 @@ def test_export_matches_predict_and_both_average_the_eight_views(whole):
     single = whole.tuned.model.get_layer("finetune")  # the trained model, one view at a time
     views = [np.asarray(single(np.ascontiguousarray(apply_view(images, v)))).reshape(len(images), -1)
              for v in VIEW_SETS["d4"]]
-    mean = np.mean(views, axis=0)[:, -1]  # one sigmoid column: P(second class)
+    mean = np.mean(views, axis=0)[:, -1]  # the second class's probability (to_keras gives both columns)
     np.testing.assert_allclose(predicted[:, 1], mean, atol=1e-5)
 
 
@@ -125,6 +130,17 @@ def test_a_whole_network_step_on_the_pixel_cache_equals_the_step_through_the_fil
         # float32 rounding of the preprocessing reroutes a few max-pool near-ties in 13 random layers (0.3% of
         # a gradient's norm at most, measured); a wrong preprocessing or a frozen layer changes far more
         assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
+
+
+def test_the_printed_extract_command_keeps_the_head_caches_splits_and_preprocessing(whole, tmp_path):
+    from featcache.finetune import extract_command
+
+    base = tmp_path / "a folder" / "vgg16-base.weights.h5"
+    command = extract_command(whole.cache, base, tmp_path / "my data", (0.5, 0.25, 0.25))
+    options = dict(zip(shlex.split(command)[2::2], shlex.split(command)[3::2], strict=True))
+    assert options["--weights"] == str(base) and options["--data"] == str(tmp_path / "my data")
+    assert options["--split-fractions"] == "0.5,0.25,0.25" and options["--preprocess"] == "backbone"
+    assert options["--dtype"] == "float32" and options["--image-size"] == "32" and options["--layer"] == "block5_pool"
 
 
 def test_warm_up_then_cosine_decay_and_pixel_options_need_the_whole_network():

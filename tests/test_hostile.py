@@ -474,7 +474,7 @@ def test_a_read_only_workdir_still_serves_a_complete_cache_and_other_writes_are_
     refused = CliRunner().invoke(main, ["compare", *args])
     error = refused.stderr.strip().splitlines()  # the table went to stdout before the plots failed
     assert refused.exit_code == 1 and len(error) == 1, refused.stderr
-    assert error[0].startswith("Error: cannot write ") and "(Permission denied): give a --workdir you may" in error[0]
+    assert error[0].startswith("Error: cannot use ") and "(Permission denied): give --data you may read" in error[0]
 
 
 def test_an_image_size_whose_batch_cannot_fit_in_memory_is_refused_before_the_backbone_runs(tmp_path, monkeypatch):

@@ -20,8 +20,10 @@ from tests.conftest import make_split_folders, synthetic_cache
 
 
 def brute_force_best(labels, positive) -> float:
-    """The best balanced accuracy over a fine grid of thresholds, by scikit-learn."""
-    return max(balanced_accuracy_score(labels, positive >= t) for t in np.linspace(0.0005, 0.9995, 2000))
+    """The best balanced accuracy over every threshold that makes a different decision: one at each score,
+    and one above them all (scikit-learn's score on each)."""
+    grid = np.r_[np.unique(positive), np.nextafter(1.0, 2)]
+    return max(balanced_accuracy_score(labels, positive >= t) for t in grid)
 
 
 def test_the_threshold_with_the_best_balanced_accuracy_is_chosen_and_0_5_when_it_is_as_good():
@@ -34,6 +36,20 @@ def test_the_threshold_with_the_best_balanced_accuracy_is_chosen_and_0_5_when_it
     assert balanced == pytest.approx(brute_force_best(labels, positive)) and balanced > 0.8
     separated = np.r_[rng.uniform(0, 0.4, 90), rng.uniform(0.6, 1, 10)]
     assert choose_threshold(labels, separated) == (0.5, 1.0, 1.0)
+
+
+def test_the_recorded_balanced_accuracy_is_what_the_chosen_threshold_gives_even_at_saturated_scores():
+    """Scores of exactly 1.0 (a saturated float32 sigmoid) and worse-than-chance heads included."""
+    rng = np.random.default_rng(1)
+    cases = [(np.array([0, 0, 1, 1]), np.array([1.0, 1.0, 0.2, 0.3]))]
+    for _ in range(100):
+        labels = rng.integers(0, 2, 12)
+        labels[:2] = (0, 1)
+        cases.append((labels, np.round(rng.choice([rng.uniform(0, 1, 12), rng.integers(0, 2, 12) * 1.0]), 2)))
+    for labels, positive in cases:
+        value, balanced, _ = choose_threshold(labels, positive)
+        assert balanced == pytest.approx(balanced_accuracy_score(labels, positive >= value)), (labels, positive)
+        assert balanced == pytest.approx(brute_force_best(labels, positive), abs=1e-9)
 
 
 def test_decide_reads_the_second_class_from_the_threshold_and_more_classes_by_the_most_probable():
@@ -84,6 +100,13 @@ def test_a_pinned_threshold_is_carried_into_predict_and_the_exported_models_card
     invoke("fit-head", "--head", "logreg", "--threshold", "0.99", *out)
     rows = json.loads(invoke("predict", data / "test", "--head", "logreg", "--format", "json", *out).stdout)
     assert rows and all(r["class"] == ("dog" if r["probabilities"]["dog"] >= 0.99 else "cat") for r in rows)
+    from featcache.cache import open_cache
+    from featcache.heads import head_dir, load_head
+    from featcache.predict import Predictor
+
+    cache = open_cache(tmp_path / "out")
+    predictor = Predictor(cache, load_head(head_dir(cache, "logreg")))
+    assert predictor.predict([data / "test" / "cat" / "cat_000.png"], show_progress=False).threshold == 0.99
     invoke("export", "--head", "logreg", "--output", tmp_path / "m.keras", *out)
     card = json.loads((tmp_path / "m.json").read_text())
     assert card["decision"] == {"rule": "dog where probabilities[:, 1] >= threshold, else cat", "threshold": 0.99}

@@ -190,11 +190,11 @@ class KerasHead(Head):
         return self
 
     def predict_proba(self, features):
-        features = np.asarray(features, np.float32)
+        features = np.asarray(features)  # float32 chunk by chunk: a pixel cache's uint8 rows are 4x smaller
         # at most 1024 rows and 32 MB of input at once: a whole fine-tuned network on pixels holds
         # activations of ~100x its input per image (VGG16's first block), a head on features next to none
         rows = max(1, min(1024, 2**23 // max(1, int(np.prod(features.shape[1:])))))
-        chunks = [np.asarray(self.model(features[i : i + rows], training=False), np.float64)
+        chunks = [np.asarray(self.model(features[i : i + rows].astype(np.float32), training=False), np.float64)
                   for i in range(0, len(features), rows)]
         p = np.concatenate(chunks) if chunks else np.zeros((0, self.model.output_shape[-1]))
         return two_columns(p) if p.shape[1] == 1 else p

@@ -302,7 +302,9 @@ def choose_threshold(labels: np.ndarray, positive: np.ndarray) -> tuple[float, f
     if at_half >= best - 1e-12:
         return 0.5, at_half, at_half
     lower = np.append(cuts[1:], 0.0)  # each cut's interval of identical decisions: (lower, cut]
-    middles = (np.minimum(cuts, 1.0) + lower) / 2
+    upper = np.where(np.isinf(cuts), np.maximum(lower, 1.0), cuts)  # the first: above every score
+    # an empty interval: above the top score of 1.0 (nothing predicted second), or at a lowest score of 0.0
+    middles = np.where(upper > lower, (upper + lower) / 2, np.where(np.isinf(cuts), np.nextafter(lower, 2), cuts))
     candidates = np.flatnonzero(balanced >= best - 1e-12)
     chosen = candidates[np.argmin(np.abs(middles[candidates] - 0.5))]
     return float(middles[chosen]), best, at_half
