@@ -107,8 +107,9 @@ def test_a_pinned_threshold_is_carried_into_predict_and_the_exported_models_card
     cache = open_cache(tmp_path / "out")
     predictor = Predictor(cache, load_head(head_dir(cache, "logreg")))
     assert predictor.predict([data / "test" / "cat" / "cat_000.png"], show_progress=False).threshold == 0.99
-    invoke("export", "--head", "logreg", "--output", tmp_path / "m.keras", *out)
-    card = json.loads((tmp_path / "m.json").read_text())
+    from featcache.model import model_card  # what export writes beside the model (export itself: test_model)
+
+    card = json.loads(json.dumps(model_card(cache, predictor.head, ["m.keras"], "3")))
     assert card["decision"] == {"rule": "dog where probabilities[:, 1] >= threshold, else cat", "threshold": 0.99}
     refused = CliRunner().invoke(main, ["fit-head", "--threshold", "2", *out])
     assert refused.exit_code == 2 and "give a probability between 0 and 1" in refused.output
