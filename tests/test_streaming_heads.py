@@ -256,7 +256,7 @@ def status(field):
 
 big, small, name, budget = Cache(Path(sys.argv[1])), Cache(Path(sys.argv[2])), sys.argv[3], int(sys.argv[4])
 cross_validation = sys.argv[5] == "cv"  # measure compare --cv 2's folds on the big cache instead of fit-head
-options = FitOptions(epochs=1, batch_size=64, learning_rate=1e-3, optimizer="adam", patience=None)
+options = FitOptions(epochs=1, batch_size=32, learning_rate=1e-3, optimizer="adam", patience=None)
 head = fit_head(small, name, options, memory_budget=budget)  # the libraries' one-off set-up, the same model
 if cross_validation:  # what compare --cv runs per saved head; the folds refit the head's recipe
     cross_validate(head, small, 2, budget)
@@ -273,16 +273,16 @@ else:
 print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "memory": memory,
                   "params": head.record.get("trainable_params", 0)}))
 """
-RSS_BUDGET = 24 * MiB
+RSS_BUDGET = 12 * MiB
 RSS_MARGIN = 24 * MiB  # allocator slack, HDF5 chunk caches, TensorFlow's tensors of one step
 
 
 @pytest.fixture(scope="module")
 def caches_over_budget(tmp_path_factory):
-    """216 MiB of float16 rows the size of VGG16's block5_pool (9x a 24 MiB budget), in shards of
-    128 MiB, so that reading one shard whole breaks the bound; and a small cache of the same rows."""
+    """108 MiB of float16 rows the size of VGG16's block5_pool (9x a 12 MiB budget), the training split
+    in one 96 MiB shard, so that reading one shard whole breaks the bound; and a small cache of the same rows."""
     root = tmp_path_factory.mktemp("rss")
-    big = blob_cache(root / "big", per_class=(6144, 768, 0), shard_size=8192)
+    big = blob_cache(root / "big", per_class=(3072, 384, 0), shard_size=8192)
     small = blob_cache(root / "small", per_class=(64, 32, 0), shard_size=64)
     return big, small
 
