@@ -53,6 +53,9 @@ class ExtractOptions:
     preprocess: str = "backbone"  # the backbone's preprocess_input, or the tutorials' 1/255
     weights: str = "imagenet"  # imagenet, none (random init, fixed seed) or a weights file
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # for data without splits
+    task: str = "classification"  # classification, ordinal or regression (targets.TASKS)
+    class_order: tuple[str, ...] | None = None  # ordered classes, first to last (default: natural order)
+    label_column: str = "label"  # a CSV's label column (a regression target: a column of numbers)
     shard_size: int = 1024  # rows per HDF5 shard, the unit of resume
     xla: bool = False
     precision: str = "auto"  # auto (measured once per machine), float32, mixed_bfloat16, mixed_float16
@@ -72,6 +75,13 @@ class ExtractOptions:
                 raise FeatcacheError(f"extract: {name}={getattr(self, name)}: give 1 or more")
         if not 0 <= self.lock_timeout < math.inf:  # nan compares false: it would wait forever
             raise FeatcacheError(f"extract: lock_timeout={self.lock_timeout}: give 0 or more seconds")
+        _ = self.target  # checks task and class_order
+
+    @property
+    def target(self):
+        from featcache.targets import Target
+
+        return Target(self.task, self.class_order)
 
     @classmethod
     def of(cls, owner: str, options: dict) -> ExtractOptions:
@@ -174,7 +184,7 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
     o = options
     check_options(backbone, o.pooling, o.image_size, o.resize, o.preprocess, o.dtype, o.precision, o.augment,
                   o.seed, o.average_views, o.also_layer)
-    dataset = load_data(data, o.split_fractions, workdir)  # bad data fails here, before any timing
+    dataset = load_data(data, o.split_fractions, workdir, o.target, o.label_column)  # bad data fails here
     choice = choose_precision(backbone, o.layer, o.pooling, o.image_size, o.precision)
     say(choice.line())  # the run's first line
     for warning in dataset.warnings:
@@ -200,17 +210,19 @@ def run_extraction(data, *, backbone: str, workdir: Path, options: ExtractOption
     return result
 
 
-def load_data(data, fractions: tuple[float, float, float], workdir: Path):
+def load_data(data, fractions: tuple[float, float, float], workdir: Path, target=None, label_column: str = "label"):
     """The ``Dataset`` of a folder or CSV, or of arrays (``ArrayData`` or an .npz path) written as
-    image files under ``workdir``."""
+    image files under ``workdir``; labels read as ``target`` (a ``targets.Target``) says."""
     from featcache import arrays
     from featcache.dataset import load_dataset
+    from featcache.targets import Target
 
+    target = target or Target()
     if isinstance(data, arrays.ArrayData):
-        return arrays.materialise(data, workdir, fractions)
+        return arrays.materialise(data, workdir, fractions, target)
     if Path(data).suffix.lower() == ".npz" and Path(data).is_file():
-        return arrays.materialise(arrays.ArrayData.from_npz(data), workdir, fractions)
-    return load_dataset(data, fractions)
+        return arrays.materialise(arrays.ArrayData.from_npz(data), workdir, fractions, target)
+    return load_dataset(data, fractions, target=target, label_column=label_column)
 
 
 def _data_source(data, images, labels, splits, classes):

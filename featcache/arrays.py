@@ -32,6 +32,7 @@ import numpy as np
 from featcache import FeatcacheError
 from featcache.dataset import SPLIT_NAMES, Dataset, check_fractions, load_dataset, stratified_split
 from featcache.files import raise_if_out_of_space
+from featcache.targets import DEFAULT, Target
 
 FORMAT = 1  # of the folder: PNG files named by the sha256 of "HxWxC:" + pixels
 INDEX = "arrays.json"
@@ -115,17 +116,22 @@ def pixel_sha256(image: np.ndarray) -> str:
     return hashlib.sha256(shape + b":" + np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-def materialise(data: ArrayData, workdir: str | Path, fractions: tuple[float, float, float]) -> Dataset:
-    """The dataset of ``data``: its folder under ``WORKDIR/arrays``, written unless already intact."""
+def materialise(data: ArrayData, workdir: str | Path, fractions: tuple[float, float, float],
+                target: Target = DEFAULT) -> Dataset:
+    """The dataset of ``data``: its folder under ``WORKDIR/arrays``, written unless already intact;
+    its classes read as ``target`` orders them."""
     check_fractions(fractions)
+    if not target.has_classes:
+        raise FeatcacheError(f"--task {target.task} from arrays is not supported yet: arrays are written as class "
+                             "folders; write the images as files with a CSV of path,label (numbers) instead")
     entries = data.entries(fractions)
     relpaths = {relpath for relpath, _ in entries}
     digest = hashlib.sha256(json.dumps([FORMAT, sorted(relpaths)]).encode()).hexdigest()
     root = Path(workdir) / "arrays" / digest[:16]
-    dataset = _intact(root, relpaths)
+    dataset = _intact(root, relpaths, target)
     if dataset is None:
         _write(root, data, entries)
-        dataset = _intact(root, relpaths)
+        dataset = _intact(root, relpaths, target)
         if dataset is None:
             raise FeatcacheError(f"{root}: the image files written do not read back as written; "
                                  "check the disk, delete the folder and run the same extract again")
@@ -133,11 +139,11 @@ def materialise(data: ArrayData, workdir: str | Path, fractions: tuple[float, fl
     return dataset
 
 
-def _intact(root: Path, relpaths: set[str]) -> Dataset | None:
+def _intact(root: Path, relpaths: set[str], target: Target) -> Dataset | None:
     """The folder as a dataset when every file is there and is the file written, else None."""
     try:
         index = json.loads((root / INDEX).read_text())
-        dataset = load_dataset(root)
+        dataset = load_dataset(root, target=target)
     except (OSError, ValueError, FeatcacheError):
         return None
     found = {s.relpath: s.sha256 for s in dataset.samples}

@@ -42,6 +42,7 @@ from featcache import FeatcacheError, __version__, augment
 from featcache.dataset import Dataset, Sample
 from featcache.files import atomic_write
 from featcache.images import UNREADABLE
+from featcache.targets import CLASSIFICATION, REGRESSION, Target
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -115,6 +116,8 @@ def also_dataset(layer: str) -> str:
 def cache_key(config: ExtractionConfig, dataset: Dataset) -> str:
     samples = sorted((s.relpath, s.label, s.split, s.sha256) for s in dataset.samples)
     payload = {"config": config.identity(), "classes": list(dataset.classes), "samples": samples}
+    if dataset.task != CLASSIFICATION:  # a change of target is a change of data; classification keys as before
+        payload["task"] = dataset.task
     if config.augment:
         payload["augmentation"] = augment.RECIPE
     return _digest(payload)
@@ -183,7 +186,7 @@ def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
                 f.create_dataset(name, data=data, chunks=chunks, fletcher32=bool(n))
         if also is not None:
             f.attrs["also_row_key"] = provenance["also_row_key"]
-        f.create_dataset("labels", data=np.array([s.label for s in rows], dtype=np.int32))
+        f.create_dataset("labels", data=label_array([s.label for s in rows], provenance.get("task")))
         f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
         f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
         f.create_dataset("views", data=np.array([s.view for s in rows], dtype=np.int32))
@@ -457,6 +460,16 @@ class Cache:
         return self.manifest["classes"]
 
     @property
+    def task(self) -> str:
+        """What a label is (targets.TASKS); caches made before tasks existed are classification caches."""
+        return self.manifest.get("task", CLASSIFICATION)
+
+    @property
+    def target(self) -> Target:
+        """The task, with the classes' order for ordered classes: what reading the data again needs."""
+        return Target(self.task, tuple(self.classes) if self.task == "ordinal" else None)
+
+    @property
     def config(self) -> dict:
         return self.manifest["config"]
 
@@ -521,14 +534,14 @@ class Cache:
         parts = list(self.iter_batches(split))
         if not parts:
             shape = tuple(self.manifest["feature_shape"])
-            return np.zeros((0, *shape), self.config["dtype"]), np.zeros(0, np.int32), []
+            return np.zeros((0, *shape), self.config["dtype"]), label_array([], self.task), []
         features, labels, paths = zip(*parts, strict=True)
         return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
 
     def row_index(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray]:
         """Labels, relative paths and view indices of a split's rows, in the order of ``read``, without
         reading a feature."""
-        labels, paths = [np.zeros(0, np.int32)], []
+        labels, paths = [label_array([], self.task)], []
         for shard in self.shard_paths(split):
             with self.open_shard(shard) as f:
                 labels.append(f["labels"][:])
@@ -623,7 +636,17 @@ def open_cache(workdir: str | Path, key: str | None = None) -> Cache:
 
 
 def split_summary(rows: list[Sample], classes: list[str]) -> dict:
-    """Rows (augmented views included) per class, and how many source images they come from."""
+    """Rows (augmented views included) per class, and how many source images they come from; for a
+    regression target (no classes) the range and mean of its values instead."""
+    summary = {"rows": len(rows), "images": sum(s.view == 0 for s in rows)}
+    if not classes:
+        values = np.array([s.label for s in rows], np.float64)
+        return {**summary, "values": {"min": float(values.min()), "mean": float(values.mean()),
+                                      "max": float(values.max())}}
     counts = Counter(s.label for s in rows)
-    return {"rows": len(rows), "images": sum(s.view == 0 for s in rows),
-            "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}
+    return {**summary, "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}
+
+
+def label_array(labels, task: str | None) -> np.ndarray:
+    """Labels as stored: int32 class indices, or float32 numbers for a regression target."""
+    return np.array(labels, dtype=np.float32 if task == REGRESSION else np.int32)

@@ -20,6 +20,8 @@ from featcache.finetune import Recipe as FinetuneRecipe
 from featcache.heads import FitOptions
 from featcache.online_augment import RECIPES
 from featcache.precision import PRECISIONS
+from featcache.report import SELECT_BY
+from featcache.targets import TASKS
 
 FIT_DEFAULTS = FitOptions()
 FINETUNE_RECIPE = FinetuneRecipe()
@@ -46,6 +48,16 @@ def user_errors(command):
                 "you may write to (compare: --plots DIR, export: --output FILE)") from None
 
     return wrapper
+
+
+def parse_names(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names (class names, first to last)."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise click.BadParameter("expected names separated by commas, like low,medium,high")
+    return names
 
 
 def parse_fractions(ctx, param, value: str) -> tuple[float, float, float]:
@@ -97,6 +109,15 @@ def main(verbose):
 @click.option("--split-fractions", callback=parse_fractions,
               default=",".join(map(str, EXTRACT_DEFAULTS.split_fractions)), show_default=True,
               help="train,validation,test fractions for class-folder, CSV and .npz data without splits.")
+@click.option("--task", type=click.Choice(TASKS), default=EXTRACT_DEFAULTS.task, show_default=True,
+              help="What a label is: a class; an ordered class (ordinal: every class head, and ridge on the "
+                   "class rank); a number (regression, from a CSV column: ridge and the Keras heads with a "
+                   "linear output). Part of the cache key.")
+@click.option("--class-order", callback=parse_names, default=None, metavar="A,B,...",
+              help="The classes first to last, for --task ordinal [default: the names' natural order, "
+                   "'2' before '10'].")
+@click.option("--label-column", default=EXTRACT_DEFAULTS.label_column, show_default=True,
+              help="The CSV column holding the labels (a column of numbers for --task regression).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=EXTRACT_DEFAULTS.shard_size,
               show_default=True,
               help="Rows per HDF5 shard (the unit of resume; an image and its views share one).")
@@ -320,8 +341,8 @@ def fit_head_command(names, memory_budget, refit, key, workdir, **training):
         record = head.record
         metrics = record["metrics"]
         if kept:
-            console.print(f"{name}: already fitted with these options (validation accuracy "
-                          f"{metrics['validation']['accuracy']:.1%}); kept, --refit to train again")
+            scores = split_scores("validation", metrics["validation"])
+            console.print(f"{name}: already fitted with these options ({scores}); kept, --refit to train again")
             continue
         chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.get("chosen", {}).items())
@@ -332,10 +353,17 @@ def fit_head_command(names, memory_budget, refit, key, workdir, **training):
             done += f", {record['classes'][1]} from p >= {threshold['value']:.3g} ({threshold['chosen_by']})"
         # The saved head's log loss on each split, as compare computes it: the epoch lines above show
         # Keras' loss while training, of the last epoch.
-        scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}, log loss {m['log_loss']:.3f}"
-                           for split, m in metrics.items())
+        scores = "; ".join(split_scores(split, m) for split, m in metrics.items())
         console.print(f"{name}: {done}; {scores}; {record['memory']['path']}; fit {record['fit_seconds']:.1f} s "
                       f"-> {head_dir_of(cache, name)}")
+
+
+def split_scores(split: str, metrics: dict) -> str:
+    """A split's headline scores: accuracy and log loss, or for numbers RMSE and R²."""
+    if "rmse" in metrics:
+        r2 = "-" if metrics["r2"] is None else f"{metrics['r2']:.3f}"
+        return f"{split} RMSE {metrics['rmse']:.4g}, R² {r2}"
+    return f"{split} accuracy {metrics['accuracy']:.1%}, log loss {metrics['log_loss']:.3f}"
 
 
 def head_dir_of(cache, name: str) -> Path:
@@ -349,9 +377,10 @@ def head_dir_of(cache, name: str) -> Path:
               help="Add K-fold cross-validation on the train split.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json", "csv"]), default="table",
               show_default=True)
-@click.option("--select-by", type=click.Choice(["accuracy", "balanced-accuracy", "macro-f1", "log-loss"]),
-              default="accuracy", show_default=True,
-              help="The validation score that names the best head (starred; the report's error gallery is its).")
+@click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=None,
+              help="The validation score that names the best head (starred; the report's error gallery is its) "
+                   "[default: accuracy; rmse for a regression target]. class-error: ordered classes only; "
+                   "rmse, mae, r2: regression only.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots [default: CACHE/plots].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
@@ -523,10 +552,10 @@ def list_heads():
     from featcache.info import print_table
 
     table = Table(title="heads")
-    for column in ("name", "what it is"):
+    for column in ("name", "what it is", "targets (extract --task)"):
         table.add_column(column)
     for spec in HEADS.values():
-        table.add_row(spec.name, spec.description)
+        table.add_row(spec.name, spec.description, ", ".join(spec.tasks))
     print_table(console, table)
 
 

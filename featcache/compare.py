@@ -12,7 +12,7 @@ from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.evaluate import check_cross_validation_fits, cross_validate, predict_split
 from featcache.heads import head_dir, load_head, saved_heads
-from featcache.report import best_index, check_select_by, selected_by
+from featcache.report import best_index, check_select_by, default_select_by, selected_by
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Comparison:
     confusions: dict[str, list[list[int]]] = field(default_factory=dict)
     finetune_epochs: dict[str, int] = field(default_factory=dict)  # head -> epoch where fine-tuning began
     misclassified: list[dict] = field(default_factory=list)
-    best_scores: tuple | None = None  # (split, labels, probabilities) of the best head on its final split
+    best_scores: tuple | None = None  # (split, labels, outputs) of the best head on its final split
 
     @property
     def best(self) -> str:
@@ -30,11 +30,13 @@ class Comparison:
 
 
 def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None = None,
-            select_by: str = "accuracy") -> Comparison:
+            select_by: str | None = None) -> Comparison:
     """Every saved head of the cache on validation and test (and ``cv_folds``-fold cross-validation,
     streamed within ``memory_budget`` bytes when the training split would not fit, refused up front
-    for heads that cannot stream); the best head by ``select_by`` on validation (report.SELECT_BY)."""
-    check_select_by(select_by)
+    for heads that cannot stream); the best head by ``select_by`` on validation (report.SELECT_BY;
+    None: accuracy for classes, RMSE for numbers)."""
+    select_by = select_by or default_select_by(cache.task)
+    check_select_by(select_by, cache.task)
     names = saved_heads(cache)
     if not names:
         raise FeatcacheError(
@@ -57,9 +59,10 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
             comparison.histories[name] = head.record["history"]
         if "finetune" in head.record:
             comparison.finetune_epochs[name] = head.record["finetune"]["started_at_epoch"]
-        comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
+        if not final.numbers:
+            comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
     final = results[comparison.best]
-    comparison.best_scores = (final_split, final.labels, final.probabilities)
+    comparison.best_scores = (final_split, final.labels, final.outputs)
     root = Path(cache.manifest["dataset"]["root"])
     comparison.misclassified = [
         {**item, "path": root / item["relpath"], "head": comparison.best}
@@ -70,11 +73,20 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
 
 def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budget: int | None) -> dict:
     n = len(cache.classes)
-    val, tst = validation.metrics(n), test.metrics(n) if test else None
+    val, tst = validation.metrics(n, cache.task), test.metrics(n, cache.task) if test else None
     refit = cv_folds and head.refittable
     scores = cross_validate(head, cache, cv_folds, memory_budget) if refit else None
+    timing = {"fit_seconds": head.record["fit_seconds"], "predict_seconds": (test or validation).predict_seconds}
+    if validation.numbers:
+        splits = (("val", val), ("test", tst))
+        return {"head": head.name, **{f"{split}_{metric}": both and both[metric]
+                                      for metric in ("mae", "rmse", "r2") for split, both in splits},
+                "cv_rmse": float(np.mean(scores)) if scores else None,
+                "cv_rmse_std": float(np.std(scores)) if scores else None, **timing}
+    ordered = {f"{split}_mean_class_error": both and both["mean_class_error"]
+               for split, both in (("val", val), ("test", tst))} if cache.task == "ordinal" else {}
     return {
-        "head": head.name,
+        "head": head.name, **ordered,
         "val_accuracy": val["accuracy"], "test_accuracy": tst and tst["accuracy"],
         "val_balanced_accuracy": val["balanced_accuracy"],
         "test_balanced_accuracy": tst and tst["balanced_accuracy"],
@@ -82,8 +94,7 @@ def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budg
         "val_log_loss": val["log_loss"], "test_log_loss": tst and tst["log_loss"],
         "cv_accuracy": float(np.mean(scores)) if scores else None,
         "cv_std": float(np.std(scores)) if scores else None,
-        "fit_seconds": head.record["fit_seconds"],
-        "predict_seconds": (test or validation).predict_seconds,
+        **timing,
         "per_class_split": "test" if tst else "validation",
         "per_class": dict(zip(cache.classes, (tst or val)["per_class"], strict=True)),
     }
@@ -97,12 +108,18 @@ def write_outputs(comparison: Comparison, cache: Cache, plots_dir: Path | None =
 
     plots_dir = Path(plots_dir or cache.path / "plots")
     plots_dir.mkdir(parents=True, exist_ok=True)
-    written = {
-        "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
-        "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
-                                                             plots_dir / "confusion.png"),
-    }
-    if comparison.best_scores is not None:
+    if not cache.target.has_classes:
+        split, labels, values = comparison.best_scores
+        written = {"error by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
+                   "predicted against true": report.plot_predictions(labels, values, comparison.best, split,
+                                                                     plots_dir / "predictions.png")}
+    else:
+        written = {
+            "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
+            "confusion matrices": report.plot_confusion_matrices(comparison.confusions, cache.classes,
+                                                                 plots_dir / "confusion.png"),
+        }
+    if comparison.best_scores is not None and cache.target.has_classes:
         split, labels, probabilities = comparison.best_scores
         curves = report.precision_recall(labels, probabilities, cache.classes)
         if curves:

@@ -20,6 +20,7 @@ from pathlib import Path
 from featcache import FeatcacheError
 from featcache.files import open_regular
 from featcache.images import IMAGE_SUFFIXES
+from featcache.targets import DEFAULT, Target
 
 SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -36,7 +37,7 @@ class Sample:
 
     path: Path
     relpath: str
-    label: int
+    label: int | float  # a class index, or the number of a regression target
     split: str
     sha256: str
     view: int = 0
@@ -59,6 +60,8 @@ class Dataset:
     samples: list[Sample]
     rejects: list[Reject] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    task: str = "classification"  # targets.TASKS
+    label_column: str = "label"  # the CSV column the labels came from
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -69,8 +72,10 @@ class Dataset:
         return [s for s in self.samples if s.split == name]
 
 
-def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Dataset:
-    """Discover the layout of ``data``, hash every file, and validate classes and splits."""
+def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, *,
+                 target: Target = DEFAULT, label_column: str = "label") -> Dataset:
+    """Discover the layout of ``data``, hash every file, and validate labels (as ``target`` reads them)
+    and splits. ``label_column`` names a CSV's label column."""
     data = Path(data)
     if not data.exists():
         raise FeatcacheError(
@@ -84,10 +89,15 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
         if data.suffix.lower() != ".csv":
             raise FeatcacheError(f"--data {data}: a file must be a CSV with columns path,label[,split] "
                                  "or an .npz with arrays images and labels")
-        return _build(data.parent.resolve(), "csv", _read_csv(data), fractions)
+        dataset = _build(data.parent.resolve(), "csv", _read_csv(data, label_column), fractions, target)
+        dataset.label_column = label_column
+        return dataset
+    if not target.has_classes:
+        raise FeatcacheError(f"--data {data}: --task {target.task} reads a number per image from a CSV column "
+                             "(--label-column) or an .npz; folders name classes, not numbers")
     if _split_folders(data):
-        return _build(data, "split-folders", _scan_split_folders(data), fractions)
-    return _build(data, "class-folders", _scan_class_folders(data), fractions)
+        return _build(data, "split-folders", _scan_split_folders(data), fractions, target)
+    return _build(data, "class-folders", _scan_class_folders(data), fractions, target)
 
 
 # A raw entry before labels are numbered: (absolute path, relative path, class name, split or None)
@@ -127,15 +137,16 @@ def _scan_class_folders(root: Path) -> Scanned:
     return entries, [], {d.name for d in class_dirs}, [_rel(p, root) for p in special]
 
 
-def _read_csv(csv_path: Path) -> Scanned:
+def _read_csv(csv_path: Path, label_column: str = "label") -> Scanned:
     root = csv_path.parent.resolve()
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             columns = set(reader.fieldnames or ())
-            if not {"path", "label"} <= columns:
+            if not {"path", label_column} <= columns:
                 raise FeatcacheError(
-                    f"{csv_path}: the header must name columns path,label[,split]; found {sorted(columns)}"
+                    f"{csv_path}: the header must name columns path,{label_column}[,split]; found {sorted(columns)}"
+                    + ("" if label_column == "label" else "; choose a column with --label-column")
                 )
             rows = list(reader)
     except UnicodeDecodeError:
@@ -153,7 +164,7 @@ def _read_csv(csv_path: Path) -> Scanned:
     special: list[str] = []
     lines: dict[str, list[tuple[int, str]]] = defaultdict(list)  # relative path -> (line, label) naming it
     for line, row in enumerate(rows, start=2):
-        relpath, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        relpath, label = (row["path"] or "").strip(), (row[label_column] or "").strip()
         split = _csv_split(csv_path, line, (row.get("split") or "").strip())
         if not relpath or not label:
             raise FeatcacheError(f"{csv_path}:{line}: empty path or label")
@@ -173,7 +184,7 @@ def _read_csv(csv_path: Path) -> Scanned:
         entries.append((path, _rel(path, root), label, split))
     _check_repeated_rows(csv_path, lines)
     return entries, rejects, {e[2] for e in entries} | {
-        (r["label"] or "").strip() for r in rows
+        (r[label_column] or "").strip() for r in rows
     }, special
 
 
@@ -202,7 +213,7 @@ def _csv_split(csv_path: Path, line: int, value: str) -> str | None:
     return SPLIT_NAMES[value.lower()]
 
 
-def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
+def _build(root: Path, layout: str, scanned: Scanned, fractions, target: Target = DEFAULT) -> Dataset:
     entries, rejects, class_names, special = scanned
     warnings = [_skipped(special, "not regular files (a FIFO, device or socket, or a link to one): "
                                   "reading them would block or never end; only regular files are images")]
@@ -214,24 +225,33 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions) -> Dataset:
     bad_names = [e[1] for e in entries if not _is_utf8(e[1])]
     rejects += [Reject(_printable(n), "file name is not valid UTF-8; rename the file") for n in bad_names]
     entries = [e for e in entries if _is_utf8(e[1])]
-    classes = tuple(sorted(class_names))
-    index = {name: i for i, name in enumerate(classes)}
+    classes = target.classes(class_names, str(root))
+    if target.has_classes:
+        index = {name: i for i, name in enumerate(classes)}
+    else:
+        index = target.values([(rel, label) for _, rel, label, _ in entries], str(root))
     readable = []
     for path, rel, label, split in sorted(entries, key=lambda e: e[1]):
         try:
             readable.append((path, rel, label, split, file_sha256(path)))
         except OSError as exc:  # a symlink loop, a dangling link, no permission: skip and say why
             rejects.append(Reject(rel, f"cannot read ({exc.strerror or exc})"))
-    assigned = _assign_splits([(rel, label) for _, rel, label, split, _ in readable if split is None], fractions)
-    samples = [Sample(path, rel, index[label], split or assigned[rel, label], digest)
+    # classes split class by class; numbers split as one group
+    stratum = (lambda label: label) if target.has_classes else (lambda label: "")
+    assigned = _assign_splits([(rel, stratum(label)) for _, rel, label, split, _ in readable if split is None],
+                              fractions)
+    samples = [Sample(path, rel, index[label], split or assigned[rel, stratum(label)], digest)
                for path, rel, label, split, digest in readable]
     if not samples:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FeatcacheError(f"--data {root}: no images found (looked for {suffixes})")
-    dataset = Dataset(root, layout, classes, samples, rejects, [w for w in warnings if w])
+    dataset = Dataset(root, layout, classes, samples, rejects, [w for w in warnings if w], target.task)
     if layout == "split-folders":
         _check_split_folders(dataset)
-    _check_classes(dataset)
+    if target.has_classes:
+        _check_classes(dataset)
+    else:
+        _check_values(dataset)
     _check_leakage(dataset)
     return dataset
 
@@ -273,11 +293,7 @@ def _check_classes(dataset: Dataset) -> None:
         dataset.warnings.append(
             f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head can "
             "learn from one class: add images of a second class (another class folder or CSV label)")
-    if "validation" not in dataset.splits:
-        dataset.warnings.append(
-            "no validation images: fit-head chooses every head's options on them and will fail; add a "
-            "validation/ folder, validation rows to the CSV, or a validation share in --split-fractions"
-        )
+    _warn_no_validation(dataset)
     counts = {split: Counter(s.label for s in dataset.split(split)) for split in dataset.splits}
     missing_train = [c for i, c in enumerate(dataset.classes) if counts.get("train", {}).get(i, 0) == 0]
     if missing_train:
@@ -289,6 +305,25 @@ def _check_classes(dataset: Dataset) -> None:
         absent = [c for i, c in enumerate(dataset.classes) if counts[split].get(i, 0) == 0]
         if absent:
             dataset.warnings.append(f"split {split!r} has no images of class {', '.join(absent)}")
+
+
+def _check_values(dataset: Dataset) -> None:
+    """A regression target needs training rows of at least two values; no validation split, a warning."""
+    values = {s.label for s in dataset.split("train")}
+    if len(values) < 2:
+        raise FeatcacheError(
+            f"--data {dataset.root}: the training rows hold {len(values)} distinct value(s) "
+            f"({', '.join(f'{v:g}' for v in sorted(values)[:1]) or 'none'}); a regression head cannot learn "
+            "from one value: add images with other values")
+    _warn_no_validation(dataset)
+
+
+def _warn_no_validation(dataset: Dataset) -> None:
+    if "validation" not in dataset.splits:
+        dataset.warnings.append(
+            "no validation images: fit-head chooses every head's options on them and will fail; add a "
+            "validation/ folder, validation rows to the CSV, or a validation share in --split-fractions"
+        )
 
 
 def _check_leakage(dataset: Dataset) -> None:

@@ -1,5 +1,6 @@
-"""Metrics of a fitted head on a cache: accuracy, balanced accuracy, log loss, confusion matrix,
-the misclassified images, and K-fold cross-validation on the training split."""
+"""Metrics of a fitted head on a cache: accuracy, balanced accuracy, macro F1, log loss, confusion
+matrix and the misclassified images for classes (and the mean class error for ordered classes); MAE,
+RMSE, R² and the worst predicted images for numbers; K-fold cross-validation on the training split."""
 
 from __future__ import annotations
 
@@ -17,41 +18,66 @@ from featcache.heads.protocol import choose_threshold, decide
 
 @dataclass
 class SplitResult:
-    """A head's predictions on one split, kept with the rows they belong to."""
+    """A head's predictions on one split, kept with the rows they belong to: (N, K) class probabilities,
+    or for a regression target (N,) predicted numbers."""
 
-    probabilities: np.ndarray
+    outputs: np.ndarray
     labels: np.ndarray
     paths: list[str]
     predict_seconds: float
     threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
 
     @property
-    def predicted(self) -> np.ndarray:
-        return decide(self.probabilities, self.threshold)
+    def numbers(self) -> bool:
+        return self.outputs.ndim == 1
 
-    def metrics(self, n_classes: int) -> dict:
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.outputs if self.numbers else decide(self.outputs, self.threshold)
+
+    def metrics(self, n_classes: int, task: str = "classification") -> dict:
+        """What fits the target: regression metrics for numbers; for classes, accuracy, balanced accuracy,
+        macro F1, per-class scores, log loss and confusion, and the mean class error when they are ordered."""
+        if self.numbers:
+            return self._value_metrics()
         from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
         everything = list(range(n_classes))
         precision, recall, f1, support = precision_recall_fscore_support(
             self.labels, self.predicted, labels=everything, zero_division=0)
-        return {
+        ordered = {}
+        if task == "ordinal":
+            ordered["mean_class_error"] = float(np.mean(np.abs(self.predicted - self.labels)))
+        return {**ordered,
             "accuracy": float((self.predicted == self.labels).mean()),
             "balanced_accuracy": float(balanced_accuracy_score(self.labels, self.predicted)),
             "macro_f1": float(np.mean(f1)),  # every class counts alike, however rare: imbalance shows
             "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                           for p, r, f, s in zip(precision, recall, f1, support, strict=True)],
-            "log_loss": float(log_loss(self.labels, _clipped(self.probabilities), labels=everything)),
+            "log_loss": float(log_loss(self.labels, _clipped(self.outputs), labels=everything)),
             "confusion": confusion_matrix(self.labels, self.predicted, labels=everything).tolist(),
             "rows": len(self.labels),
             "predict_seconds": round(self.predict_seconds, 4),
         }
 
-    def misclassified(self, classes: list[str]) -> list[dict]:
+    def _value_metrics(self) -> dict:
+        from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
+
+        return {"mae": float(mean_absolute_error(self.labels, self.outputs)),
+                "rmse": float(root_mean_squared_error(self.labels, self.outputs)),
+                "r2": float(r2_score(self.labels, self.outputs)) if len(self.labels) > 1 else None,
+                "rows": len(self.labels), "predict_seconds": round(self.predict_seconds, 4)}
+
+    def misclassified(self, classes: list[str], worst: int = 24) -> list[dict]:
+        """The wrongly classified rows; for numbers, the ``worst`` rows by absolute error, largest first."""
+        if self.numbers:
+            errors = np.abs(self.outputs - self.labels)
+            return [{"relpath": self.paths[i], "true": f"{self.labels[i]:.4g}", "predicted": f"{self.outputs[i]:.4g}",
+                     "error": float(errors[i])} for i in np.argsort(-errors, kind="stable")[:worst]]
         wrong = np.flatnonzero(self.predicted != self.labels)
         return [
             {"relpath": self.paths[i], "true": classes[self.labels[i]],
-             "predicted": classes[self.predicted[i]], "probability": float(self.probabilities[i].max())}
+             "predicted": classes[self.predicted[i]], "probability": float(self.outputs[i].max())}
             for i in wrong
         ]
 
@@ -66,10 +92,11 @@ def predict_split(head: Head, cache: Cache, split: str, batch_size: int = 2048) 
     """Stream the split's shards through the head, ``batch_size`` rows at a time."""
     head.check_cache(cache)
     started = time.perf_counter()
-    parts = [(head.predict_proba(x), y, p) for x, y, p in cache.iter_batches(split, batch_size)]
-    probabilities = np.concatenate([p for p, _, _ in parts])
+    predict = head.predict_values if head.predicts_values else head.predict_proba
+    parts = [(predict(x), y, p) for x, y, p in cache.iter_batches(split, batch_size)]
+    outputs = np.concatenate([p for p, _, _ in parts])
     labels = np.concatenate([y for _, y, _ in parts])
-    return SplitResult(probabilities, labels, [q for _, _, ps in parts for q in ps],
+    return SplitResult(outputs, labels, [q for _, _, ps in parts for q in ps],
                        time.perf_counter() - started, head.threshold)
 
 
@@ -84,7 +111,7 @@ def decision_threshold(head: Head, cache: Cache, threshold: float | str | None =
     validation = predict_split(head, cache, "validation")
     if len(set(validation.labels.tolist())) < 2:
         return {"value": 0.5, "chosen_by": "default (validation holds one class)"}
-    value, balanced, at_half = choose_threshold(validation.labels, validation.probabilities[:, 1])
+    value, balanced, at_half = choose_threshold(validation.labels, validation.outputs[:, 1])
     return {"value": value, "chosen_by": "balanced accuracy on validation",
             "validation_balanced_accuracy": balanced, "validation_balanced_accuracy_at_0.5": at_half}
 
@@ -92,7 +119,7 @@ def decision_threshold(head: Head, cache: Cache, threshold: float | str | None =
 def evaluate(head: Head, cache: Cache, batch_size: int = 2048) -> dict[str, dict]:
     """Metrics on validation and (when present) test; ``batch_size`` rows in memory at a time."""
     return {
-        split: predict_split(head, cache, split, batch_size).metrics(len(cache.classes))
+        split: predict_split(head, cache, split, batch_size).metrics(len(cache.classes), cache.task)
         for split in ("validation", "test") if split in cache.splits
     }
 
@@ -133,20 +160,22 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
 
 
 def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = None) -> list[float]:
-    """Accuracy of each of K stratified folds of the training split, refitting the head's recipe
-    (``head.for_fold()``: every choice validation made kept, e.g. C, scaling, or the epochs early
-    stopping chose).
+    """Accuracy of each of K stratified folds of the training split (RMSE of K folds for a regression
+    target), refitting the head's recipe (``head.for_fold()``: every choice validation made kept, e.g.
+    C, scaling, or the epochs early stopping chose).
 
     Folds group rows by source image, so an image and its augmented views are never on both
     sides; held-out folds are scored on original images only. A training split over ``budget``
     bytes is never read whole: each fold streams its rows.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
     labels, paths, views = cache.row_index("train")
     in_memory = budget is None or cross_validation_bytes(cache) <= budget
     x = cache.read("train")[0].astype(np.float32) if in_memory else None
-    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=head.options.seed)
+    numbers = not cache.target.has_classes  # numbers cannot be stratified
+    kind = GroupKFold if numbers else StratifiedGroupKFold
+    splitter = kind(folds, shuffle=True, random_state=head.options.seed)
     scores = []
     for train, held_out in splitter.split(np.zeros((len(labels), 1)), labels, groups=paths):
         held_out = held_out[views[held_out] == 0]
@@ -159,7 +188,8 @@ def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = No
             fold.fit_streamed(cache, plan, rows=_mask(train, len(labels)))
             held_out_rows = streaming.batches(cache, "train", plan.batch_rows, rows=_mask(held_out, len(labels)))
             predicted = np.concatenate([np.zeros(0, int), *(fold.predict(x) for x, _ in held_out_rows)])
-        scores.append(float((predicted == labels[held_out]).mean()))
+        truth = labels[held_out]
+        scores.append(float(np.sqrt(np.mean((predicted - truth) ** 2)) if numbers else (predicted == truth).mean()))
         gc.collect()  # a fold's model and its pipelines sit in reference cycles: free them before the next
     return scores
 

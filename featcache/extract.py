@@ -195,7 +195,7 @@ def _fill(dataset, config, resolved, cache_dir, key, batch_size, shard_size, xla
     cache.write_manifest(cache_dir, manifest)
 
     provenance = {"key": key, "row_key": config.row_key(), "also_row_key": config.also_row_key(),
-                  "config": asdict(config), "classes": list(dataset.classes)}
+                  "config": asdict(config), "classes": list(dataset.classes), "task": dataset.task}
     job = ShardJob(cache_dir, config, resolved.keras_arg, provenance, batch_size, xla)
     computed = engine(job, todo, source, model, show_progress)
     return _finish(cache_dir, manifest, dataset, plans, computed,
@@ -428,7 +428,8 @@ def _manifest(cache_dir, dataset, config, resolved, key, shard_size, plans, mode
         "config": asdict(config),
         "weights_source": resolved.source,
         "dataset": {"root": str(dataset.root.resolve()), "layout": dataset.layout,
-                    "images": len(dataset.samples)},
+                    "images": len(dataset.samples), "label_column": dataset.label_column},
+        "task": dataset.task,
         "classes": list(dataset.classes),
         "augmentation": augment.RECIPE if config.augment else None,
         "shard_size": shard_size,

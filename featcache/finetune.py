@@ -195,7 +195,8 @@ def prefix_cache(
     copied from the head cache's also-layer)."""
     config = cache_config(head_cache)
     root = data or Path(head_cache.manifest["dataset"]["root"])
-    dataset = load_dataset(root, fractions)
+    label_column = head_cache.manifest["dataset"].get("label_column", "label")
+    dataset = load_dataset(root, fractions, target=head_cache.target, label_column=label_column)
     if cache_key(config, dataset) != head_cache.key:
         raise FeatcacheError(
             f"the data at {root} is not the data of cache {head_cache.key[:16]} (images, labels or "
@@ -227,6 +228,10 @@ def finetune(
     keras.utils.set_random_seed(options.seed)  # the head's and the base's layers draw their seeds when built
     head = load_head(head_dir(head_cache, head_name))
     head.check_cache(head_cache)
+    if head.predicts_values or head.kind == "ridge":
+        raise FeatcacheError(f"finetune trains class probabilities with cross-entropy; {head_name} predicts a "
+                             "number (a regression, or the rank of ordered classes), which it does not train yet: "
+                             "fine-tune a classification head (dense256, logreg, ...)")
     head_layers = head.to_keras(head_cache.feature_shape)  # refuses a head with no Keras form
     if (views_averaged := head_cache.config.get("average_views", "none")) != "none":
         raise FeatcacheError(

@@ -30,7 +30,8 @@ def describe_cache(cache: Cache, console: Console) -> None:
         f"featcache {m['featcache_version']}, format {m['format']}"
     )
     data = m["dataset"]
-    console.print(f"dataset: {data['root']} ({data['layout']}, {data['images']} files)")
+    console.print(f"dataset: {data['root']} ({data['layout']}, {data['images']} files); "
+                  f"task: {m.get('task', 'classification')}")
     console.print(f"weights: {m['weights_source']}")
     provenance = Table(title="extraction config", show_header=False)
     for name, value in m["config"].items():
@@ -53,7 +54,18 @@ def describe_cache(cache: Cache, console: Console) -> None:
 
 
 def counts_table(manifest: dict) -> Table:
-    table = Table(title="rows per split and class")
+    """Rows per split and class; for a regression target, rows and the range of the values per split."""
+    if not manifest["classes"]:
+        table = Table(title="rows and values per split (regression)")
+        for column in ("split", "rows", "min", "mean", "max"):
+            table.add_column(column, justify="left" if column == "split" else "right")
+        for split, info in manifest["splits"].items():
+            values = info.get("values", {})
+            table.add_row(split, str(info.get("rows", "-")), *(f"{values[k]:.4g}" if k in values else "-"
+                                                               for k in ("min", "mean", "max")))
+        return table
+    ordered = " (ordered first to last)" if manifest.get("task") == "ordinal" else ""
+    table = Table(title=f"rows per split and class{ordered}")
     table.add_column("split")
     for name in manifest["classes"]:
         table.add_column(name, justify="right")

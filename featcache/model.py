@@ -296,8 +296,8 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, c
             "pixels": f"RGB in [0, 255], decoded and resized ({config['resize']}, bilinear) to {size}x{size} "
                       "as featcache.images.load_image does; the backbone's preprocessing is inside the model",
         },
-        "output": {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes},
-        "decision": _decision(cache.classes, head.threshold),
+        "task": cache.task,
+        **_output(cache, head),
         "backbone": config["backbone"], "layer": cache.manifest.get("output_layer"),
         "pooling": config["pooling"], "average_views": config.get("average_views", "none"),
         "preprocess": config["preprocess"], "dtype": config["dtype"], "precision": compute,
@@ -307,6 +307,19 @@ def model_card(cache: Cache, head: Head, files: list[str], keras_version: str, c
         "head_metrics": head.record.get("metrics"), "featcache_version": __version__,
         "keras_version": keras_version, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _output(cache: Cache, head: Head) -> dict:
+    """What the model returns and how a class is read from it: probabilities of the classes (ordered
+    classes: soft-rounded from one score when the head is a regression on their rank), or one number."""
+    if head.predicts_values:
+        return {"output": {"name": "value", "shape": [None, 1], "meaning": f"the predicted {cache.task} target "
+                           f"(CSV column {cache.manifest['dataset'].get('label_column', 'label')!r})"},
+                "decision": {"rule": "the value itself"}}
+    output = {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes}
+    if cache.task == "ordinal":
+        output["order"] = "classes are listed first to last"
+    return {"output": output, "decision": _decision(cache.classes, head.threshold)}
 
 
 def _decision(classes: list[str], threshold: float | None) -> dict:

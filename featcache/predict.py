@@ -1,4 +1,5 @@
-"""Class probabilities for new image files, computed exactly as the cache and the head were.
+"""Class probabilities (or numbers, for a regression target) for new image files, computed exactly as
+the cache and the head were.
 
 Images go through the same decoder and feature model as extraction (``extract.decoded_batches``,
 ``model.feature_model``), are rounded to the cache's dtype, and reach the head's own
@@ -25,21 +26,25 @@ from featcache.heads.protocol import decide
 from featcache.images import IMAGE_SUFFIXES
 from featcache.model import cache_config, cache_weights, feature_model
 from featcache.progress import ImageProgress
-from featcache.report import best_index, rich_text
+from featcache.report import best_index, default_select_by, rich_text
 
 FORMATS = ("table", "json", "csv")
 
 
 @dataclass
 class Predictions:
-    classes: list[str]
+    classes: list[str]  # empty for a regression target
     paths: list[Path]
-    probabilities: np.ndarray  # (len(paths), len(classes))
+    probabilities: np.ndarray  # (len(paths), len(classes)); (len(paths),) numbers for a regression target
     rejects: list[tuple[Path, str]] = field(default_factory=list)
     threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
 
     def rows(self) -> list[dict]:
-        """One dict per image: path, predicted class, its probability, and every class's probability."""
+        """One dict per image: path, predicted class, its probability, and every class's probability;
+        path and value for a regression target."""
+        if not self.classes:
+            return [{"path": str(path), "value": float(v)} for path, v in zip(self.paths, self.probabilities,
+                                                                               strict=True)]
         decided = decide(self.probabilities, self.threshold) if len(self.paths) else []
         return [
             {"path": str(path), "class": self.classes[int(k)], "probability": float(p[k]),
@@ -92,18 +97,18 @@ def screen(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def best_head(cache: Cache) -> str:
-    """The head with the highest validation accuracy (ties: lower log loss), as compare marks it."""
+    """The head with the highest validation accuracy (ties: lower log loss), or for numbers the lowest
+    validation RMSE (ties: lower MAE), as compare marks it by default."""
     rows = []
     for name in saved_heads(cache):
         metrics = head_info(head_dir(cache, name)).get("metrics", {}).get("validation")
         if metrics:
-            rows.append({"head": name, "val_accuracy": metrics["accuracy"],
-                         "val_log_loss": metrics["log_loss"]})
+            rows.append({"head": name, **{f"val_{k}": metrics.get(k) for k in ("accuracy", "log_loss", "rmse", "mae")}})
     if not rows:
         raise FeatcacheError(
             f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
         )
-    return rows[best_index(rows)]["head"]
+    return rows[best_index(rows, default_select_by(cache.task))]["head"]
 
 
 def open_head(cache: Cache, name: str | None) -> Head:
@@ -177,7 +182,7 @@ class Predictor:
         """Probabilities for the files that can be used; the others, with reasons, in ``rejects``."""
         usable, refused = screen(files)
         predictions = self._predict(usable, batch_size, show_progress) if usable else Predictions(
-            self.cache.classes, [], np.zeros((0, len(self.cache.classes))))
+            self.cache.classes, [], np.zeros((0, len(self.cache.classes)) if self.cache.classes else 0))
         order = {path: i for i, path in enumerate(files)}
         predictions.rejects = sorted(refused + predictions.rejects, key=lambda reject: order[reject[0]])
         return predictions
@@ -191,21 +196,27 @@ class Predictor:
                                       rejected.__setitem__)
             for indices, batch in batches:
                 features = np.asarray(self.features(np.asarray(batch, np.float32), training=False))
-                chunks.append(self.head.predict_proba(features.astype(self.config.dtype)))
+                chunks.append(self._outputs(features.astype(self.config.dtype)))
                 kept += indices.tolist()
                 progress.advance_to(int(indices[-1]) + 1)
             progress.advance_to(len(files))
         n_classes = len(self.cache.classes)
-        probabilities = np.concatenate(chunks) if chunks else np.zeros((0, n_classes))
+        probabilities = np.concatenate(chunks) if chunks else np.zeros((0, n_classes) if n_classes else 0)
         rejects = [(files[i], reason) for i, reason in sorted(rejected.items())]
         return Predictions(self.cache.classes, [files[i] for i in kept], probabilities, rejects, self.head.threshold)
 
+    def _outputs(self, features: np.ndarray) -> np.ndarray:
+        return self.head.predict_values(features) if self.head.predicts_values else self.head.predict_proba(features)
+
 
 def format_predictions(predictions: Predictions, fmt: str) -> str:
-    """table for people, json (a list of objects with path, class, probability) or csv for programs."""
+    """table for people, json (a list of objects with path, class, probability; or path, value) or csv
+    for programs."""
     rows = predictions.rows()
     if fmt == "json":
         return json.dumps(rows, indent=2)
+    if not predictions.classes:
+        return _format_values(rows, fmt)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -225,3 +236,26 @@ def format_predictions(predictions: Predictions, fmt: str) -> str:
             table.add_row(row["path"], row["class"], f"{row['probability']:.1%}")
         return rich_text(table)
     raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _format_values(rows: list[dict], fmt: str) -> str:
+    """The predicted numbers of a regression head as csv or a table."""
+    if fmt == "csv":
+        return "\n".join(["path,value", *(f"{_csv_field(row['path'])},{row['value']:.6g}" for row in rows)])
+    if fmt == "table":
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("path", overflow="fold")
+        table.add_column("value", justify="right")
+        for row in rows:
+            table.add_row(row["path"], f"{row['value']:.4g}")
+        return rich_text(table)
+    raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _csv_field(text: str) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([text])
+    return out.getvalue()

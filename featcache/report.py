@@ -27,13 +27,23 @@ COLUMNS = (
     "test_macro_f1", "val_log_loss", "test_log_loss", "cv_accuracy", "cv_std", "fit_seconds", "predict_seconds",
     "best",
 )
+# ordered classes add the mean distance between the predicted and the true class (in classes)
+ORDINAL_COLUMNS = (*COLUMNS[:7], "val_mean_class_error", "test_mean_class_error", *COLUMNS[7:])
+# a regression target (numbers)
+VALUE_COLUMNS = ("head", "val_mae", "test_mae", "val_rmse", "test_rmse", "val_r2", "test_r2", "cv_rmse",
+                 "cv_rmse_std", "fit_seconds", "predict_seconds", "best")
 # --select-by: the validation column that names the best head, whether higher is better, and its words
 SELECT_BY = {
     "accuracy": ("val_accuracy", True, "highest val acc"),
     "balanced-accuracy": ("val_balanced_accuracy", True, "highest val bal acc"),
     "macro-f1": ("val_macro_f1", True, "highest val macro F1"),
     "log-loss": ("val_log_loss", False, "lowest val loss"),
+    "class-error": ("val_mean_class_error", False, "lowest val mean class error"),
+    "rmse": ("val_rmse", False, "lowest val RMSE"),
+    "mae": ("val_mae", False, "lowest val MAE"),
+    "r2": ("val_r2", True, "highest val R²"),
 }
+FOR_NUMBERS = ("rmse", "mae", "r2")  # the criteria of a regression target; the others rank classes
 FORMATS = ("table", "markdown", "json", "csv")
 LABELS = {
     "head": "head", "val_accuracy": "val acc", "test_accuracy": "test acc",
@@ -41,6 +51,9 @@ LABELS = {
     "val_macro_f1": "val F1", "test_macro_f1": "test F1",
     "val_log_loss": "val loss", "test_log_loss": "test loss", "cv_accuracy": "cv acc", "cv_std": "cv std",
     "fit_seconds": "fit s", "predict_seconds": "predict s",
+    "val_mean_class_error": "val class err", "test_mean_class_error": "test class err",
+    "val_mae": "val MAE", "test_mae": "test MAE", "val_rmse": "val RMSE", "test_rmse": "test RMSE",
+    "val_r2": "val R²", "test_r2": "test R²", "cv_rmse": "cv RMSE", "cv_rmse_std": "cv std",
 }
 STAR = "★"
 THUMBNAIL_PX = 128
@@ -57,9 +70,30 @@ def format_table(rows: list[dict], fmt: str) -> str:
     return renderers[fmt](_with_best(rows))
 
 
-def check_select_by(select_by: str) -> None:
-    if select_by not in SELECT_BY:
-        raise FeatcacheError(f"--select-by {select_by!r}: choose one of {', '.join(SELECT_BY)}")
+def check_select_by(select_by: str, task: str | None = None) -> None:
+    """Refuse an unknown criterion, or (given the cache's ``task``) one that does not rank its heads."""
+    if task == "regression":
+        valid = FOR_NUMBERS
+    elif task is not None:
+        valid = tuple(name for name in SELECT_BY if name not in FOR_NUMBERS
+                      and (name != "class-error" or task == "ordinal"))
+    else:
+        valid = tuple(SELECT_BY)
+    if select_by not in valid:
+        what = f" for a {task} target" if task and select_by in SELECT_BY else ""
+        raise FeatcacheError(f"--select-by {select_by!r}{what}: choose one of {', '.join(valid)}")
+
+
+def default_select_by(task: str) -> str:
+    """What names the best head unless asked: accuracy for classes, RMSE for numbers."""
+    return "rmse" if task == "regression" else "accuracy"
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The columns of these rows: classes, ordered classes or numbers."""
+    if any("val_rmse" in row for row in rows):
+        return VALUE_COLUMNS
+    return ORDINAL_COLUMNS if any("val_mean_class_error" in row for row in rows) else COLUMNS
 
 
 def best_index(rows: list[dict], select_by: str = "accuracy") -> int | None:
@@ -67,16 +101,24 @@ def best_index(rows: list[dict], select_by: str = "accuracy") -> int | None:
     validation log loss (selecting by log loss: to the higher accuracy)."""
     check_select_by(select_by)
     column, higher, _ = SELECT_BY[select_by]
+    tie = _tie(select_by)
 
     def value(row: dict, name: str, higher: bool) -> float:
         v = row.get(name)
         return -math.inf if v is None else (v if higher else -v)
 
     def rank(i: int) -> tuple[float, float]:
-        tie = ("val_accuracy", True) if column == "val_log_loss" else ("val_log_loss", False)
-        return value(rows[i], column, higher), value(rows[i], *tie)
+        return value(rows[i], column, higher), value(rows[i], *SELECT_BY[tie][:2])
 
     return max(range(len(rows)), key=rank, default=None)
+
+
+def _tie(select_by: str) -> str:
+    """The criterion that breaks ties: log loss (accuracy when selecting by log loss); for numbers MAE
+    (RMSE when selecting by MAE)."""
+    if select_by in FOR_NUMBERS:
+        return "rmse" if select_by == "mae" else "mae"
+    return "accuracy" if select_by == "log-loss" else "log-loss"
 
 
 def selected_by(rows: list[dict]) -> str:
@@ -85,21 +127,20 @@ def selected_by(rows: list[dict]) -> str:
 
 
 def _with_best(rows: list[dict]) -> list[dict]:
-    """Rows with every column in COLUMNS order, "best" set on exactly one row (none if empty), and the
+    """Rows with every column of ``columns(rows)`` in order, "best" set on exactly one row (none if empty), and the
     criterion and per-class metrics where compare gave them. Numpy scalars become Python numbers for json.
     """
     best = best_index(rows, selected_by(rows))
     extra = ("selected_by", "per_class_split", "per_class")
     return [
-        {**{c: _plain(row.get(c)) for c in COLUMNS[:-1]}, "best": i == best,
+        {**{c: _plain(row.get(c)) for c in columns(rows)[:-1]}, "best": i == best,
          **{k: row[k] for k in extra if k in row}} for i, row in enumerate(rows)
     ]
 
 
 def best_caption(rows: list[dict]) -> str:
     select_by = selected_by(rows)
-    tie = "highest val acc" if select_by == "log-loss" else "lowest val loss"
-    return f"{STAR} best: {SELECT_BY[select_by][2]}, then {tie}"
+    return f"{STAR} best: {SELECT_BY[select_by][2]}, then {SELECT_BY[_tie(select_by)][2]}"
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -128,9 +169,9 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _cells(row: dict) -> list[str]:
-    """Display strings for every column but "best": percentages, 3-decimal losses, short seconds."""
-    return [_format(column, row[column]) for column in COLUMNS[:-1]]
+def _cells(row: dict, shown: tuple[str, ...]) -> list[str]:
+    """Display strings for every column but "best": percentages, 3-decimal losses and errors, short seconds."""
+    return [_format(column, row[column]) for column in shown[:-1]]
 
 
 def _format(column: str, value) -> str:
@@ -138,8 +179,10 @@ def _format(column: str, value) -> str:
         return "-"
     if column == "head":
         return str(value)
-    if column.endswith("log_loss"):
+    if column.endswith(("log_loss", "class_error", "_r2")):
         return f"{value:.3f}"
+    if column.endswith(("mae", "rmse", "rmse_std")):
+        return f"{value:.4g}"
     if column.endswith("seconds"):
         return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
     return f"{100 * value:.1f}%"
@@ -151,10 +194,11 @@ def _rich_table(rows: list[dict]) -> str:
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
                   caption_justify="left", caption=best_caption(rows))
-    for column in COLUMNS[:-1]:
+    shown = columns(rows)
+    for column in shown[:-1]:
         table.add_column(LABELS[column], justify="left" if column == "head" else "right")
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, shown)
         cells[0] = f"{cells[0]} {STAR}" if row["best"] else cells[0]
         table.add_row(*cells)
     return rich_text(table)
@@ -173,9 +217,10 @@ def _markdown(rows: list[dict]) -> str:
     def line(cells):
         return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
 
-    lines = [line(LABELS[c] for c in COLUMNS[:-1]), "|:---|" + "---:|" * (len(COLUMNS) - 2)]
+    shown = columns(rows)
+    lines = [line(LABELS[c] for c in shown[:-1]), "|:---|" + "---:|" * (len(shown) - 2)]
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, shown)
         cells[0] = f"**{cells[0]}** {STAR}" if row["best"] else cells[0]
         lines.append(line(cells))
     return "\n".join(lines)
@@ -187,7 +232,7 @@ def _json(rows: list[dict]) -> str:
 
 def _csv(rows: list[dict]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=columns(rows), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue().rstrip("\n")
@@ -199,7 +244,8 @@ def _csv(rows: list[dict]) -> str:
 def plot_learning_curves(
     histories: dict[str, dict[str, list[float]]], path: Path, marker_epoch: dict[str, int] | None = None
 ) -> Path:
-    """Loss and accuracy per epoch for every head: colour is the head, solid train, dashed validation.
+    """Loss and accuracy (for numbers: mean absolute error, in standard deviations of the target) per epoch
+    for every head: colour is the head, solid train, dashed validation.
 
     A dotted vertical line marks the epoch where fine-tuning began, so its jump is not misread.
     """
@@ -207,9 +253,10 @@ def plot_learning_curves(
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     marker_epoch = marker_epoch or {}
+    numbers = any("mae" in history for history in histories.values())
     fig = _figure(figsize=(12, 4.5))
     axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+    for ax, metric in zip(axes, ("loss", "mae" if numbers else "accuracy"), strict=True):
         for i, (head, history) in enumerate(histories.items()):
             for key, style in ((metric, "-"), (f"val_{metric}", "--")):
                 values = history.get(key) or []
@@ -218,11 +265,13 @@ def plot_learning_curves(
                 ax.axvline(marker_epoch[head], color=f"C{i}", linestyle=":")
                 ax.annotate("fine-tuning", (marker_epoch[head], 0.98), xycoords=("data", "axes fraction"),
                             rotation=90, ha="right", va="top", fontsize=8, color=f"C{i}")
-        ax.set(title=metric, xlabel="epoch", ylabel=metric)
+        label = "MAE (standard deviations)" if metric == "mae" else metric
+        ax.set(title=label, xlabel="epoch", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 1))  # autoscale's margin would run past 100%
-    axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    if not numbers:
+        axes[1].set_ylim(top=min(axes[1].get_ylim()[1], 1))  # autoscale's margin would run past 100%
+        axes[1].yaxis.set_major_formatter(PercentFormatter(xmax=1))
     handles = [Line2D([], [], color=f"C{i}", label=head) for i, head in enumerate(histories)]
     for style, split in (("-", "train"), ("--", "validation")):
         handles.append(Line2D([], [], color="grey", linestyle=style, label=split))
@@ -279,28 +328,38 @@ def _draw_confusion(ax, head: str, counts, classes: list[str], first_column: boo
 
 
 def plot_comparison(rows: list[dict], path: Path) -> Path:
-    """Validation and test accuracy side by side for each head; the best head is starred and shaded."""
+    """Validation and test accuracy (RMSE for numbers) side by side for each head; the best head is
+    starred and shaded."""
     from matplotlib.ticker import PercentFormatter
 
+    numbers = columns(rows) == VALUE_COLUMNS
+    metric = "rmse" if numbers else "accuracy"
     rows = _with_best(rows)
     fig = _figure(figsize=(8, 0.7 * len(rows) + 1.6))
     ax = fig.subplots()
     height = 0.38
     for offset, split, colour in ((-height / 2, "val", "C0"), (height / 2, "test", "C1")):
-        values = [row[f"{split}_accuracy"] for row in rows]
+        values = [row[f"{split}_{metric}"] for row in rows]
         y = [i + offset for i, v in enumerate(values) if v is not None]
         x = [v for v in values if v is not None]
         ax.barh(y, x, height, color=colour, label="validation" if split == "val" else "test")
         for yi, v in zip(y, x, strict=True):
-            _bar_value(ax, v, yi)
+            if numbers:
+                ax.annotate(f"{v:.4g}", (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+            else:
+                _bar_value(ax, v, yi)
     for i, row in enumerate(rows):
         if row["best"]:
             ax.axhspan(i - 0.5, i + 0.5, color="gold", alpha=0.25, zorder=0)
     ax.set_yticks(range(len(rows)), [f"{r['head']} {STAR}" if r["best"] else r["head"] for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlim(0, 1)  # accuracy cannot pass 100%; long bars carry their value inside
-    ax.xaxis.set_major_formatter(PercentFormatter(xmax=1))
-    ax.set(xlabel="accuracy", title=f"accuracy by head ({STAR} best on validation)")
+    if numbers:
+        ax.set_xlim(0, 1.2 * max((r[f"{s}_rmse"] or 0 for r in rows for s in ("val", "test")), default=1) or 1)
+        ax.set(xlabel="RMSE (lower is better)", title=f"error by head ({STAR} best on validation)")
+    else:
+        ax.set_xlim(0, 1)  # accuracy cannot pass 100%; long bars carry their value inside
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1))
+        ax.set(xlabel="accuracy", title=f"accuracy by head ({STAR} best on validation)")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2)
     return _save(fig, path)
@@ -311,6 +370,19 @@ def _bar_value(ax, value: float, y: float) -> None:
     inside = value > 0.85
     ax.annotate(f"{100 * value:.1f}%", (value, y), xytext=(-3 if inside else 3, 0), textcoords="offset points",
                 ha="right" if inside else "left", va="center", fontsize=8, color="white" if inside else "black")
+
+
+def plot_predictions(labels, values, head: str, split: str, path: Path) -> Path:
+    """Predicted against true numbers of one head on one split, with the line where they are equal."""
+    fig = _figure(figsize=(5.5, 5.2))
+    ax = fig.subplots()
+    ax.scatter(labels, values, s=12, alpha=0.6, color="C0")
+    low, high = float(min(min(labels), min(values))), float(max(max(labels), max(values)))
+    ax.plot([low, high], [low, high], color="grey", lw=1, ls="--", label="predicted = true")
+    ax.set(xlabel="true", ylabel="predicted", title=f"{head} on {split}: predicted against true")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
 
 
 def precision_recall(labels, probabilities, classes: list[str]) -> dict[str, dict]:
@@ -424,10 +496,11 @@ def _facts_html(facts: dict[str, str]) -> str:
 
 
 def _results_html(rows: list[dict]) -> str:
-    header = "".join(f"<th>{html.escape(LABELS[c])}</th>" for c in COLUMNS[:-1])
+    shown = columns(rows)
+    header = "".join(f"<th>{html.escape(LABELS[c])}</th>" for c in shown[:-1])
     body = []
     for row in _with_best(rows):
-        cells = [html.escape(cell) for cell in _cells(row)]
+        cells = [html.escape(cell) for cell in _cells(row, shown)]
         if row["best"]:
             cells[0] += f' <span title="best">{STAR}</span>'
         css = ' class="best"' if row["best"] else ""
@@ -507,6 +580,12 @@ def _share(counts: list[int], limit: int) -> list[int]:
 
 def _gallery_html(misclassified: list[dict], max_gallery: int) -> str:
     esc = html.escape
+    if misclassified and "error" in misclassified[0]:  # numbers: the largest errors, largest first
+        shown = misclassified[:max_gallery]
+        note = f"The {len(shown)} test images with the largest absolute error, largest first."
+        items = "".join(_gallery_item(item) for item in shown)
+        return (f'<section><h2>Largest errors on test images</h2><p class="note">{esc(note)}</p>'
+                f'<div class="gallery">{items}</div></section>')
     confusions = gallery(misclassified, max_gallery)
     shown = sum(len(c.shown) for c in confusions)
     if not misclassified:
@@ -538,8 +617,13 @@ def _gallery_item(item: dict) -> str:
     breakable = esc(item["relpath"]).replace("/", "/<wbr>")
     return (f'<div class="item">{picture}<div class="path">{breakable}</div>'
             f'<div>true <b class="true">{esc(item["true"])}</b>, predicted <b class="pred">'
-            f'{esc(item["predicted"])}</b> at {item["probability"]:.1%}</div>'
+            f'{esc(item["predicted"])}</b> {_confidence(item)}</div>'
             f'<div class="note">head {esc(item["head"])}</div></div>')
+
+
+def _confidence(item: dict) -> str:
+    """How sure the head was (a class's probability), or how far off (a number's error)."""
+    return f"(error {item['error']:.4g})" if "error" in item else f"at {item['probability']:.1%}"
 
 
 def _thumbnail(path: Path) -> bytes | None:

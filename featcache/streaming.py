@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.cache import CHUNK_ROWS, Cache
+from featcache.cache import CHUNK_ROWS, Cache, label_array
+from featcache.targets import REGRESSION
 
 KERAS_SHUFFLE_ROWS = 4096  # the shuffle buffer of Keras heads when the budget allows it
 BATCHES_IN_FLIGHT = 6  # float32 batches alive at once: the generator's, TensorFlow's copy, prefetch, the step
@@ -172,7 +173,7 @@ def gram_bytes(train_rows: int, size: RowSize) -> int:
 def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
             rng: np.random.Generator | None = None,
             rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 features, int32 labels) of ``batch_rows`` rows each: every batch but the split's last is
+    """(float32 features, labels as stored) of ``batch_rows`` rows each: every batch but the split's last is
     whole, across shard boundaries (so a split of N rows gives ceil(N / batch_rows) batches, as
     ``split_batches`` tells TensorFlow).
 
@@ -186,7 +187,7 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
         raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
     size = buffer_rows if rng is not None else batch_rows
     buffer = np.empty((size, *cache.feature_shape), cache.config["dtype"])
-    labels = np.empty(size, np.int32)
+    labels = label_array(np.empty(size), cache.task)
     filled = 0
 
     def emit(final: bool):
@@ -293,7 +294,7 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
             yield transform(x, views), y
 
     signature = (tf.TensorSpec((None, *cache.feature_shape), tf.float32),
-                 tf.TensorSpec((None,), tf.int32))
+                 tf.TensorSpec((None,), tf.float32 if cache.task == REGRESSION else tf.int32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     count = cache.rows(split) if rows is None else int(rows.sum())
     steps = math.ceil(count / batch_size)
@@ -302,7 +303,7 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
 
 def split_labels(cache: Cache, split: str) -> np.ndarray:
     """Every label of a split, in order, without reading features."""
-    parts = [np.zeros(0, np.int32)]
+    parts = [label_array([], cache.task)]
     for shard in cache.shard_paths(split):
         with cache.open_shard(shard) as f:
             parts.append(f["labels"][:])

@@ -79,7 +79,7 @@ def run_extract(data: Path, workdir: Path, shard_size=4, batch_size=4, lock_time
 
 def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), shape=(2, 2, 8),
                     shuffle_labels=False, seed=0, shard_size=16, separation=None, views=0,
-                    misleading_originals=False):
+                    misleading_originals=False, task="classification"):
     """A complete cache written straight from Gaussian blobs (one mean per class), no backbone.
 
     per_class gives rows per class in train, validation and test: a number (every class as many)
@@ -91,7 +91,7 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
     (as ``extract --augment`` stores them), each drawn from its class's blob; with misleading_originals
     the original training rows are drawn from the next class's blob instead, so that a head that
     learns from the originals alone gets the classes wrong, and one that learns from every row
-    follows the views.
+    follows the views. ``task="ordinal"`` stores the classes as ordered ones.
     """
     import hashlib
 
@@ -117,12 +117,35 @@ def synthetic_cache(workdir: Path, classes=("a", "b"), per_class=(30, 10, 10), s
             features[sha, 0] = (means[blob] + rng.normal(0, 1, shape)).astype(np.float32)
             for view in range(1, views + 1 if split == "train" else 1):
                 features[sha, view] = (means[true] + rng.normal(0, 1, shape)).astype(np.float32)
-    dataset = Dataset(workdir, "synthetic", tuple(classes), samples)
+    dataset = Dataset(workdir, "synthetic", tuple(classes), samples, task=task)
 
     def features_of(plan):
         return np.stack([features[s.source_sha256 or s.sha256, s.view] for s in plan.samples])
 
     return write_cache(workdir, dataset, shape, "float32", seed, features_of, shard_size, views)
+
+
+def value_cache(workdir: Path, rows=(48, 16, 16), shape=(2, 2, 8), noise=0.1, seed=0, shard_size=16, offset=0.0):
+    """A complete regression cache (no backbone): Gaussian rows, each labelled with ``offset`` plus a fixed
+    linear function of its features plus ``noise``; returns the cache and that function's weights."""
+    import hashlib
+
+    from featcache.dataset import Dataset, Sample
+
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0, 1, int(np.prod(shape)))
+    samples, features = [], {}
+    for split, n in zip(("train", "validation", "test"), rows, strict=True):
+        for i in range(n):
+            relpath = f"{split}/{i:04d}.png"
+            sha = hashlib.sha256(f"{seed}{relpath}".encode()).hexdigest()
+            features[sha] = rng.normal(0, 1, shape).astype(np.float32)
+            value = float(offset + features[sha].ravel() @ weights + rng.normal(0, noise))
+            samples.append(Sample(Path(relpath), relpath, value, split, sha))
+    dataset = Dataset(workdir, "synthetic", (), samples, task="regression")
+    cache = write_cache(workdir, dataset, shape, "float32", seed,
+                        lambda plan: np.stack([features[s.sha256] for s in plan.samples]), shard_size)
+    return cache, weights
 
 
 def blob_cache(workdir: Path, per_class=(3072, 512, 512), shape=(4, 4, 512), dtype="float16", seed=0,
@@ -167,10 +190,11 @@ def write_cache(workdir: Path, dataset, shape, dtype: str, seed: int, features_o
     cache_dir = workdir / key[:16]
     cache_dir.mkdir(parents=True)
     provenance = {"key": key, "row_key": config.row_key(), "config": config.__dict__,
-                  "classes": list(classes)}
+                  "classes": list(classes), "task": dataset.task}
     manifest = {"format": 1, "featcache_version": "test", "key": key, "row_key": config.row_key(),
                 "status": "complete", "created": "", "completed": "", "config": config.__dict__,
                 "classes": list(classes), "feature_shape": list(shape), "splits": {}, "rejects": [],
+                "task": dataset.task,
                 "dataset": {"root": str(workdir), "layout": "synthetic", "images": len(dataset.samples)}}
     if views:
         manifest["augmentation"] = augment.RECIPE

@@ -22,6 +22,11 @@ QUICK = FitOptions(epochs=40, batch_size=16, learning_rate=1e-2, optimizer="adam
 STREAMING = [name for name in HEADS if build_head(name).streams]
 
 
+def task_of(name: str) -> str:
+    """A task of classes the head learns: classification, or ordered classes for ridge."""
+    return next(task for task in HEADS[name].tasks if task != "regression")
+
+
 def fitted(cache, name, options=QUICK, streamed=False):
     """A head fitted in memory, or from shards streamed under a budget just below what an in-memory
     fit of this cache takes (so it streams)."""
@@ -37,9 +42,9 @@ def fitted(cache, name, options=QUICK, streamed=False):
 def test_every_head_fits_predicts_saves_loads_and_exports_the_same(name, streamed, tmp_path):
     if streamed and name not in STREAMING:
         with pytest.raises(FeatcacheError, match="cannot stream"):
-            fitted(synthetic_cache(tmp_path), name, streamed=True)
+            fitted(synthetic_cache(tmp_path, task=task_of(name)), name, streamed=True)
         return
-    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"))
+    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), task=task_of(name))
     head = fitted(cache, name, streamed=streamed)
     assert head.record["memory"]["path"] == ("streamed" if streamed else "in-memory")
     metrics = evaluate(head, cache)
@@ -62,7 +67,7 @@ def test_every_head_fits_predicts_saves_loads_and_exports_the_same(name, streame
 
 @pytest.mark.parametrize("name", list(HEADS))
 def test_two_class_heads_give_two_columns_everywhere(name, tmp_path):
-    cache = synthetic_cache(tmp_path)
+    cache = synthetic_cache(tmp_path, task=task_of(name))
     head = fitted(cache, name)
     x, y, _ = cache.read("test")
     p = head.predict_proba(x)
@@ -252,12 +257,13 @@ def test_balanced_class_weight_raises_the_minority_class_probability(name, strea
     that minority rows get for their class (calibrated heads included, whose argmax may stay put)."""
     if streamed and name not in STREAMING:
         return
-    cache = synthetic_cache(tmp_path, per_class=((60, 6), (30, 3), (40, 40)), shape=(8,), separation=1.5)
+    cache = synthetic_cache(tmp_path, per_class=((60, 6), (30, 3), (40, 40)), shape=(8,), separation=1.5,
+                            task=task_of(name))
     minority = {}
     for weight in (None, "balanced"):
         options = FitOptions(epochs=12, batch_size=16, learning_rate=2e-2, class_weight=weight, scaling="standard")
         result = predict_split(fitted(cache, name, options, streamed), cache, "test")
-        minority[weight] = float(result.probabilities[result.labels == 1, 1].mean())
+        minority[weight] = float(result.outputs[result.labels == 1, 1].mean())
     assert minority["balanced"] >= minority[None] + 0.05, minority
 
 
@@ -274,7 +280,7 @@ def test_balanced_class_weight_finds_more_of_the_minority_class(name, streamed, 
     path, recognise at least 10 more of the 100 minority rows of the test split."""
     if streamed and name not in STREAMING:
         return
-    cache = synthetic_cache(tmp_path, **IMBALANCED)
+    cache = synthetic_cache(tmp_path, **IMBALANCED, task=task_of(name))
     recall = {}
     for weight in (None, "balanced"):
         head = fit_head(cache, name, replace(WEIGHING, class_weight=weight),

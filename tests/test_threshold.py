@@ -70,7 +70,7 @@ def test_a_head_fitted_with_balanced_accuracy_decides_by_its_threshold_in_every_
     assert chosen["chosen_by"] == "balanced accuracy on validation" and chosen["value"] != 0.5
     assert chosen["validation_balanced_accuracy"] > chosen["validation_balanced_accuracy_at_0.5"]
     validation = predict_split(tuned, cache, "validation")
-    expected = (validation.probabilities[:, 1] >= chosen["value"]).astype(int)
+    expected = (validation.outputs[:, 1] >= chosen["value"]).astype(int)
     np.testing.assert_array_equal(validation.predicted, expected)
     metrics = evaluate(tuned, cache)["validation"]
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(validation.labels, expected))

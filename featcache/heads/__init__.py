@@ -28,38 +28,60 @@ from featcache.heads.protocol import (
     check_files,
     read_record,
 )
+from featcache.heads.ridge import RidgeHead
 
-__all__ = ["FIT_RECIPE", "HEADS", "OPTIMIZERS", "SCALINGS", "FitOptions", "Head", "build_head", "fit_head",
-           "get_spec", "head_dir", "head_info", "load_head", "memory_plan", "saved_heads"]
+__all__ = ["FIT_RECIPE", "HEADS", "OPTIMIZERS", "SCALINGS", "FitOptions", "Head", "build_head", "check_task",
+           "fit_head", "get_spec", "head_dir", "head_info", "heads_for", "load_head", "memory_plan", "saved_heads"]
+
+
+CLASSES_TASKS = ("classification", "ordinal")
+EVERY_TASK = (*CLASSES_TASKS, "regression")
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A registry row: the name, what it is, and what builds an unfitted head from options."""
+    """A registry row: the name, what it is, what builds an unfitted head from options, and the targets
+    (targets.TASKS) it learns."""
 
     name: str
     description: str
     build: Callable[[str, FitOptions], Head]
+    tasks: tuple[str, ...] = CLASSES_TASKS
 
 
 HEADS = {
     spec.name: spec
     for spec in (
-        HeadSpec("dense256", "standardise, Flatten, Dense 256 relu, Dropout 0.5, sigmoid/softmax (Chollet)",
-                 KerasHead),
-        HeadSpec("dense1024", "standardise, Flatten, Dense 1024 relu, Dropout 0.2, sigmoid/softmax", KerasHead),
+        HeadSpec("dense256", "standardise, Flatten, Dense 256 relu, Dropout 0.5, sigmoid/softmax (Chollet); "
+                 "a linear output for numbers", KerasHead, EVERY_TASK),
+        HeadSpec("dense1024", "standardise, Flatten, Dense 1024 relu, Dropout 0.2, sigmoid/softmax; a linear "
+                 "output for numbers", KerasHead, EVERY_TASK),
         HeadSpec("linear", "global average pooling (on a map), standardise, one Dense (TF MobileNetV2 "
-                 "tutorial)", KerasHead),
+                 "tutorial)", KerasHead, EVERY_TASK),
         HeadSpec("logreg", "logistic regression; scaling and C chosen on validation",
                  lambda name, options: LinearHead(name, options, loss="log_loss")),
         HeadSpec("svm", "linear SVM, Platt-calibrated; scaling and C chosen on validation",
                  lambda name, options: LinearHead(name, options, loss="hinge")),
         HeadSpec("svm-rbf", "RBF SVM, Platt-calibrated; scaling, gamma and C chosen on validation",
                  RbfSvmHead),
+        HeadSpec("ridge", "ridge regression (numbers, or the rank of ordered classes, soft-rounded back); "
+                 "scaling and alpha chosen on validation", RidgeHead, ("ordinal", "regression")),
     )
 }
 DEFAULT_OPTIONS = FitOptions()
-KINDS = {cls.kind: cls for cls in (KerasHead, LinearHead, RbfSvmHead)}
+KINDS = {cls.kind: cls for cls in (KerasHead, LinearHead, RbfSvmHead, RidgeHead)}
+
+
+def heads_for(task: str) -> list[str]:
+    """The registered heads that learn a ``task`` target."""
+    return [name for name, spec in HEADS.items() if task in spec.tasks]
+
+
+def check_task(name: str, task: str) -> None:
+    """Refuse, in one line, a head that does not learn this cache's kind of target."""
+    if task not in get_spec(name).tasks:
+        raise FeatcacheError(f"head {name} does not learn a {task} target; heads for {task}: "
+                             f"{', '.join(heads_for(task))}")
 
 
 def get_spec(name: str) -> HeadSpec:
@@ -99,9 +121,13 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
     """
     from featcache.evaluate import decision_threshold
 
+    check_task(name, cache.task)
     if "validation" not in cache.splits:
         raise FeatcacheError(f"cache {cache.key[:16]} has no validation split; heads choose and stop on it")
-    if len(cache.classes) < 2:
+    if not cache.target.has_classes and (options.class_weight or options.threshold is not None):
+        raise FeatcacheError(f"--class-weight and --threshold act on classes; cache {cache.key[:16]} has a "
+                             "regression target (numbers): leave them out")
+    if cache.target.has_classes and len(cache.classes) < 2:
         raise FeatcacheError(f"cache {cache.key[:16]} has one class ({cache.classes[0]}); no head can learn from "
                              "one class: extract a dataset with images of two classes or more")
     path, plan = memory_plan(cache, name, options, memory_budget)
@@ -117,7 +143,7 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
               "in_memory_bytes": streaming.in_memory_bytes(cache)}
     head.record.update(
         name=name, kind=head.kind, cache_key=cache.key, classes=cache.classes,
-        feature_shape=list(cache.feature_shape), options=options.to_json(), fit_recipe=FIT_RECIPE,
+        feature_shape=list(cache.feature_shape), task=cache.task, options=options.to_json(), fit_recipe=FIT_RECIPE,
         seed=options.seed, fit_seconds=round(time.perf_counter() - started, 3),
         fitted=time.strftime("%Y-%m-%dT%H:%M:%S%z"), memory=memory,
     )

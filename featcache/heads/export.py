@@ -54,11 +54,12 @@ def _normalised_sigmoids(x, kernel, bias):
     return dense(minus_log_p, -np.eye(kernel.shape[1]), None, "probabilities", "softmax")
 
 
-def dense(x, kernel: np.ndarray, bias: np.ndarray | None, name: str, activation=None):
+def dense(x, kernel: np.ndarray, bias: np.ndarray | None, name: str, activation=None, trainable: bool = True):
     """A Dense layer holding fixed float32 weights (computed in float64), applied to x."""
     import keras
 
-    layer = keras.layers.Dense(kernel.shape[1], activation=activation, use_bias=bias is not None, name=name)
+    layer = keras.layers.Dense(kernel.shape[1], activation=activation, use_bias=bias is not None, name=name,
+                               trainable=trainable)
     layer.build((None, kernel.shape[0]))
     weights = [kernel] if bias is None else [kernel, bias]
     layer.set_weights([np.asarray(w, np.float32) for w in weights])
@@ -75,3 +76,33 @@ def two_column_output(model, feature_shape: tuple[int, ...], name: str):
     both.build((None, 1))
     both.set_weights([np.array([[-1.0, 1.0]], np.float32), np.array([1.0, 0.0], np.float32)])
     return keras.Model(features, both(p), name=name)
+
+
+def value_keras_model(scaling, weights: np.ndarray, bias: np.ndarray, feature_shape: tuple[int, ...],
+                      n_classes: int = 0, name: str = "head"):
+    """A Keras model from cached features to a linear score: the (N, 1) value itself, or, for K ordered
+    classes, their (N, K) soft-rounded probabilities (``ridge.soft_round``) in three Dense+ReLU layers:
+    the score clipped to [0, K-1] as relu(s) - relu(s - K + 1), its distances above and below each class
+    k as relu(c - k) and relu(k - c), and p_k = relu(1 - both)."""
+    import keras
+
+    features = keras.Input(tuple(feature_shape), name="features")
+    x = keras.layers.Flatten(name="flatten")(features) if len(feature_shape) > 1 else features
+    kernel, offset = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
+    if scaling.kind == "standard":
+        kernel = kernel / scaling.scale[:, None].astype(np.float64)
+        offset = offset - scaling.mean.astype(np.float64) @ kernel
+    elif scaling.kind == "l2":
+        x = scaling.keras_layer()(x)
+    value = dense(x, kernel, offset, "value")
+    if not n_classes:
+        return keras.Model(features, value, name=name)
+    top, ranks = n_classes - 1, np.arange(n_classes, dtype=np.float64)
+    # fixed arithmetic, not weights to learn: frozen
+    ends = dense(value, np.array([[1.0, 1.0]]), np.array([0.0, -top]), "clip", "relu", trainable=False)
+    above = np.vstack([np.ones(n_classes), -np.ones(n_classes)])  # c - k from ends: ends[0] - ends[1] - k
+    distances = dense(ends, np.hstack([above, -above]), np.concatenate([-ranks, ranks]), "distances", "relu",
+                      trainable=False)
+    both = np.vstack([-np.eye(n_classes), -np.eye(n_classes)])
+    p = dense(distances, both, np.ones(n_classes), "probabilities", "relu", trainable=False)
+    return keras.Model(features, p, name=name)

@@ -2,7 +2,8 @@
 
 A head is ``reduce`` (Flatten, or global average pooling of a map for ``linear``), the scaling
 (standardisation by default: unpooled VGG16 features reach hundreds, and a first epoch on them has
-a loss near 19), then its layers and a sigmoid (two classes) or softmax output. With the default
+a loss near 19), then its layers and a sigmoid (two classes) or softmax output, or for a regression
+target (``n_classes=0``) one linear output trained on the mean squared error. With the default
 Adam 1e-3 and early stopping on validation loss it learns from 30 images as from thousands;
 Chollet's recipe is ``--optimizer rmsprop --learning-rate 2e-5 --scaling none``. In memory it
 trains on arrays; over the budget on shards streamed through a shuffle buffer (``split_batches``).
@@ -11,14 +12,18 @@ Stored as ``model.keras``, loaded in safe mode: built-in layers only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from featcache import FeatcacheError
 from featcache import precision as precisions
 from featcache.heads.export import two_column_output
 from featcache.heads.protocol import Head, class_weight_of, two_columns
 from featcache.heads.scaling import Scaling, streamed_moments
 
 ARCHITECTURES = {"dense256": (256, 0.5), "dense1024": (1024, 0.2), "linear": None}
+OUTPUTS = {0: "value", 2: "sigmoid"}  # by the number of classes; softmax for more
 
 
 def reduce_features(name: str, x: np.ndarray) -> np.ndarray:
@@ -30,7 +35,8 @@ def reduce_features(name: str, x: np.ndarray) -> np.ndarray:
 
 
 def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, scaling: Scaling | None = None):
-    """The head alone, on the cached feature shape; sigmoid for two classes, softmax otherwise."""
+    """The head alone, on the cached feature shape; sigmoid for two classes, softmax for more, one linear
+    ``value`` for none (a regression target)."""
     import keras
 
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
@@ -46,6 +52,9 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
         units, dropout = layers
         x = keras.layers.Dense(units, activation="relu", name=f"dense{units}")(x)
         x = keras.layers.Dropout(dropout, name="dropout")(x)
+    if not n_classes:
+        outputs = keras.layers.Dense(1, name="value", dtype="float32")(x)
+        return keras.Model(inputs, outputs, name=f"head_{name}")
     binary = n_classes == 2
     outputs = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
                                  name="predictions", dtype="float32")(x)  # probabilities in float32 always
@@ -63,6 +72,9 @@ def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_colum
     optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
                   "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9)}
     one_column = n_classes == 2 if one_column is None else one_column
+    if not n_classes:  # a number: mean squared error, and the mean absolute error to read
+        model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss="mse", metrics=["mae"])
+        return model
     if not label_smoothing:
         loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
     elif one_column:
@@ -78,6 +90,32 @@ def one_hot_labels(dataset, n_classes: int):
     import tensorflow as tf
 
     return dataset.map(lambda x, y: (x, tf.one_hot(y, n_classes)))
+
+
+@dataclass(frozen=True)
+class TargetScaling:
+    """A regression target standardised for training (an output layer starts near 0 with unit-scale
+    weights: numbers in the hundreds took it hundreds of epochs), folded back into the value layer after."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> TargetScaling:
+        values = np.asarray(values, np.float64)
+        return cls(float(values.mean()), float(values.std()) or 1.0)
+
+    def tf_map(self, x, y):
+        return x, (y - self.mean) / self.std
+
+    def fold_into(self, layer) -> None:
+        """value = std * (x @ W + b) + mean, as one Dense layer."""
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel * self.std, bias * self.std + self.mean])
+
+
+def _scaled(labels: np.ndarray, target: TargetScaling | None) -> np.ndarray:
+    return labels if target is None else ((labels - target.mean) / target.std).astype(np.float32)
 
 
 class KerasHead(Head):
@@ -130,14 +168,16 @@ class KerasHead(Head):
         scaling = Scaling.fit(self._scaling_kind(), reduce_features(self.name, x))
         self.model = self._compiled(x.shape[1:], n_classes, scaling)
         order = np.random.default_rng(self.options.seed).permutation(len(x))
-        train = tf.data.Dataset.from_tensor_slices((x[order], np.asarray(y, np.int32)[order]))
+        y = np.asarray(y, np.float32 if not n_classes else np.int32)
+        target = TargetScaling.of(y) if not n_classes else None
+        train = tf.data.Dataset.from_tensor_slices((x[order], _scaled(y[order], target)))
         train = train.shuffle(len(x), seed=self.options.seed).batch(self.options.batch_size)
         val = None
         if validation is not None:
             val = tf.data.Dataset.from_tensor_slices(
-                (np.asarray(validation[0], np.float32), np.asarray(validation[1], np.int32))).batch(256)
+                (np.asarray(validation[0], np.float32), _scaled(np.asarray(validation[1], y.dtype), target))).batch(256)
         weights = class_weight_of(y, n_classes, self.options.class_weight)
-        return self._train(train, val, weights, n_classes, say)
+        return self._train(train, val, weights, n_classes, say, target)
 
     def fit_streamed(self, cache, plan, *, rows=None, say=None):
         from featcache.streaming import batches, split_batches, split_labels
@@ -154,10 +194,14 @@ class KerasHead(Head):
         train = split_batches(cache, "train", self.options.batch_size, self.options.seed, plan.buffer_rows, rows)
         val = split_batches(cache, "validation", plan.batch_rows, None) if rows is None else None
         labels = split_labels(cache, "train")
-        weights = class_weight_of(labels if rows is None else labels[rows], n_classes, self.options.class_weight)
-        return self._train(train, val, weights, n_classes, say)
+        labels = labels if rows is None else labels[rows]
+        target = TargetScaling.of(labels) if not n_classes else None
+        if target is not None:
+            train, val = (None if part is None else part.map(target.tf_map) for part in (train, val))
+        weights = class_weight_of(labels, n_classes, self.options.class_weight)
+        return self._train(train, val, weights, n_classes, say, target)
 
-    def _train(self, train, val, weights, n_classes, say):
+    def _train(self, train, val, weights, n_classes, say, target: TargetScaling | None = None):
         import keras
 
         from featcache import streaming
@@ -167,9 +211,14 @@ class KerasHead(Head):
         if say is not None:
             say(f"{self.name}: {precisions.Choice(**self.record['precision']).line()}")
             def report(epoch, logs):
-                scores = f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}"
-                if "val_loss" in logs:
-                    scores += f", val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.1%}"
+                if "mae" in logs:  # of the standardised target: in standard deviations
+                    scores = f"loss {logs['loss']:.4g}, MAE {logs['mae']:.4g} sd"
+                    if "val_loss" in logs:
+                        scores += f", val loss {logs['val_loss']:.4g}, val MAE {logs['val_mae']:.4g} sd"
+                else:
+                    scores = f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}"
+                    if "val_loss" in logs:
+                        scores += f", val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.1%}"
                 say(f"{self.name} epoch {epoch + 1}/{options.epochs}: {scores}")
 
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=report))
@@ -179,9 +228,12 @@ class KerasHead(Head):
         with streaming.errors_from_tf():
             history = self.model.fit(train, validation_data=val, epochs=options.epochs, callbacks=callbacks,
                                      class_weight=weights, verbose=0, shuffle=False)
+        if target is not None:  # the value layer learnt standardised numbers: give it the target's own units
+            target.fold_into(self.model.get_layer("value"))
+            self.record["target_scaling"] = {"mean": target.mean, "std": target.std}
         self.record.update(
             history={k: [float(v) for v in values] for k, values in history.history.items()},
-            epochs_run=len(history.history["loss"]), output="sigmoid" if n_classes == 2 else "softmax",
+            epochs_run=len(history.history["loss"]), output=OUTPUTS.get(n_classes, "softmax"),
             chosen={"scaling": self._scaling_kind()}, **parameter_counts(self.model),
         )
         if options.patience and val is not None:
@@ -190,14 +242,24 @@ class KerasHead(Head):
         return self
 
     def predict_proba(self, features):
+        if self.predicts_values:
+            raise FeatcacheError(f"{self.name} predicts numbers on this regression cache, not class probabilities")
+        p = self._outputs(features)
+        return two_columns(p) if p.shape[1] == 1 else p
+
+    def predict_values(self, features):
+        if not self.predicts_values:
+            raise FeatcacheError(f"{self.name} predicts classes, not numbers")
+        return self._outputs(features)[:, 0]
+
+    def _outputs(self, features) -> np.ndarray:
         features = np.asarray(features)  # float32 chunk by chunk: a pixel cache's uint8 rows are 4x smaller
         # at most 1024 rows and 32 MB of input at once: a whole fine-tuned network on pixels holds
         # activations of ~100x its input per image (VGG16's first block), a head on features next to none
         rows = max(1, min(1024, 2**23 // max(1, int(np.prod(features.shape[1:])))))
         chunks = [np.asarray(self.model(features[i : i + rows].astype(np.float32), training=False), np.float64)
                   for i in range(0, len(features), rows)]
-        p = np.concatenate(chunks) if chunks else np.zeros((0, self.model.output_shape[-1]))
-        return two_columns(p) if p.shape[1] == 1 else p
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.model.output_shape[-1]))
 
     def for_fold(self):
         """Same layers and scaling; the epochs the fitted head kept (early stopping chose them)."""
@@ -206,7 +268,7 @@ class KerasHead(Head):
         return KerasHead(self.name, options)
 
     def to_keras(self, feature_shape):
-        if self.model.output_shape[-1] != 1:
+        if self.model.output_shape[-1] != 1 or self.predicts_values:  # probabilities, or a value
             return self.model
         return two_column_output(self.model, feature_shape, name=f"head_{self.name}")
 

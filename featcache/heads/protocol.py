@@ -4,7 +4,8 @@ A head is built from its registry entry and ``FitOptions`` (set before fitting, 
 it). ``fit`` learns from arrays in memory, ``fit_streamed`` from a cache's shards within a memory
 plan; both choose what the options leave open ("auto" scaling, C, gamma, epochs) on validation
 rows and return the head. What fitting learns lives in ``record`` (JSON) and in the head's arrays
-or Keras model, never in its options. ``predict_proba`` gives (N, n_classes) probabilities;
+or Keras model, never in its options. ``predict_proba`` gives (N, n_classes) probabilities, and
+``predict_values`` (N,) numbers for a regression target (a head fitted with ``n_classes=0``);
 ``save``/``load`` write and read data only (JSON, ``.npz`` read without pickle, ``.keras`` in
 safe mode); ``to_keras`` is the head as built-in Keras layers, for export and fine-tuning, or a
 one-line refusal. ``for_fold`` is the same recipe with every choice pinned, for cross-validation.
@@ -169,6 +170,10 @@ class Head:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def predict_values(self, features: np.ndarray) -> np.ndarray:
+        """(N,) numbers: what a head fitted on a regression target predicts."""
+        raise FeatcacheError(f"{self.name} predicts classes, not numbers")
+
     def stream_plan(self, cache, budget: int):
         """The memory plan of a streamed fit within ``budget`` bytes (refuses one too small)."""
         from featcache import streaming
@@ -192,7 +197,13 @@ class Head:
 
     @property
     def n_classes(self) -> int:
+        """The classes it tells apart; 0 for a head fitted on a regression target (it predicts numbers)."""
         return len(self.record["classes"])
+
+    @property
+    def predicts_values(self) -> bool:
+        """Whether it was fitted on a regression target (its record's output is a value)."""
+        return self.record.get("output") == "value"
 
     @property
     def threshold(self) -> float | None:
@@ -200,7 +211,10 @@ class Head:
         return (self.record.get("threshold") or {}).get("value")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Class indices: the most probable class of each row, or by the head's threshold (two classes)."""
+        """Class indices: the most probable class of each row, or by the head's threshold (two classes);
+        numbers for a regression target."""
+        if self.predicts_values:
+            return self.predict_values(features)
         return decide(self.predict_proba(features), self.threshold)
 
     def check_cache(self, cache) -> None:
