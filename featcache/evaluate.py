@@ -162,7 +162,7 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
 def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = None) -> list[float]:
     """Accuracy of each of K stratified folds of the training split (RMSE of K folds for a regression
     target), refitting the head's recipe (``head.for_fold()``: every choice validation made kept, e.g.
-    C, scaling, or the epochs early stopping chose).
+    C, scaling, the epochs early stopping chose, a two-class head's decision threshold).
 
     Folds group rows by source image, so an image and its augmented views are never on both
     sides; held-out folds are scored on original images only. A training split over ``budget``
@@ -180,6 +180,8 @@ def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = No
     for train, held_out in splitter.split(np.zeros((len(labels), 1)), labels, groups=paths):
         held_out = held_out[views[held_out] == 0]
         fold = head.for_fold()
+        if threshold := head.record.get("threshold"):  # the decision validation chose, pinned like C or epochs
+            fold.record["threshold"] = threshold
         if in_memory:
             fold.fit(x[train], labels[train], n_classes=len(cache.classes))
             predicted = fold.predict(x[held_out])

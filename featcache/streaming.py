@@ -187,7 +187,7 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
         raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
     size = buffer_rows if rng is not None else batch_rows
     buffer = np.empty((size, *cache.feature_shape), cache.config["dtype"])
-    labels = label_array(np.empty(size), cache.task)
+    labels = label_array(np.zeros(size), cache.task)
     filled = 0
 
     def emit(final: bool):

@@ -119,14 +119,20 @@ def test_bench_accuracy_runs_a_recipe_with_fine_tuning_on_tiny_input(tmp_path):
     assert "finetune epoch 1/1" in run.stderr  # long runs show their epochs as they come
 
 
-def test_bench_accuracy_checks_each_bf16_row_against_its_float32_pair():
-    """The bf16 recipes repeat a float32 one (pinned: never auto); each head is read against its pair's interval."""
+def load_script(name: str):
+    """A script of scripts/ as a module, to test its functions without running it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "scripts" / "bench_accuracy.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_accuracy_checks_each_bf16_row_against_its_float32_pair():
+    """The bf16 recipes repeat a float32 one (pinned: never auto); each head is read against its pair's interval."""
+    module = load_script("bench_accuracy")
     recipes = {r.name: r for r in module.RECIPES}
     for recipe in recipes.values():
         assert recipe.precision in ("float32", "mixed_bfloat16") and recipe.pair in (None, *recipes)
@@ -147,16 +153,47 @@ def test_bench_accuracy_checks_each_bf16_row_against_its_float32_pair():
     assert "vgg16-150-bf16 svm: test 70.0%" in lines[1] and "interval: no" in lines[1]
 
 
+def test_bench_accuracy_reads_a_regression_heads_numbers_as_the_nearest_grade(tmp_path):
+    """elpv's regression recipe: numbers rounded to the nearest training level give the class metrics, the
+    mean grade error and the defective-read-as-functional count of every other row."""
+    import hashlib
+
+    import numpy as np
+
+    from featcache.dataset import Dataset, Sample
+    from featcache.heads import fit_and_save
+    from tests.conftest import write_cache
+
+    module = load_script("bench_accuracy")
+    rng, levels = np.random.default_rng(0), np.array([0, 1 / 3, 2 / 3, 1])
+    samples, features = [], {}
+    for split, n in (("train", 40), ("validation", 12), ("test", 20)):
+        for i in range(n):
+            sha = hashlib.sha256(f"{split}{i}".encode()).hexdigest()
+            grade = i % 4
+            features[sha] = (np.eye(4)[grade] * 3 + rng.normal(0, 0.6, 4)).astype(np.float32)
+            samples.append(Sample(Path(f"{split}/{i}.png"), f"{split}/{i}.png", float(levels[grade]), split, sha))
+    dataset = Dataset(tmp_path, "synthetic", (), samples, task="regression")
+    cache = write_cache(tmp_path, dataset, (4,), "float32", 0,
+                        lambda plan: np.stack([features[s.sha256] for s in plan.samples]), 8)
+    head, _ = fit_and_save(cache, "ridge")
+    metrics = module.graded_metrics(head_dir(cache, "ridge"))
+    x, values, _ = cache.read("test")
+    predicted = np.abs(head.predict_values(x)[:, None] - levels).argmin(axis=1)
+    truth = np.rint(values * 3).astype(int)
+    confusion = np.array(metrics["test"]["confusion"])
+    assert confusion.shape == (4, 4) and confusion.sum() == 20 and metrics["test"]["log_loss"] is None
+    assert metrics["test"]["accuracy"] == pytest.approx((predicted == truth).mean())
+    assert module.mean_class_error(confusion.tolist()) == pytest.approx(np.abs(predicted - truth).mean())
+    assert module.mean_class_error([[2, 0, 0], [0, 0, 0], [1, 0, 1]]) == pytest.approx(0.5)  # one miss by 2 of 4
+
+
 def test_readme_command_reference_is_each_commands_help():
     """The README's reference is what --help prints now; a stale one fails, naming the command."""
     run_script("command_reference", "--check")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     stale = readme.replace("Rows per HDF5 shard", "Rows per shard", 1)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("command_reference", ROOT / "scripts" / "command_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("command_reference")
     _, current, _ = module.split_readme(stale)
     assert module.differing(current, module.section()) == ["featcache extract"]
 

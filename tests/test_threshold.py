@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from featcache import FeatcacheError
 from featcache.cli import main
-from featcache.evaluate import evaluate, predict_split
+from featcache.evaluate import cross_validate, evaluate, predict_split
 from featcache.heads import FitOptions, fit_head
 from featcache.heads.protocol import choose_threshold, decide
 from featcache.predict import Predictions
@@ -79,6 +79,21 @@ def test_a_head_fitted_with_balanced_accuracy_decides_by_its_threshold_in_every_
     assert fit_head(cache, "logreg", FitOptions(threshold=0.3)).record["threshold"] == {
         "value": 0.3, "chosen_by": "--threshold"}
     assert "threshold" not in FitOptions().to_json()  # heads fitted before the option keep their options
+
+
+def test_cross_validation_folds_decide_by_the_heads_threshold(tmp_path):
+    """Each fold refits the recipe with every choice pinned, the decision threshold too."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    cache = synthetic_cache(tmp_path, per_class=((60, 8), (60, 8), (60, 8)), shape=(8,), separation=1.5)
+    pinned, plain = fit_head(cache, "logreg", FitOptions(threshold=0.05)), fit_head(cache, "logreg", FitOptions())
+    x, labels, paths = cache.read("train")
+    expected = []
+    for train, held_out in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(x, labels, groups=paths):
+        fold = pinned.for_fold().fit(x[train], labels[train], n_classes=2)
+        expected.append(float(((fold.predict_proba(x[held_out])[:, 1] >= 0.05) == labels[held_out]).mean()))
+    assert cross_validate(pinned, cache, 3) == pytest.approx(expected)
+    assert cross_validate(plain, cache, 3) != pytest.approx(expected)
 
 
 @pytest.mark.parametrize("value", [1.5, 0, "youden"])
