@@ -53,7 +53,7 @@ class ExtractOptions:
     preprocess: str = "backbone"  # the backbone's preprocess_input, or the tutorials' 1/255
     weights: str = "imagenet"  # imagenet, none (random init, fixed seed) or a weights file
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # for data without splits
-    task: str = "classification"  # classification, ordinal or regression (targets.TASKS)
+    task: str = "classification"  # classification, ordinal, multilabel or regression (targets.TASKS)
     class_order: tuple[str, ...] | None = None  # ordered classes, first to last (default: natural order)
     label_column: str = "label"  # a CSV's label column (a regression target: a column of numbers)
     shard_size: int = 1024  # rows per HDF5 shard, the unit of resume

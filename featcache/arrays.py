@@ -121,9 +121,9 @@ def materialise(data: ArrayData, workdir: str | Path, fractions: tuple[float, fl
     """The dataset of ``data``: its folder under ``WORKDIR/arrays``, written unless already intact;
     its classes read as ``target`` orders them."""
     check_fractions(fractions)
-    if not target.has_classes:
+    if not target.one_class_each:
         raise FeatcacheError(f"--task {target.task} from arrays is not supported yet: arrays are written as class "
-                             "folders; write the images as files with a CSV of path,label (numbers) instead")
+                             "folders; write the images as files with a CSV of path,label instead")
     entries = data.entries(fractions)
     relpaths = {relpath for relpath, _ in entries}
     digest = hashlib.sha256(json.dumps([FORMAT, sorted(relpaths)]).encode()).hexdigest()

@@ -39,10 +39,10 @@ import h5py
 import numpy as np
 
 from featcache import FeatcacheError, __version__, augment
-from featcache.dataset import Dataset, Sample
+from featcache.dataset import Dataset, Sample, class_indices
 from featcache.files import atomic_write
 from featcache.images import UNREADABLE
-from featcache.targets import CLASSIFICATION, REGRESSION, Target
+from featcache.targets import CLASSIFICATION, MULTILABEL, REGRESSION, Target
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -186,7 +186,8 @@ def _write_rows(target, plan: ShardPlan, provenance: dict, features: np.ndarray,
                 f.create_dataset(name, data=data, chunks=chunks, fletcher32=bool(n))
         if also is not None:
             f.attrs["also_row_key"] = provenance["also_row_key"]
-        f.create_dataset("labels", data=label_array([s.label for s in rows], provenance.get("task")))
+        f.create_dataset("labels", data=label_array([s.label for s in rows], provenance.get("task"),
+                                                    len(provenance.get("classes", ()))))
         f.create_dataset("paths", data=[s.relpath for s in rows], dtype=h5py.string_dtype())
         f.create_dataset("sha256", data=np.array([s.sha256 for s in rows], dtype="S64"))
         f.create_dataset("views", data=np.array([s.view for s in rows], dtype=np.int32))
@@ -473,6 +474,10 @@ class Cache:
     def config(self) -> dict:
         return self.manifest["config"]
 
+    def no_labels(self, rows: int = 0) -> np.ndarray:
+        """``rows`` labels of this cache's kind, all zero: a start to concatenate onto, or a buffer."""
+        return label_array([()] * rows if self.task == MULTILABEL else np.zeros(rows), self.task, len(self.classes))
+
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
@@ -534,14 +539,14 @@ class Cache:
         parts = list(self.iter_batches(split))
         if not parts:
             shape = tuple(self.manifest["feature_shape"])
-            return np.zeros((0, *shape), self.config["dtype"]), label_array([], self.task), []
+            return np.zeros((0, *shape), self.config["dtype"]), self.no_labels(), []
         features, labels, paths = zip(*parts, strict=True)
         return np.concatenate(features), np.concatenate(labels), [p for ps in paths for p in ps]
 
     def row_index(self, split: str) -> tuple[np.ndarray, list[str], np.ndarray]:
         """Labels, relative paths and view indices of a split's rows, in the order of ``read``, without
         reading a feature."""
-        labels, paths = [label_array([], self.task)], []
+        labels, paths = [self.no_labels()], []
         for shard in self.shard_paths(split):
             with self.open_shard(shard) as f:
                 labels.append(f["labels"][:])
@@ -643,10 +648,16 @@ def split_summary(rows: list[Sample], classes: list[str]) -> dict:
         values = np.array([s.label for s in rows], np.float64)
         return {**summary, "values": {"min": float(values.min()), "mean": float(values.mean()),
                                       "max": float(values.max())}}
-    counts = Counter(s.label for s in rows)
+    counts = Counter(i for s in rows for i in class_indices(s.label))
     return {**summary, "class_counts": {c: counts.get(i, 0) for i, c in enumerate(classes)}}
 
 
-def label_array(labels, task: str | None) -> np.ndarray:
-    """Labels as stored: int32 class indices, or float32 numbers for a regression target."""
+def label_array(labels, task: str | None, n_classes: int = 0) -> np.ndarray:
+    """Labels as stored: int32 class indices, float32 numbers for a regression target, or for a
+    multi-label target (rows given as tuples of class indices) an (N, n_classes) int32 row of 0 and 1."""
+    if task == MULTILABEL:
+        rows = np.zeros((len(labels), n_classes), np.int32)
+        for row, indices in enumerate(labels):
+            rows[row, list(indices)] = 1
+        return rows
     return np.array(labels, dtype=np.float32 if task == REGRESSION else np.int32)

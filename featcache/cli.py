@@ -111,8 +111,9 @@ def main(verbose):
               help="train,validation,test fractions for class-folder, CSV and .npz data without splits.")
 @click.option("--task", type=click.Choice(TASKS), default=EXTRACT_DEFAULTS.task, show_default=True,
               help="What a label is: a class; an ordered class (ordinal: every class head, and ridge on the "
-                   "class rank); a number (regression, from a CSV column: ridge and the Keras heads with a "
-                   "linear output). Part of the cache key.")
+                   "class rank); any number of classes (multilabel, from a CSV column listing them separated "
+                   "by ';': the Keras heads, one sigmoid per class); a number (regression, from a CSV column: "
+                   "ridge and the Keras heads with a linear output). Part of the cache key.")
 @click.option("--class-order", callback=parse_names, default=None, metavar="A,B,...",
               help="The classes first to last, for --task ordinal [default: the names' natural order, "
                    "'2' before '10'].")
@@ -349,7 +350,11 @@ def fit_head_command(names, memory_budget, refit, key, workdir, **training):
         done = f"{record['epochs_run']} epochs, {chosen}" if "epochs_run" in record else f"chosen {chosen}"
         if "best_epoch" in record:  # early stopping restored this epoch's weights: the metrics are its
             done += f", weights of epoch {record['best_epoch']}"
-        if (threshold := record.get("threshold")) and threshold["value"] != 0.5:
+        if (threshold := record.get("threshold")) and isinstance(threshold["value"], list):
+            done += ", thresholds " + ", ".join(f"{c} {t:.3g}" for c, t in zip(record["classes"], threshold["value"],
+                                                                              strict=True))
+            done += f" ({threshold['chosen_by']})"
+        elif threshold and threshold["value"] != 0.5:
             done += f", {record['classes'][1]} from p >= {threshold['value']:.3g} ({threshold['chosen_by']})"
         # The saved head's log loss on each split, as compare computes it: the epoch lines above show
         # Keras' loss while training, of the last epoch.
@@ -363,6 +368,9 @@ def split_scores(split: str, metrics: dict) -> str:
     if "rmse" in metrics:
         r2 = "-" if metrics["r2"] is None else f"{metrics['r2']:.3f}"
         return f"{split} RMSE {metrics['rmse']:.4g}, R² {r2}"
+    if "hamming_loss" in metrics:
+        return (f"{split} exact-match accuracy {metrics['accuracy']:.1%}, macro F1 {metrics['macro_f1']:.1%}, "
+                f"micro F1 {metrics['micro_f1']:.1%}")
     return f"{split} accuracy {metrics['accuracy']:.1%}, log loss {metrics['log_loss']:.3f}"
 
 
@@ -379,8 +387,9 @@ def head_dir_of(cache, name: str) -> Path:
               show_default=True)
 @click.option("--select-by", type=click.Choice(list(SELECT_BY)), default=None,
               help="The validation score that names the best head (starred; the report's error gallery is its) "
-                   "[default: accuracy; rmse for a regression target]. class-error: ordered classes only; "
-                   "rmse, mae, r2: regression only.")
+                   "[default: accuracy; macro-f1 for a multi-label target, rmse for a regression one]. "
+                   "class-error: ordered classes only; micro-f1, hamming-loss: multi-label only; rmse, mae, r2: "
+                   "regression only.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNG plots [default: CACHE/plots].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,

@@ -34,7 +34,7 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
     """Every saved head of the cache on validation and test (and ``cv_folds``-fold cross-validation,
     streamed within ``memory_budget`` bytes when the training split would not fit, refused up front
     for heads that cannot stream); the best head by ``select_by`` on validation (report.SELECT_BY;
-    None: accuracy for classes, RMSE for numbers)."""
+    None: accuracy for classes, macro F1 for sets of classes, RMSE for numbers)."""
     select_by = select_by or default_select_by(cache.task)
     check_select_by(select_by, cache.task)
     names = saved_heads(cache)
@@ -59,7 +59,7 @@ def compare(cache: Cache, cv_folds: int | None = None, memory_budget: int | None
             comparison.histories[name] = head.record["history"]
         if "finetune" in head.record:
             comparison.finetune_epochs[name] = head.record["finetune"]["started_at_epoch"]
-        if not final.numbers:
+        if cache.target.one_class_each:
             comparison.confusions[name] = final.metrics(len(cache.classes))["confusion"]
     final = results[comparison.best]
     comparison.best_scores = (final_split, final.labels, final.outputs)
@@ -83,6 +83,14 @@ def _row(head, cache: Cache, validation, test, cv_folds: int | None, memory_budg
                                       for metric in ("mae", "rmse", "r2") for split, both in splits},
                 "cv_rmse": float(np.mean(scores)) if scores else None,
                 "cv_rmse_std": float(np.std(scores)) if scores else None, **timing}
+    if validation.sets:
+        return {"head": head.name, **{f"{split}_{metric}": both and both[metric]
+                                      for metric in ("accuracy", "micro_f1", "macro_f1", "hamming_loss", "log_loss")
+                                      for split, both in (("val", val), ("test", tst))},
+                "cv_accuracy": float(np.mean(scores)) if scores else None,
+                "cv_std": float(np.std(scores)) if scores else None, **timing,
+                "per_class_split": "test" if tst else "validation",
+                "per_class": dict(zip(cache.classes, (tst or val)["per_class"], strict=True))}
     ordered = {f"{split}_mean_class_error": both and both["mean_class_error"]
                for split, both in (("val", val), ("test", tst))} if cache.task == "ordinal" else {}
     return {
@@ -113,6 +121,8 @@ def write_outputs(comparison: Comparison, cache: Cache, plots_dir: Path | None =
         written = {"error by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),
                    "predicted against true": report.plot_predictions(labels, values, comparison.best, split,
                                                                      plots_dir / "predictions.png")}
+    elif cache.task == "multilabel":  # a K x K confusion matrix does not apply; precision-recall per class does
+        written = {"accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png")}
     else:
         written = {
             "accuracy by head": report.plot_comparison(comparison.rows, plots_dir / "comparison.png"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from featcache import FeatcacheError
 from featcache.files import open_regular
 from featcache.images import IMAGE_SUFFIXES
-from featcache.targets import DEFAULT, Target
+from featcache.targets import DEFAULT, MULTILABEL, SEPARATOR, Target
 
 SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
@@ -37,7 +37,7 @@ class Sample:
 
     path: Path
     relpath: str
-    label: int | float  # a class index, or the number of a regression target
+    label: int | float | tuple[int, ...]  # a class index, a regression target's number, or multi-label indices
     split: str
     sha256: str
     view: int = 0
@@ -92,9 +92,11 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
         dataset = _build(data.parent.resolve(), "csv", _read_csv(data, label_column), fractions, target)
         dataset.label_column = label_column
         return dataset
-    if not target.has_classes:
-        raise FeatcacheError(f"--data {data}: --task {target.task} reads a number per image from a CSV column "
-                             "(--label-column) or an .npz; folders name classes, not numbers")
+    if not target.one_class_each:
+        what = "a number" if not target.has_classes else f"classes separated by {SEPARATOR!r}"
+        raise FeatcacheError(f"--data {data}: --task {target.task} reads {what} per image from a CSV column "
+                             "(--label-column); folders name one class per image: write a CSV with columns "
+                             "path,label[,split]")
     if _split_folders(data):
         return _build(data, "split-folders", _scan_split_folders(data), fractions, target)
     return _build(data, "class-folders", _scan_class_folders(data), fractions, target)
@@ -225,8 +227,14 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions, target: Target 
     bad_names = [e[1] for e in entries if not _is_utf8(e[1])]
     rejects += [Reject(_printable(n), "file name is not valid UTF-8; rename the file") for n in bad_names]
     entries = [e for e in entries if _is_utf8(e[1])]
+    if target.task == MULTILABEL:
+        sets = target.label_sets([(rel, label) for _, rel, label, _ in entries], str(root))
+        class_names = {name for text in class_names for name in target.label_sets([(text, text)], str(root))[text]}
     classes = target.classes(class_names, str(root))
-    if target.has_classes:
+    if target.task == MULTILABEL:
+        position = {name: i for i, name in enumerate(classes)}
+        index = {text: tuple(sorted(position[name] for name in names)) for text, names in sets.items()}
+    elif target.has_classes:
         index = {name: i for i, name in enumerate(classes)}
     else:
         index = target.values([(rel, label) for _, rel, label, _ in entries], str(root))
@@ -236,8 +244,8 @@ def _build(root: Path, layout: str, scanned: Scanned, fractions, target: Target 
             readable.append((path, rel, label, split, file_sha256(path)))
         except OSError as exc:  # a symlink loop, a dangling link, no permission: skip and say why
             rejects.append(Reject(rel, f"cannot read ({exc.strerror or exc})"))
-    # classes split class by class; numbers split as one group
-    stratum = (lambda label: label) if target.has_classes else (lambda label: "")
+    # classes split class by class; numbers and sets of classes split as one group
+    stratum = (lambda label: label) if target.one_class_each else (lambda label: "")
     assigned = _assign_splits([(rel, stratum(label)) for _, rel, label, split, _ in readable if split is None],
                               fractions)
     samples = [Sample(path, rel, index[label], split or assigned[rel, stratum(label)], digest)
@@ -294,7 +302,8 @@ def _check_classes(dataset: Dataset) -> None:
             f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head can "
             "learn from one class: add images of a second class (another class folder or CSV label)")
     _warn_no_validation(dataset)
-    counts = {split: Counter(s.label for s in dataset.split(split)) for split in dataset.splits}
+    counts = {split: Counter(i for s in dataset.split(split) for i in class_indices(s.label))
+              for split in dataset.splits}
     missing_train = [c for i, c in enumerate(dataset.classes) if counts.get("train", {}).get(i, 0) == 0]
     if missing_train:
         raise FeatcacheError(
@@ -305,6 +314,11 @@ def _check_classes(dataset: Dataset) -> None:
         absent = [c for i, c in enumerate(dataset.classes) if counts[split].get(i, 0) == 0]
         if absent:
             dataset.warnings.append(f"split {split!r} has no images of class {', '.join(absent)}")
+
+
+def class_indices(label: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The classes of a row's label: its one class, or a multi-label row's classes."""
+    return label if isinstance(label, tuple) else (label,)
 
 
 def _check_values(dataset: Dataset) -> None:

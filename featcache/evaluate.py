@@ -1,6 +1,8 @@
 """Metrics of a fitted head on a cache: accuracy, balanced accuracy, macro F1, log loss, confusion
-matrix and the misclassified images for classes (and the mean class error for ordered classes); MAE,
-RMSE, R² and the worst predicted images for numbers; K-fold cross-validation on the training split."""
+matrix and the misclassified images for classes (and the mean class error for ordered classes); for
+sets of classes (multi-label) exact-match accuracy, micro and macro F1, Hamming loss and per-class
+scores; MAE, RMSE, R² and the worst predicted images for numbers; K-fold cross-validation on the
+training split."""
 
 from __future__ import annotations
 
@@ -13,23 +15,29 @@ import numpy as np
 from featcache import FeatcacheError, streaming
 from featcache.cache import Cache
 from featcache.heads import Head, head_dir, load_head
-from featcache.heads.protocol import choose_threshold, decide
+from featcache.heads.protocol import choose_label_thresholds, choose_threshold, decide
 
 
 @dataclass
 class SplitResult:
-    """A head's predictions on one split, kept with the rows they belong to: (N, K) class probabilities,
-    or for a regression target (N,) predicted numbers."""
+    """A head's predictions on one split, kept with the rows they belong to: (N, K) class probabilities
+    (independent ones for a multi-label target, whose labels are (N, K) rows of 0 and 1), or for a
+    regression target (N,) predicted numbers."""
 
     outputs: np.ndarray
     labels: np.ndarray
     paths: list[str]
     predict_seconds: float
-    threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
+    threshold: float | list[float] | None = None  # a two-class head's decision threshold, or one per class
 
     @property
     def numbers(self) -> bool:
         return self.outputs.ndim == 1
+
+    @property
+    def sets(self) -> bool:
+        """Whether each row has a set of classes (multi-label)."""
+        return self.labels.ndim == 2
 
     @property
     def predicted(self) -> np.ndarray:
@@ -40,6 +48,8 @@ class SplitResult:
         macro F1, per-class scores, log loss and confusion, and the mean class error when they are ordered."""
         if self.numbers:
             return self._value_metrics()
+        if self.sets:
+            return self._set_metrics()
         from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
 
         everything = list(range(n_classes))
@@ -68,12 +78,45 @@ class SplitResult:
                 "r2": float(r2_score(self.labels, self.outputs)) if len(self.labels) > 1 else None,
                 "rows": len(self.labels), "predict_seconds": round(self.predict_seconds, 4)}
 
+    def _set_metrics(self) -> dict:
+        """Multi-label: exact-match accuracy (every class right), micro F1 (over all decisions), macro F1
+        (classes alike), the Hamming loss (share of wrong decisions), per-class scores, and the mean
+        binary cross-entropy as log loss."""
+        from sklearn.metrics import f1_score, hamming_loss, multilabel_confusion_matrix, precision_recall_fscore_support
+
+        predicted = self.predicted
+        precision, recall, f1, support = precision_recall_fscore_support(self.labels, predicted, zero_division=0)
+        p = np.clip(np.asarray(self.outputs, np.float64), 1e-7, 1 - 1e-7)
+        cross_entropy = -(self.labels * np.log(p) + (1 - self.labels) * np.log(1 - p))
+        return {
+            "accuracy": float(np.all(predicted == self.labels, axis=1).mean()),
+            "micro_f1": float(f1_score(self.labels, predicted, average="micro", zero_division=0)),
+            "macro_f1": float(np.mean(f1)),
+            "hamming_loss": float(hamming_loss(self.labels, predicted)),
+            "per_class": [{"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                          for p, r, f, s in zip(precision, recall, f1, support, strict=True)],
+            "log_loss": float(cross_entropy.mean()) if cross_entropy.size else 0.0,
+            "confusion_per_class": multilabel_confusion_matrix(self.labels, predicted).tolist(),  # [[TN FP] [FN TP]]
+            "rows": len(self.labels),
+            "predict_seconds": round(self.predict_seconds, 4),
+        }
+
     def misclassified(self, classes: list[str], worst: int = 24) -> list[dict]:
-        """The wrongly classified rows; for numbers, the ``worst`` rows by absolute error, largest first."""
+        """The wrongly classified rows; for numbers, the ``worst`` rows by absolute error, largest first;
+        for sets of classes, the rows whose set is not exactly right."""
         if self.numbers:
             errors = np.abs(self.outputs - self.labels)
             return [{"relpath": self.paths[i], "true": f"{self.labels[i]:.4g}", "predicted": f"{self.outputs[i]:.4g}",
                      "error": float(errors[i])} for i in np.argsort(-errors, kind="stable")[:worst]]
+        if self.sets:
+            predicted = self.predicted
+
+            def names(row):
+                return ";".join(classes[i] for i in np.flatnonzero(row)) or "(none)"
+
+            wrong = np.flatnonzero(np.any(predicted != self.labels, axis=1))
+            return [{"relpath": self.paths[i], "true": names(self.labels[i]), "predicted": names(predicted[i]),
+                     "probability": float(np.abs(self.outputs[i] - 0.5).min() + 0.5)} for i in wrong]
         wrong = np.flatnonzero(self.predicted != self.labels)
         return [
             {"relpath": self.paths[i], "true": classes[self.labels[i]],
@@ -103,7 +146,14 @@ def predict_split(head: Head, cache: Cache, split: str, batch_size: int = 2048) 
 def decision_threshold(head: Head, cache: Cache, threshold: float | str | None = None) -> dict | None:
     """What decides a two-class head, as ``FitOptions.threshold`` asks: None (the most probable class), a
     pinned threshold, or the one with the best balanced accuracy on validation (``protocol.choose_threshold``),
-    with both scores recorded."""
+    with both scores recorded. A multi-label head always has one per class: pinned, or each chosen for
+    its class's F1 on validation (``protocol.choose_label_thresholds``)."""
+    if cache.task == "multilabel":
+        if threshold is not None:
+            return {"value": [float(threshold)] * len(cache.classes), "chosen_by": "--threshold"}
+        validation = predict_split(head, cache, "validation")
+        return {"value": choose_label_thresholds(validation.labels, validation.outputs),
+                "chosen_by": "F1 of each class on validation"}
     if len(cache.classes) != 2 or threshold is None:
         return None
     if not isinstance(threshold, str):
@@ -161,8 +211,9 @@ def check_cross_validation_fits(cache: Cache, names: list[str], folds: int, budg
 
 def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = None) -> list[float]:
     """Accuracy of each of K stratified folds of the training split (RMSE of K folds for a regression
-    target), refitting the head's recipe (``head.for_fold()``: every choice validation made kept, e.g.
-    C, scaling, the epochs early stopping chose, a two-class head's decision threshold).
+    target; exact-match accuracy of K folds, not stratified, for a multi-label one), refitting the head's
+    recipe (``head.for_fold()``: every choice validation made kept, e.g. C, scaling, the epochs early
+    stopping chose, the decision thresholds).
 
     Folds group rows by source image, so an image and its augmented views are never on both
     sides; held-out folds are scored on original images only. A training split over ``budget``
@@ -173,8 +224,8 @@ def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = No
     labels, paths, views = cache.row_index("train")
     in_memory = budget is None or cross_validation_bytes(cache) <= budget
     x = cache.read("train")[0].astype(np.float32) if in_memory else None
-    numbers = not cache.target.has_classes  # numbers cannot be stratified
-    kind = GroupKFold if numbers else StratifiedGroupKFold
+    numbers = not cache.target.has_classes
+    kind = StratifiedGroupKFold if cache.target.one_class_each else GroupKFold  # numbers and sets: not stratified
     splitter = kind(folds, shuffle=True, random_state=head.options.seed)
     scores = []
     for train, held_out in splitter.split(np.zeros((len(labels), 1)), labels, groups=paths):
@@ -189,9 +240,10 @@ def cross_validate(head: Head, cache: Cache, folds: int, budget: int | None = No
             plan = head.stream_plan(cache, budget)
             fold.fit_streamed(cache, plan, rows=_mask(train, len(labels)))
             held_out_rows = streaming.batches(cache, "train", plan.batch_rows, rows=_mask(held_out, len(labels)))
-            predicted = np.concatenate([np.zeros(0, int), *(fold.predict(x) for x, _ in held_out_rows)])
+            predicted = np.concatenate([cache.no_labels(), *(fold.predict(x) for x, _ in held_out_rows)])
         truth = labels[held_out]
-        scores.append(float(np.sqrt(np.mean((predicted - truth) ** 2)) if numbers else (predicted == truth).mean()))
+        right = (predicted == truth).reshape(len(truth), -1).all(axis=1)  # a multi-label row: every class right
+        scores.append(float(np.sqrt(np.mean((predicted - truth) ** 2)) if numbers else right.mean()))
         gc.collect()  # a fold's model and its pipelines sit in reference cycles: free them before the next
     return scores
 

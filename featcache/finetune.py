@@ -232,6 +232,10 @@ def finetune(
         raise FeatcacheError(f"finetune trains class probabilities with cross-entropy; {head_name} predicts a "
                              "number (a regression, or the rank of ordered classes), which it does not train yet: "
                              "fine-tune a classification head (dense256, logreg, ...)")
+    if head.predicts_sets:
+        raise FeatcacheError(f"finetune trains one class per image (softmax or sigmoid cross-entropy); {head_name} "
+                             "predicts sets of classes (multi-label), which it does not train yet: fit-head's "
+                             "Keras heads learn them on the cache")
     head_layers = head.to_keras(head_cache.feature_shape)  # refuses a head with no Keras form
     if (views_averaged := head_cache.config.get("average_views", "none")) != "none":
         raise FeatcacheError(

@@ -65,6 +65,8 @@ def counts_table(manifest: dict) -> Table:
                                                                for k in ("min", "mean", "max")))
         return table
     ordered = " (ordered first to last)" if manifest.get("task") == "ordinal" else ""
+    if manifest.get("task") == "multilabel":  # an image counts once under each of its classes
+        ordered = " (images with each class; an image can have several or none)"
     table = Table(title=f"rows per split and class{ordered}")
     table.add_column("split")
     for name in manifest["classes"]:

@@ -317,13 +317,18 @@ def _output(cache: Cache, head: Head) -> dict:
                            f"(CSV column {cache.manifest['dataset'].get('label_column', 'label')!r})"},
                 "decision": {"rule": "the value itself"}}
     output = {"name": "probabilities", "shape": [None, len(cache.classes)], "classes": cache.classes}
+    if head.predicts_sets:
+        output["meaning"] = "one independent probability per class (sigmoid); they need not sum to 1"
     if cache.task == "ordinal":
         output["order"] = "classes are listed first to last"
     return {"output": output, "decision": _decision(cache.classes, head.threshold)}
 
 
-def _decision(classes: list[str], threshold: float | None) -> dict:
+def _decision(classes: list[str], threshold: float | list[float] | None) -> dict:
     """How a class is read from the probabilities, as ``predict`` reads it."""
+    if isinstance(threshold, list):
+        return {"rule": "every class whose probability reaches its threshold (maybe none)",
+                "thresholds": dict(zip(classes, threshold, strict=True))}
     if threshold is None:
         return {"rule": "the class of the highest probability"}
     return {"rule": f"{classes[1]} where probabilities[:, 1] >= threshold, else {classes[0]}",

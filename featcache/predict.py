@@ -1,4 +1,5 @@
-"""Class probabilities (or numbers, for a regression target) for new image files, computed exactly as
+"""Class probabilities (or numbers, for a regression target; sets of classes for a multi-label one) for new
+image files, computed exactly as
 the cache and the head were.
 
 Images go through the same decoder and feature model as extraction (``extract.decoded_batches``,
@@ -37,14 +38,25 @@ class Predictions:
     paths: list[Path]
     probabilities: np.ndarray  # (len(paths), len(classes)); (len(paths),) numbers for a regression target
     rejects: list[tuple[Path, str]] = field(default_factory=list)
-    threshold: float | None = None  # a two-class head's decision threshold (protocol.decide)
+    threshold: float | list[float] | None = None  # a two-class head's decision threshold, or one per class
+
+    @property
+    def sets(self) -> bool:
+        """Whether each image gets a set of classes (a multi-label head: one threshold per class)."""
+        return isinstance(self.threshold, list)
 
     def rows(self) -> list[dict]:
         """One dict per image: path, predicted class, its probability, and every class's probability;
-        path and value for a regression target."""
+        path and value for a regression target; path, the predicted classes (those whose probability
+        reaches their threshold, maybe none) and every class's probability for a multi-label one."""
         if not self.classes:
             return [{"path": str(path), "value": float(v)} for path, v in zip(self.paths, self.probabilities,
                                                                                strict=True)]
+        if self.sets:
+            decided = decide(self.probabilities, self.threshold) if len(self.paths) else []
+            return [{"path": str(path), "classes": [c for c, on in zip(self.classes, chosen, strict=True) if on],
+                     "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=True)}}
+                    for path, p, chosen in zip(self.paths, self.probabilities, decided, strict=True)]
         decided = decide(self.probabilities, self.threshold) if len(self.paths) else []
         return [
             {"path": str(path), "class": self.classes[int(k)], "probability": float(p[k]),
@@ -97,13 +109,15 @@ def screen(files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def best_head(cache: Cache) -> str:
-    """The head with the highest validation accuracy (ties: lower log loss), or for numbers the lowest
-    validation RMSE (ties: lower MAE), as compare marks it by default."""
+    """The head with the highest validation accuracy (ties: lower log loss), for numbers the lowest
+    validation RMSE (ties: lower MAE), for sets of classes the highest macro F1: as compare marks it by
+    default."""
     rows = []
     for name in saved_heads(cache):
         metrics = head_info(head_dir(cache, name)).get("metrics", {}).get("validation")
         if metrics:
-            rows.append({"head": name, **{f"val_{k}": metrics.get(k) for k in ("accuracy", "log_loss", "rmse", "mae")}})
+            scores = ("accuracy", "log_loss", "rmse", "mae", "macro_f1", "micro_f1", "hamming_loss")
+            rows.append({"head": name, **{f"val_{k}": metrics.get(k) for k in scores}})
     if not rows:
         raise FeatcacheError(
             f"no heads fitted on cache {cache.key[:16]}; run `featcache fit-head --head dense256` first"
@@ -217,6 +231,8 @@ def format_predictions(predictions: Predictions, fmt: str) -> str:
         return json.dumps(rows, indent=2)
     if not predictions.classes:
         return _format_values(rows, fmt)
+    if predictions.sets:
+        return _format_sets(rows, predictions.classes, fmt)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -251,6 +267,30 @@ def _format_values(rows: list[dict], fmt: str) -> str:
         table.add_column("value", justify="right")
         for row in rows:
             table.add_row(row["path"], f"{row['value']:.4g}")
+        return rich_text(table)
+    raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _format_sets(rows: list[dict], classes: list[str], fmt: str) -> str:
+    """A multi-label head's predicted classes (joined by ';', as the CSV it learnt from) as csv or a table."""
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "classes", *(f"p_{c}" for c in classes)])
+        for row in rows:
+            probabilities = (f"{v:.6f}" for v in row["probabilities"].values())
+            writer.writerow([row["path"], ";".join(row["classes"]), *probabilities])
+        return out.getvalue().rstrip("\n")
+    if fmt == "table":
+        from rich import box
+        from rich.table import Table
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("path", overflow="fold")
+        table.add_column("classes (probability)", overflow="fold")
+        for row in rows:
+            chosen = ", ".join(f"{c} ({row['probabilities'][c]:.1%})" for c in row["classes"]) or "none"
+            table.add_row(row["path"], chosen)
         return rich_text(table)
     raise FeatcacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
 

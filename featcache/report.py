@@ -29,6 +29,10 @@ COLUMNS = (
 )
 # ordered classes add the mean distance between the predicted and the true class (in classes)
 ORDINAL_COLUMNS = (*COLUMNS[:7], "val_mean_class_error", "test_mean_class_error", *COLUMNS[7:])
+# a multi-label target: accuracy is exact match (every class of the image right)
+MULTILABEL_COLUMNS = ("head", "val_accuracy", "test_accuracy", "val_micro_f1", "test_micro_f1", "val_macro_f1",
+                      "test_macro_f1", "val_hamming_loss", "test_hamming_loss", "val_log_loss", "test_log_loss",
+                      "cv_accuracy", "cv_std", "fit_seconds", "predict_seconds", "best")
 # a regression target (numbers)
 VALUE_COLUMNS = ("head", "val_mae", "test_mae", "val_rmse", "test_rmse", "val_r2", "test_r2", "cv_rmse",
                  "cv_rmse_std", "fit_seconds", "predict_seconds", "best")
@@ -37,6 +41,8 @@ SELECT_BY = {
     "accuracy": ("val_accuracy", True, "highest val acc"),
     "balanced-accuracy": ("val_balanced_accuracy", True, "highest val bal acc"),
     "macro-f1": ("val_macro_f1", True, "highest val macro F1"),
+    "micro-f1": ("val_micro_f1", True, "highest val micro F1"),
+    "hamming-loss": ("val_hamming_loss", False, "lowest val Hamming loss"),
     "log-loss": ("val_log_loss", False, "lowest val loss"),
     "class-error": ("val_mean_class_error", False, "lowest val mean class error"),
     "rmse": ("val_rmse", False, "lowest val RMSE"),
@@ -44,11 +50,14 @@ SELECT_BY = {
     "r2": ("val_r2", True, "highest val R²"),
 }
 FOR_NUMBERS = ("rmse", "mae", "r2")  # the criteria of a regression target; the others rank classes
+FOR_SETS = ("accuracy", "macro-f1", "micro-f1", "hamming-loss", "log-loss")  # of a multi-label target
 FORMATS = ("table", "markdown", "json", "csv")
 LABELS = {
     "head": "head", "val_accuracy": "val acc", "test_accuracy": "test acc",
     "val_balanced_accuracy": "val bal acc", "test_balanced_accuracy": "test bal acc",
     "val_macro_f1": "val F1", "test_macro_f1": "test F1",
+    "val_micro_f1": "val micro F1", "test_micro_f1": "test micro F1",
+    "val_hamming_loss": "val Hamming", "test_hamming_loss": "test Hamming",
     "val_log_loss": "val loss", "test_log_loss": "test loss", "cv_accuracy": "cv acc", "cv_std": "cv std",
     "fit_seconds": "fit s", "predict_seconds": "predict s",
     "val_mean_class_error": "val class err", "test_mean_class_error": "test class err",
@@ -74,8 +83,10 @@ def check_select_by(select_by: str, task: str | None = None) -> None:
     """Refuse an unknown criterion, or (given the cache's ``task``) one that does not rank its heads."""
     if task == "regression":
         valid = FOR_NUMBERS
+    elif task == "multilabel":
+        valid = FOR_SETS
     elif task is not None:
-        valid = tuple(name for name in SELECT_BY if name not in FOR_NUMBERS
+        valid = tuple(name for name in SELECT_BY if name not in (*FOR_NUMBERS, "micro-f1", "hamming-loss")
                       and (name != "class-error" or task == "ordinal"))
     else:
         valid = tuple(SELECT_BY)
@@ -85,14 +96,17 @@ def check_select_by(select_by: str, task: str | None = None) -> None:
 
 
 def default_select_by(task: str) -> str:
-    """What names the best head unless asked: accuracy for classes, RMSE for numbers."""
-    return "rmse" if task == "regression" else "accuracy"
+    """What names the best head unless asked: accuracy for classes, RMSE for numbers, macro F1 for sets
+    of classes (exact-match accuracy is harsh, and macro F1 counts a rare class as much as a common one)."""
+    return {"regression": "rmse", "multilabel": "macro-f1"}.get(task, "accuracy")
 
 
 def columns(rows: list[dict]) -> tuple[str, ...]:
-    """The columns of these rows: classes, ordered classes or numbers."""
+    """The columns of these rows: classes, ordered classes, sets of classes or numbers."""
     if any("val_rmse" in row for row in rows):
         return VALUE_COLUMNS
+    if any("val_hamming_loss" in row for row in rows):
+        return MULTILABEL_COLUMNS
     return ORDINAL_COLUMNS if any("val_mean_class_error" in row for row in rows) else COLUMNS
 
 
@@ -359,7 +373,8 @@ def plot_comparison(rows: list[dict], path: Path) -> Path:
     else:
         ax.set_xlim(0, 1)  # accuracy cannot pass 100%; long bars carry their value inside
         ax.xaxis.set_major_formatter(PercentFormatter(xmax=1))
-        ax.set(xlabel="accuracy", title=f"accuracy by head ({STAR} best on validation)")
+        exact = " (exact match: every class of an image right)" if columns(rows) == MULTILABEL_COLUMNS else ""
+        ax.set(xlabel=f"accuracy{exact}", title=f"accuracy by head ({STAR} best on validation)")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2)
     return _save(fig, path)
@@ -393,9 +408,10 @@ def precision_recall(labels, probabilities, classes: list[str]) -> dict[str, dic
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    sets = labels.ndim == 2  # multi-label: each class's own column of 0 and 1
     curves = {}
-    for k in ([1] if len(classes) == 2 else range(len(classes))):
-        positive = labels == k
+    for k in ([1] if len(classes) == 2 and not sets else range(len(classes))):
+        positive = labels[:, k] == 1 if sets else labels == k
         if not positive.any():
             continue  # no such case in the split: no curve to draw
         precision, recall, _ = precision_recall_curve(positive, probabilities[:, k])

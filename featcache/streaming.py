@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.cache import CHUNK_ROWS, Cache, label_array
+from featcache.cache import CHUNK_ROWS, Cache
 from featcache.targets import REGRESSION
 
 KERAS_SHUFFLE_ROWS = 4096  # the shuffle buffer of Keras heads when the budget allows it
@@ -187,7 +187,7 @@ def batches(cache: Cache, split: str, batch_rows: int, buffer_rows: int = 0,
         raise ValueError(f"buffer_rows {buffer_rows} < batch_rows {batch_rows}")
     size = buffer_rows if rng is not None else batch_rows
     buffer = np.empty((size, *cache.feature_shape), cache.config["dtype"])
-    labels = label_array(np.zeros(size), cache.task)
+    labels = cache.no_labels(size)
     filled = 0
 
     def emit(final: bool):
@@ -294,7 +294,8 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
             yield transform(x, views), y
 
     signature = (tf.TensorSpec((None, *cache.feature_shape), tf.float32),
-                 tf.TensorSpec((None,), tf.float32 if cache.task == REGRESSION else tf.int32))
+                 tf.TensorSpec((None, *cache.no_labels().shape[1:]),
+                               tf.float32 if cache.task == REGRESSION else tf.int32))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=signature)
     count = cache.rows(split) if rows is None else int(rows.sum())
     steps = math.ceil(count / batch_size)
@@ -303,7 +304,7 @@ def split_batches(cache: Cache, split: str, batch_size: int, shuffle_seed: int |
 
 def split_labels(cache: Cache, split: str) -> np.ndarray:
     """Every label of a split, in order, without reading features."""
-    parts = [label_array([], cache.task)]
+    parts = [cache.no_labels()]
     for shard in cache.shard_paths(split):
         with cache.open_shard(shard) as f:
             parts.append(f["labels"][:])

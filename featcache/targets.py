@@ -5,6 +5,10 @@
   index per row), in the order given by ``--class-order`` or else the names' natural order
   ("2" before "10"), so every classification head applies and the ``ridge`` head can fit the
   class rank as a number and read it back as the nearest class.
+- ``multilabel``: any number of classes per image (none too), from a CSV column listing them
+  separated by ``;`` (``cat;outdoor``; a row of no class writes ``;`` alone). Stored as a multi-hot
+  row of the classes (sorted by name), fitted with one sigmoid per class, each decided by its own
+  threshold chosen on validation.
 - ``regression``: a number per image, from a CSV column (``--label-column``) or an .npz; stored as
   float32, no classes; heads with a continuous output, metrics MAE, RMSE and R².
 
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 
 from featcache import FeatcacheError
 
-TASKS = ("classification", "ordinal", "regression")
+TASKS = ("classification", "ordinal", "multilabel", "regression")
 CLASSIFICATION = "classification"
+MULTILABEL = "multilabel"
 REGRESSION = "regression"
+SEPARATOR = ";"  # between the classes of a multi-label cell
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,11 @@ class Target:
     @property
     def has_classes(self) -> bool:
         return self.task != REGRESSION
+
+    @property
+    def one_class_each(self) -> bool:
+        """Whether a label is one class (an index per row), as folders give them."""
+        return self.task in (CLASSIFICATION, "ordinal")
 
     def classes(self, names: set[str], where: str) -> tuple[str, ...]:
         """The classes in index order: as ``--class-order`` lists them, else natural order for ordinal
@@ -80,6 +91,24 @@ class Target:
                                  f"number: {', '.join(bad[:3])}{more}; fix those rows or choose another "
                                  "--label-column")
         return numbers
+
+    def label_sets(self, labels: list[tuple[str, str]], where: str) -> dict[str, tuple[str, ...]]:
+        """Multi-label: label text -> its class names, or one line naming the rows (given as (row name,
+        text)) with an empty class between separators (``cat;;dog``)."""
+        sets, bad = {}, []
+        for row, text in labels:
+            names = [name.strip() for name in text.split(SEPARATOR)]
+            if text.strip() == SEPARATOR:  # no class at all, said explicitly
+                names = []
+            if any(not name for name in names):
+                bad.append(f"{row} ({text!r})")
+            sets[text] = tuple(sorted(set(names)))
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise FeatcacheError(f"{where}: --task multilabel reads classes separated by {SEPARATOR!r}; an empty "
+                                 f"class in: {', '.join(bad[:3])}{more}; write each class once (a row of no "
+                                 f"class: {SEPARATOR!r} alone)")
+        return sets
 
     def to_json(self) -> dict:
         return {"task": self.task}

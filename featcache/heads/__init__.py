@@ -35,7 +35,7 @@ __all__ = ["FIT_RECIPE", "HEADS", "OPTIMIZERS", "SCALINGS", "FitOptions", "Head"
 
 
 CLASSES_TASKS = ("classification", "ordinal")
-EVERY_TASK = (*CLASSES_TASKS, "regression")
+EVERY_TASK = (*CLASSES_TASKS, "multilabel", "regression")
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ HEADS = {
     spec.name: spec
     for spec in (
         HeadSpec("dense256", "standardise, Flatten, Dense 256 relu, Dropout 0.5, sigmoid/softmax (Chollet); "
-                 "a linear output for numbers", KerasHead, EVERY_TASK),
-        HeadSpec("dense1024", "standardise, Flatten, Dense 1024 relu, Dropout 0.2, sigmoid/softmax; a linear "
-                 "output for numbers", KerasHead, EVERY_TASK),
+                 "a sigmoid per class for multi-label, a linear output for numbers", KerasHead, EVERY_TASK),
+        HeadSpec("dense1024", "standardise, Flatten, Dense 1024 relu, Dropout 0.2, sigmoid/softmax; a sigmoid "
+                 "per class for multi-label, a linear output for numbers", KerasHead, EVERY_TASK),
         HeadSpec("linear", "global average pooling (on a map), standardise, one Dense (TF MobileNetV2 "
                  "tutorial)", KerasHead, EVERY_TASK),
         HeadSpec("logreg", "logistic regression; scaling and C chosen on validation",
@@ -127,6 +127,10 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
     if not cache.target.has_classes and (options.class_weight or options.threshold is not None):
         raise FeatcacheError(f"--class-weight and --threshold act on classes; cache {cache.key[:16]} has a "
                              "regression target (numbers): leave them out")
+    if cache.task == "multilabel" and (options.class_weight or isinstance(options.threshold, str)):
+        raise FeatcacheError(f"cache {cache.key[:16]} has a multi-label target: each class is decided by its own "
+                             "threshold, chosen for F1 on validation; leave out --class-weight and "
+                             "--threshold balanced-accuracy (a number pins every class's threshold)")
     if cache.target.has_classes and len(cache.classes) < 2:
         raise FeatcacheError(f"cache {cache.key[:16]} has one class ({cache.classes[0]}); no head can learn from "
                              "one class: extract a dataset with images of two classes or more")

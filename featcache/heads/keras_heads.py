@@ -2,7 +2,8 @@
 
 A head is ``reduce`` (Flatten, or global average pooling of a map for ``linear``), the scaling
 (standardisation by default: unpooled VGG16 features reach hundreds, and a first epoch on them has
-a loss near 19), then its layers and a sigmoid (two classes) or softmax output, or for a regression
+a loss near 19), then its layers and a sigmoid (two classes) or softmax output, a sigmoid per class
+for a multi-label target (binary cross-entropy on each), or for a regression
 target (``n_classes=0``) one linear output trained on the mean squared error. With the default
 Adam 1e-3 and early stopping on validation loss it learns from 30 images as from thousands;
 Chollet's recipe is ``--optimizer rmsprop --learning-rate 2e-5 --scaling none``. In memory it
@@ -34,9 +35,10 @@ def reduce_features(name: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, scaling: Scaling | None = None):
+def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, scaling: Scaling | None = None,
+                     multilabel: bool = False):
     """The head alone, on the cached feature shape; sigmoid for two classes, softmax for more, one linear
-    ``value`` for none (a regression target)."""
+    ``value`` for none (a regression target), one sigmoid per class for a ``multilabel`` target."""
     import keras
 
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
@@ -55,8 +57,9 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
     if not n_classes:
         outputs = keras.layers.Dense(1, name="value", dtype="float32")(x)
         return keras.Model(inputs, outputs, name=f"head_{name}")
-    binary = n_classes == 2
-    outputs = keras.layers.Dense(1 if binary else n_classes, activation="sigmoid" if binary else "softmax",
+    binary = n_classes == 2 and not multilabel
+    outputs = keras.layers.Dense(1 if binary else n_classes,
+                                 activation="sigmoid" if binary or multilabel else "softmax",
                                  name="predictions", dtype="float32")(x)  # probabilities in float32 always
     return keras.Model(inputs, outputs, name=f"head_{name}")
 
@@ -129,6 +132,7 @@ class KerasHead(Head):
     def __init__(self, name: str, options, *, model=None):
         super().__init__(name, options)
         self.model = model
+        self.multilabel = False  # set by fitting: labels as rows of 0 and 1, one sigmoid per class
 
     def stream_plan(self, cache, budget):
         from featcache import streaming
@@ -145,8 +149,9 @@ class KerasHead(Head):
         self.record["precision"] = choice.to_json()
         keras.utils.set_random_seed(self.options.seed)  # after the timing, which builds models too
         with precisions.using(choice.precision):
-            model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling)
-        return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate)
+            model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling, self.multilabel)
+        return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate,
+                            one_column=True if self.multilabel else None)  # binary cross-entropy on each class
 
     def _precision(self, feature_shape, n_classes: int, scaling: Scaling) -> precisions.Choice:
         """The requested precision; ``auto`` times a training step of this head in float32 and in the
@@ -154,7 +159,8 @@ class KerasHead(Head):
         batch = self.options.batch_size
 
         def timer(candidates):
-            return precisions.timed_rates(lambda: build_keras_head(self.name, feature_shape, n_classes, scaling),
+            return precisions.timed_rates(lambda: build_keras_head(self.name, feature_shape, n_classes, scaling,
+                                                                   self.multilabel),
                                           feature_shape, candidates, batch=batch, train=True)
 
         shape = "x".join(map(str, feature_shape))
@@ -165,6 +171,7 @@ class KerasHead(Head):
         import tensorflow as tf
 
         x = np.asarray(x, np.float32)
+        self.multilabel = np.ndim(y) == 2
         scaling = Scaling.fit(self._scaling_kind(), reduce_features(self.name, x))
         self.model = self._compiled(x.shape[1:], n_classes, scaling)
         order = np.random.default_rng(self.options.seed).permutation(len(x))
@@ -190,6 +197,7 @@ class KerasHead(Head):
         else:
             scaling = Scaling(kind)
         n_classes = len(cache.classes)
+        self.multilabel = cache.task == "multilabel"
         self.model = self._compiled(cache.feature_shape, n_classes, scaling)
         train = split_batches(cache, "train", self.options.batch_size, self.options.seed, plan.buffer_rows, rows)
         val = split_batches(cache, "validation", plan.batch_rows, None) if rows is None else None
@@ -216,9 +224,10 @@ class KerasHead(Head):
                     if "val_loss" in logs:
                         scores += f", val loss {logs['val_loss']:.4g}, val MAE {logs['val_mae']:.4g} sd"
                 else:
-                    scores = f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}"
+                    per = " per label" if self.multilabel else ""  # the share of right (image, class) decisions
+                    scores = f"loss {logs['loss']:.4f}, accuracy{per} {logs['accuracy']:.1%}"
                     if "val_loss" in logs:
-                        scores += f", val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.1%}"
+                        scores += f", val loss {logs['val_loss']:.4f}, val accuracy{per} {logs['val_accuracy']:.1%}"
                 say(f"{self.name} epoch {epoch + 1}/{options.epochs}: {scores}")
 
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=report))
@@ -233,7 +242,8 @@ class KerasHead(Head):
             self.record["target_scaling"] = {"mean": target.mean, "std": target.std}
         self.record.update(
             history={k: [float(v) for v in values] for k, values in history.history.items()},
-            epochs_run=len(history.history["loss"]), output=OUTPUTS.get(n_classes, "softmax"),
+            epochs_run=len(history.history["loss"]),
+            output="multilabel" if self.multilabel else OUTPUTS.get(n_classes, "softmax"),
             chosen={"scaling": self._scaling_kind()}, **parameter_counts(self.model),
         )
         if options.patience and val is not None:

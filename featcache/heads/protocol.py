@@ -206,13 +206,19 @@ class Head:
         return self.record.get("output") == "value"
 
     @property
-    def threshold(self) -> float | None:
-        """The decision threshold of a two-class head (on the second class's probability), if it has one."""
+    def predicts_sets(self) -> bool:
+        """Whether it was fitted on a multi-label target (one independent probability per class)."""
+        return self.record.get("output") == "multilabel"
+
+    @property
+    def threshold(self) -> float | list[float] | None:
+        """The decision threshold of a two-class head (on the second class's probability), if it has one;
+        a multi-label head's thresholds, one per class."""
         return (self.record.get("threshold") or {}).get("value")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Class indices: the most probable class of each row, or by the head's threshold (two classes);
-        numbers for a regression target."""
+        numbers for a regression target; rows of 0 and 1 (one per class) for a multi-label target."""
         if self.predicts_values:
             return self.predict_values(features)
         return decide(self.predict_proba(features), self.threshold)
@@ -292,10 +298,13 @@ def class_weight_of(labels: np.ndarray, n_classes: int, class_weight: str | None
     return {i: float(len(labels) / (n_classes * max(n, 1))) for i, n in enumerate(counts)}
 
 
-def decide(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+def decide(probabilities: np.ndarray, threshold: float | list[float] | None = None) -> np.ndarray:
     """Class indices: the most probable class; with two classes and a threshold, the second class where its
-    probability reaches the threshold."""
+    probability reaches the threshold. With one threshold per class (multi-label), every class whose
+    probability reaches its threshold: rows of 0 and 1."""
     p = np.asarray(probabilities)
+    if isinstance(threshold, list | tuple | np.ndarray):
+        return (p >= np.asarray(threshold)).astype(np.int32)
     if threshold is not None and p.shape[1] == 2:
         return (p[:, 1] >= threshold).astype(int)
     return p.argmax(axis=1)
@@ -322,6 +331,34 @@ def choose_threshold(labels: np.ndarray, positive: np.ndarray) -> tuple[float, f
     candidates = np.flatnonzero(balanced >= best - 1e-12)
     chosen = candidates[np.argmin(np.abs(middles[candidates] - 0.5))]
     return float(middles[chosen]), best, at_half
+
+
+def choose_label_thresholds(labels: np.ndarray, probabilities: np.ndarray) -> list[float]:
+    """A multi-label head's threshold per class: the one with the best F1 of that class on these rows (0.5
+    when it is as good, or when the class has no positive row; else the middle of the best interval
+    between two rows' scores, nearest 0.5). Rare classes get low thresholds, where 0.5 would never
+    name them."""
+    labels, probabilities = np.asarray(labels, bool), np.asarray(probabilities, np.float64)
+    chosen = []
+    for truth, scores in zip(labels.T, probabilities.T, strict=True):
+        if not truth.any():
+            chosen.append(0.5)
+            continue
+        cuts = np.unique(scores)  # each cut: an interval of identical decisions, (cut below, cut]
+        middles = (np.append(0.0, cuts[:-1]) + cuts) / 2
+        f1 = _f1_where_reached(middles, scores, truth)
+        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        nearest = float(middles[best[np.argmin(np.abs(middles[best] - 0.5))]])
+        chosen.append(0.5 if _f1_where_reached(np.array([0.5]), scores, truth)[0] >= f1.max() - 1e-12 else nearest)
+    return chosen
+
+
+def _f1_where_reached(cuts: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """F1 of predicting the class where score >= cut, for each cut: 2 TP / (predicted + actual)."""
+    ranked, positives = np.sort(scores), np.sort(scores[truth])
+    predicted = len(ranked) - np.searchsorted(ranked, cuts)
+    true_positive = len(positives) - np.searchsorted(positives, cuts)
+    return 2 * true_positive / (predicted + len(positives))
 
 
 def _balanced_accuracy(labels: np.ndarray, predicted_second: np.ndarray) -> float:
