@@ -201,3 +201,11 @@ def test_extract_fit_predict_and_the_export_card_of_a_multilabel_target_from_the
     assert card["task"] == "multilabel" and card["decision"]["thresholds"] == dict(zip(CLASSES, head.threshold,
                                                                                           strict=True))
     assert "hamming" in run("compare", "--format", "json")
+
+
+def test_a_keras_head_learns_sets_streamed_from_the_shards_over_the_memory_budget(tmp_path):
+    sets = sets_cache(tmp_path, rows=(200, 40, 40))
+    head = fit_head(sets, "linear", FitOptions(epochs=10, learning_rate=1e-2), memory_budget=8 * 2**10)
+    assert head.record["memory"]["path"] == "streamed" and head.predicts_sets
+    test = predict_split(head, sets, "test")
+    assert test.predicted.shape == (40, 3) and f1_score(test.labels, test.predicted, average="micro") > 0.8

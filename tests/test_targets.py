@@ -92,7 +92,8 @@ def test_labels_that_are_not_numbers_are_named_in_one_line(tmp_path):
 
 
 def test_numbers_from_folders_or_of_one_value_are_refused_in_one_line(tmp_path):
-    with pytest.raises(FeatcacheError, match="folders name classes, not numbers"):
+    with pytest.raises(FeatcacheError, match="reads a number per image from a CSV column .*; folders name one class "
+                                             "per image: write a CSV"):
         load_dataset(grade_folders(tmp_path / "grades"), target=Target("regression"))
     with pytest.raises(FeatcacheError, match="1 distinct value"):
         load_dataset(regression_csv(tmp_path / "d", [3] * 12), target=Target("regression"), label_column="score")
