@@ -321,12 +321,13 @@ def fit_head(cache: Cache | str | Path | None, name: str, *, workdir: str | Path
 def compare(cache: Cache | str | Path | None = None, *, cv: int | None = None,
             memory_budget: int | str | None = None, workdir: str | Path | None = None,
             plots: str | Path | None = None, report: str | Path | None = None,
-            select_by: str = "accuracy") -> list[dict]:
+            select_by: str | None = None) -> list[dict]:
     """Every head fitted on the cache, as the rows of ``featcache compare --format json``: validation and
     test accuracy, balanced accuracy, macro F1, log loss, times, ``cv`` fold accuracy, per-class
-    precision, recall, F1 and support on test, ``best`` on one row (by ``select_by``: accuracy,
-    balanced-accuracy, macro-f1 or log-loss on validation). With ``plots`` (a folder) or ``report``
-    (an .html path), also the PNG plots and the HTML report."""
+    precision, recall, F1 and support on test, ``best`` on one row (by ``select_by`` on validation, one of
+    ``featcache.report.SELECT_BY`` that fits the target; None: accuracy for classes, macro-f1 for sets
+    of classes, rmse for numbers, as the command). With ``plots`` (a folder) or ``report`` (an .html
+    path), also the PNG plots and the HTML report."""
     import json
 
     from featcache import report as tables
@@ -336,7 +337,8 @@ def compare(cache: Cache | str | Path | None = None, *, cv: int | None = None,
     if cv is not None and (isinstance(cv, bool) or not isinstance(cv, int) or cv < 2):
         raise FeatcacheError(f"compare: cv={cv!r}: give a number of folds, 2 or more, or None")
     cache = resolve_cache(cache, workdir)
-    comparison = compare_heads(cache, cv, _memory_budget(memory_budget), _text("select_by", select_by))
+    select_by = None if select_by is None else _text("select_by", select_by)
+    comparison = compare_heads(cache, cv, _memory_budget(memory_budget), select_by)
     if plots is not None or report is not None:
         write_outputs(comparison, cache, Path(plots) if plots is not None else None,
                       Path(report) if report is not None else None, cv)

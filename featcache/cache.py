@@ -578,12 +578,21 @@ class Cache:
         return (features.reshape(len(labels), -1) if flatten else features), labels, paths
 
     def to_pandas(self, split: str):
-        """A pandas DataFrame of a split: one column per feature (f0, f1, ...), then label, class, path."""
+        """A pandas DataFrame of a split: one column per feature (f0, f1, ...), then label, class, path;
+        for numbers value and path; for sets of classes one 0/1 column per class (has_CLASS), then
+        the classes joined by ';' and path."""
         import pandas as pd
 
         features, labels, paths = self.to_numpy(split)
         columns = [f"f{i}" for i in range(features.shape[1])]
-        rows = pd.DataFrame({"label": labels, "class": [self.classes[i] for i in labels], "path": paths})
+        if self.task == REGRESSION:
+            target = {"value": labels}
+        elif self.task == MULTILABEL:
+            target = {**{f"has_{c}": labels[:, k] for k, c in enumerate(self.classes)},
+                      "classes": [";".join(c for c, on in zip(self.classes, row, strict=True) if on) for row in labels]}
+        else:
+            target = {"label": labels, "class": [self.classes[i] for i in labels]}
+        rows = pd.DataFrame({**target, "path": paths})
         return pd.concat([pd.DataFrame(features, columns=columns), rows], axis=1)
 
     def to_tf_dataset(self, split: str, batch_size: int = 32, shuffle: bool = False, *, seed: int = 0,

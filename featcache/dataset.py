@@ -297,6 +297,9 @@ def _check_classes(dataset: Dataset) -> None:
     """A class without training images is an error; one class only (features are still worth
     extracting, e.g. for scikit-learn's FeatureExtractor, but no head can learn: fit-head refuses it),
     a class absent from a split, or no validation split, a warning."""
+    if not dataset.classes:  # a multi-label column of ';' only
+        raise FeatcacheError(f"--data {dataset.root}: no row names a class (every label is {SEPARATOR!r}, no class); "
+                             "name each image's classes, separated by ';'")
     if len(dataset.classes) < 2:
         dataset.warnings.append(
             f"--data {dataset.root}: only one class ({', '.join(map(repr, dataset.classes))}); no head can "

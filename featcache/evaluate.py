@@ -114,9 +114,13 @@ class SplitResult:
             def names(row):
                 return ";".join(classes[i] for i in np.flatnonzero(row)) or "(none)"
 
+            # a row's surest wrong decision: the probability of a class wrongly named, or one minus that of a
+            # class wrongly left out (a near miss of a threshold scores low, a confident mistake high)
+            sure = np.where(predicted == 1, self.outputs, 1 - self.outputs)
+            confidence = np.where(predicted != self.labels, sure, -np.inf).max(axis=1)
             wrong = np.flatnonzero(np.any(predicted != self.labels, axis=1))
             return [{"relpath": self.paths[i], "true": names(self.labels[i]), "predicted": names(predicted[i]),
-                     "probability": float(np.abs(self.outputs[i] - 0.5).min() + 0.5)} for i in wrong]
+                     "probability": float(confidence[i])} for i in wrong]
         wrong = np.flatnonzero(self.predicted != self.labels)
         return [
             {"relpath": self.paths[i], "true": classes[self.labels[i]],

@@ -416,6 +416,7 @@ def precision_recall(labels, probabilities, classes: list[str]) -> dict[str, dic
             continue  # no such case in the split: no curve to draw
         precision, recall, _ = precision_recall_curve(positive, probabilities[:, k])
         curves[classes[k]] = {"precision": precision, "recall": recall, "support": int(positive.sum()),
+                              "rows": len(labels),
                               "average_precision": float(average_precision_score(positive, probabilities[:, k]))}
     return curves
 
@@ -425,11 +426,10 @@ def plot_precision_recall(curves: dict[str, dict], head: str, split: str, path: 
     in the legend, the class's share of the split as its chance level (dotted)."""
     fig = _figure(figsize=(7, 5))
     ax = fig.subplots()
-    total = sum(c["support"] for c in curves.values()) or 1
     for i, (name, curve) in enumerate(curves.items()):
         ax.step(curve["recall"], curve["precision"], where="post", color=f"C{i}",
                 label=f"{literal(name)} (AP {curve['average_precision']:.2f}, n={curve['support']})")
-        ax.axhline(curve["support"] / total, color=f"C{i}", linestyle=":", linewidth=0.8)
+        ax.axhline(curve["support"] / curve["rows"], color=f"C{i}", linestyle=":", linewidth=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
            title=f"{head} on {split}: precision-recall per class (one vs rest)")
     ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import f1_score, hamming_loss
 
+import featcache
 from featcache import FeatcacheError, cache
 from featcache.compare import compare, write_outputs
 from featcache.dataset import Dataset, Sample, load_dataset
@@ -73,6 +74,8 @@ def test_an_empty_class_between_separators_or_class_folders_are_one_line(tmp_pat
     with pytest.raises(FeatcacheError, match="--task multilabel reads classes separated by ';' per image from a "
                                              "CSV column"):
         load_dataset(tmp_path / "folders", target=Target("multilabel"))
+    with pytest.raises(FeatcacheError, match="no row names a class"):
+        load_dataset(multilabel_csv(tmp_path / "none", [";"] * 6), target=Target("multilabel"), label_column="tags")
 
 
 def test_sets_are_stored_as_rows_of_0_and_1_and_counted_per_class(tmp_path):
@@ -82,6 +85,9 @@ def test_sets_are_stored_as_rows_of_0_and_1_and_counted_per_class(tmp_path):
     counts = sets.manifest["splits"]["train"]["class_counts"]
     assert [counts[c] for c in CLASSES] == y.sum(axis=0).tolist()
     assert sets.row_index("validation")[0].shape == (30, 3)
+    frame = sets.to_pandas("train")
+    assert frame["has_dog"].tolist() == y[:, 1].tolist() and frame["path"].tolist() == paths
+    assert frame["classes"][0] == ";".join(c for c, on in zip(CLASSES, y[0], strict=True) if on)
 
 
 def test_a_threshold_per_class_is_chosen_for_f1_on_validation():
@@ -90,6 +96,26 @@ def test_a_threshold_per_class_is_chosen_for_f1_on_validation():
     # cat: 0.5 finds none, every cut at or under 0.2 finds both and no other: between 0.1 and 0.2
     # dog: 0.5 is already perfect; sky: no positive row, nothing to choose from
     assert choose_label_thresholds(labels, scores) == pytest.approx([0.15, 0.5, 0.5])
+
+
+def test_a_wrong_set_is_as_sure_as_its_surest_wrong_decision_and_training_scores_each_decision():
+    import keras
+
+    from featcache.evaluate import SplitResult
+    from featcache.heads.keras_heads import compile_head
+    from featcache.report import precision_recall
+
+    result = SplitResult(np.array([[0.12, 0.9], [0.05, 0.2]]), np.array([[0, 1], [0, 1]]), ["a", "b"], 0.0,
+                         threshold=[0.1, 0.5])
+    # a: "yes" to the first class by a hair over its 0.1; b: the second class missed at 0.2
+    assert [(m["predicted"], m["probability"]) for m in result.misclassified(["x", "y"])] == [
+        ("x;y", pytest.approx(0.12)), ("(none)", pytest.approx(0.8))]
+    assert precision_recall(result.labels, result.outputs, ["x", "y"])["y"]["rows"] == 2  # chance: support / rows
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(3, activation="sigmoid")])
+    model.layers[0].set_weights([np.zeros((1, 3)), np.log(np.array([0.9, 0.8, 0.3]) / np.array([0.1, 0.2, 0.7]))])
+    compile_head(model, 3, "adam", 1e-3, multilabel=True)
+    accuracy = model.evaluate(np.zeros((1, 1)), np.array([[0, 1, 1]]), verbose=0, return_dict=True)["accuracy"]
+    assert accuracy == pytest.approx(1 / 3)  # two of three decisions wrong; not the most probable column's class
 
 
 def test_keras_heads_learn_sets_and_match_a_scikit_learn_reference(tmp_path):
@@ -128,6 +154,7 @@ def test_compare_ranks_sets_by_macro_f1_and_cross_validates_by_exact_match(tmp_p
     head, _ = fit_and_save(sets, "linear", FitOptions(epochs=30, learning_rate=1e-2))
     comparison = compare(sets, cv_folds=3)
     (row,) = comparison.rows
+    assert featcache.compare(sets)[0]["selected_by"] == "macro-f1"  # the API ranks as the command does
     assert row["selected_by"] == "macro-f1" and row["test_hamming_loss"] == head.record["metrics"]["test"][
         "hamming_loss"]
     assert list(row["per_class"]) == list(CLASSES) and not comparison.confusions

@@ -132,8 +132,9 @@ def fit_head(cache, name: str, options: FitOptions = DEFAULT_OPTIONS, say=lambda
                              "threshold, chosen for F1 on validation; leave out --class-weight and "
                              "--threshold balanced-accuracy (a number pins every class's threshold)")
     if cache.target.has_classes and len(cache.classes) < 2:
-        raise FeatcacheError(f"cache {cache.key[:16]} has one class ({cache.classes[0]}); no head can learn from "
-                             "one class: extract a dataset with images of two classes or more")
+        raise FeatcacheError(f"cache {cache.key[:16]} has one class ({', '.join(cache.classes)}); no head can learn "
+                             "from one class: extract a dataset with images of two classes or more (one class "
+                             "of sets, yes or no, is --task classification with two labels)")
     path, plan = memory_plan(cache, name, options, memory_budget)
     head = build_head(name, options)
     started = time.perf_counter()

@@ -65,11 +65,13 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
 
 
 def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_column: bool | None = None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, multilabel: bool = False):
     """Compiled with cross-entropy: binary on one sigmoid column, sparse categorical on k columns.
 
     ``learning_rate`` is a number or a Keras schedule. With ``label_smoothing`` on k columns the loss
-    is categorical: the labels must come one-hot (``one_hot_labels``)."""
+    is categorical: the labels must come one-hot (``one_hot_labels``). ``multilabel``: binary cross-entropy
+    on each of k sigmoid columns, and the share of right (image, class) decisions as accuracy (Keras'
+    "accuracy" would take the most probable column as one class)."""
     import keras
 
     optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
@@ -77,6 +79,10 @@ def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_colum
     one_column = n_classes == 2 if one_column is None else one_column
     if not n_classes:  # a number: mean squared error, and the mean absolute error to read
         model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss="mse", metrics=["mae"])
+        return model
+    if multilabel:
+        model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss="binary_crossentropy",
+                      metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
         return model
     if not label_smoothing:
         loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
@@ -151,7 +157,7 @@ class KerasHead(Head):
         with precisions.using(choice.precision):
             model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling, self.multilabel)
         return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate,
-                            one_column=True if self.multilabel else None)  # binary cross-entropy on each class
+                            multilabel=self.multilabel)
 
     def _precision(self, feature_shape, n_classes: int, scaling: Scaling) -> precisions.Choice:
         """The requested precision; ``auto`` times a training step of this head in float32 and in the
