@@ -110,9 +110,6 @@ class Target:
                                  f"class: {SEPARATOR!r} alone)")
         return sets
 
-    def to_json(self) -> dict:
-        return {"task": self.task}
-
 
 def natural_key(name: str) -> list:
     """Sort key reading digit runs as numbers: "grade 2" before "grade 10", "0.5" before "1"."""

@@ -38,6 +38,7 @@ MODULES = {
     "export": "featcache/heads/export.py",
     "protocol": "featcache/heads/protocol.py",
     "dataset": "featcache/dataset.py",
+    "targets": "featcache/targets.py",
     "cache": "featcache/cache.py",
     "extract": "featcache/extract.py",
 }

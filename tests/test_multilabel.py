@@ -98,7 +98,7 @@ def test_a_threshold_per_class_is_chosen_for_f1_on_validation():
     assert choose_label_thresholds(labels, scores) == pytest.approx([0.15, 0.5, 0.5])
 
 
-def test_a_wrong_set_is_as_sure_as_its_surest_wrong_decision_and_training_scores_each_decision():
+def test_a_wrong_set_is_as_sure_as_its_surest_wrong_decision_and_a_keras_head_scores_each_decision():
     import keras
 
     from featcache.evaluate import SplitResult
@@ -147,11 +147,11 @@ def test_keras_heads_learn_sets_and_match_a_scikit_learn_reference(tmp_path):
     np.testing.assert_allclose(exported, test.outputs, atol=1e-5)
 
 
-def test_compare_ranks_sets_by_macro_f1_and_cross_validates_by_exact_match(tmp_path):
+def test_compare_ranks_a_linear_heads_sets_by_macro_f1_and_cross_validates_by_exact_match(tmp_path):
     from sklearn.model_selection import GroupKFold
 
     sets = sets_cache(tmp_path, rows=(45, 24, 24))
-    head, _ = fit_and_save(sets, "linear", FitOptions(epochs=30, learning_rate=1e-2))
+    head, _ = fit_and_save(sets, "linear", FitOptions(epochs=12, learning_rate=1e-2))
     comparison = compare(sets, cv_folds=3)
     (row,) = comparison.rows
     assert featcache.compare(sets)[0]["selected_by"] == "macro-f1"  # the API ranks as the command does
@@ -176,7 +176,7 @@ def test_compare_ranks_sets_by_macro_f1_and_cross_validates_by_exact_match(tmp_p
     assert cross_validate(head, sets, 3) == pytest.approx(expected, abs=1e-6)
 
 
-def test_heads_and_options_that_do_not_fit_sets_are_refused(tmp_path):
+def test_heads_and_options_that_do_not_fit_sets_are_refused_and_a_linear_head_pins_every_threshold(tmp_path):
     sets = sets_cache(tmp_path, rows=(12, 6, 6))
     with pytest.raises(FeatcacheError, match="logreg does not learn a multilabel target; heads for multilabel: "
                                              "dense256, dense1024, linear"):
@@ -230,7 +230,7 @@ def test_extract_fit_predict_and_the_export_card_of_a_multilabel_target_from_the
     assert "hamming" in run("compare", "--format", "json")
 
 
-def test_a_keras_head_learns_sets_streamed_from_the_shards_over_the_memory_budget(tmp_path):
+def test_a_linear_head_learns_sets_streamed_from_the_shards_over_the_memory_budget(tmp_path):
     sets = sets_cache(tmp_path, rows=(200, 40, 40))
     head = fit_head(sets, "linear", FitOptions(epochs=10, learning_rate=1e-2), memory_budget=8 * 2**10)
     assert head.record["memory"]["path"] == "streamed" and head.predicts_sets

@@ -49,6 +49,54 @@ def test_a_class_order_that_misses_or_adds_a_class_is_one_line(order, said, tmp_
     assert "\n" not in str(error.value) and "grade 1,grade 2,grade 10" in str(error.value)
 
 
+def test_a_class_order_that_misses_and_adds_classes_names_both_in_one_line():
+    with pytest.raises(FeatcacheError) as error:
+        Target("ordinal", ("a", "x", "y")).classes({"a", "b", "c"}, "data")
+    assert str(error.value) == ("--class-order for data: b, c not in --class-order; x, y in --class-order but not "
+                                "in the data; list exactly the classes found: a,b,c")
+    with pytest.raises(FeatcacheError) as error:
+        Target("ordinal", ("a", "b", "c")).classes({"a", "b"}, "data")
+    assert str(error.value).startswith("--class-order for data: c in --class-order but not in the data; list")
+    with pytest.raises(FeatcacheError) as error:
+        Target("ordinal", ("a",)).classes({"a", "b"}, "data")
+    assert str(error.value) == "--class-order for data: b not in --class-order; list exactly the classes found: a,b"
+
+
+def test_an_unknown_task_or_a_class_listed_twice_is_one_line():
+    with pytest.raises(FeatcacheError, match="^--task 'grades': choose one of classification, ordinal, multilabel, "
+                                             "regression$"):
+        Target("grades")
+    with pytest.raises(FeatcacheError, match="^--class-order a,b,a: a class is listed twice; list each class once$"):
+        Target("ordinal", ("a", "b", "a"))
+    with pytest.raises(FeatcacheError, match="^--class-order orders classes; a regression target has numbers, not "
+                                             "classes: leave --class-order out$"):
+        Target("regression", ("a", "b"))
+
+
+def test_bad_labels_past_the_third_are_counted_not_listed():
+    from featcache.targets import natural_key
+
+    rows = [(f"img{i}.png", text) for i, text in enumerate(["x", "1", "y", "z", "w", "v"])]
+    with pytest.raises(FeatcacheError, match=r"not a finite number: img0.png \('x'\), img2.png \('y'\), img3.png "
+                                             r"\('z'\) and 2 more; fix those rows"):
+        Target("regression").values(rows, "d")
+    with pytest.raises(FeatcacheError, match=r"an empty class in: img0.png \('a;'\), img1.png \(';b'\), img2.png "
+                                             r"\('a;;b'\) and 1 more; write"):
+        Target("multilabel").label_sets([(f"img{i}.png", t) for i, t in enumerate(["a;", ";b", "a;;b", "b;", "a"])],
+                                        "d")
+    assert Target("regression").values(rows[1:2], "d") == {"1": 1.0}
+    with pytest.raises(FeatcacheError) as three:
+        Target("regression").values([rows[0], *rows[2:4]], "d")
+    assert str(three.value) == ("d: --task regression needs a number in every label; not a finite number: "
+                                "img0.png ('x'), img2.png ('y'), img3.png ('z'); fix those rows or choose another "
+                                "--label-column")
+    with pytest.raises(FeatcacheError, match=r"\('z'\) and 1 more; fix"):
+        Target("regression").values(rows[:5], "d")
+    with pytest.raises(FeatcacheError, match=r"\('a;;b'\); write"):
+        Target("multilabel").label_sets([(f"img{i}.png", t) for i, t in enumerate(["a;", ";b", "a;;b"])], "d")
+    assert sorted(["b", "a1", "10", "2", "a"], key=natural_key) == ["2", "10", "a", "a1", "b"]
+
+
 def test_the_task_is_in_the_cache_key_and_a_classification_key_is_unchanged(tmp_path):
     data = grade_folders(tmp_path / "grades")
     config = cache.ExtractionConfig("vgg16", "none", "block5_pool", "none", 32, "squash", "backbone", "float32")
@@ -189,7 +237,7 @@ def test_numbers_are_compared_by_rmse_and_cross_validated_by_fold(tmp_path):
         compare(numbers, select_by="accuracy")
 
 
-def test_regression_heads_predict_and_export_numbers_in_the_targets_units(tmp_path):
+def test_ridge_and_dense256_predict_and_export_numbers_in_the_targets_units(tmp_path):
     numbers, _ = value_cache(tmp_path / "v", offset=100.0, noise=0.5)
     x, y, _ = numbers.read("validation")
     for name, options in (("ridge", FitOptions()), ("dense256", FitOptions(epochs=20))):
