@@ -242,3 +242,20 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector):
     return _skips_fail_in_ci((yield))
+
+
+def cli_in(workdir: Path):
+    """A function running ``featcache ARGS --workdir WORKDIR`` in this process: its stdout, or the test fails
+    with the command's output."""
+    from click.testing import CliRunner
+
+    from featcache.cli import main
+
+    runner = CliRunner()
+
+    def run(*args) -> str:
+        result = runner.invoke(main, [*map(str, args), "--workdir", str(workdir)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    return run

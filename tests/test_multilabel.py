@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.metrics import f1_score, hamming_loss
 
 import featcache
@@ -22,7 +21,7 @@ from featcache.heads import FitOptions, fit_and_save, fit_head, head_dir, heads_
 from featcache.heads.protocol import choose_label_thresholds
 from featcache.predict import Predictions, format_predictions
 from featcache.targets import Target
-from tests.conftest import write_cache, write_image
+from tests.conftest import cli_in, write_cache, write_image
 
 CLASSES = ("cat", "dog", "sky")
 
@@ -199,19 +198,12 @@ def test_predictions_of_sets_name_the_classes_that_reach_their_thresholds():
 
 
 def test_extract_fit_predict_and_the_export_card_of_a_multilabel_target_from_the_command_line(tmp_path):
-    from featcache.cli import main
     from featcache.model import model_card
 
     cells = ["cat;dog", "sky", "cat", "dog;sky", ";", "cat;sky"] * 4
     csv_path = multilabel_csv(tmp_path / "d", cells)
     workdir = tmp_path / "out"
-    runner = CliRunner()
-
-    def run(*args):
-        result = runner.invoke(main, [*map(str, args), "--workdir", str(workdir)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.stdout
-
+    run = cli_in(workdir)
     run("extract", "--data", csv_path, "--task", "multilabel", "--label-column", "tags", "--weights", "none",
         "--image-size", "32", "--dtype", "float32")
     sets = cache.open_cache(workdir)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold
 
@@ -19,7 +18,7 @@ from featcache.heads import FitOptions, fit_and_save, fit_head, head_dir, load_h
 from featcache.heads.ridge import GRID, RidgeHead, soft_round
 from featcache.heads.scaling import Scaling
 from featcache.targets import Target
-from tests.conftest import synthetic_cache, value_cache, write_cache, write_image
+from tests.conftest import cli_in, synthetic_cache, value_cache, write_cache, write_image
 
 
 def grade_folders(root, names=("grade 10", "grade 2", "grade 1"), per_class=4):
@@ -262,18 +261,11 @@ def test_an_ordinal_ridge_exports_its_soft_rounded_probabilities(tmp_path):
 
 
 def test_extract_fit_predict_and_export_a_regression_target_from_the_command_line(tmp_path):
-    from featcache.cli import main
     from featcache.model import model_card
 
     csv_path = regression_csv(tmp_path / "d", [float(i % 5) for i in range(20)])
     workdir = tmp_path / "out"
-    runner = CliRunner()
-
-    def run(*args):
-        result = runner.invoke(main, [*map(str, args), "--workdir", str(workdir)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.stdout
-
+    run = cli_in(workdir)
     run("extract", "--data", csv_path, "--task", "regression", "--label-column", "score", "--weights", "none",
         "--image-size", "32", "--dtype", "float32")
     numbers = cache.open_cache(workdir)
