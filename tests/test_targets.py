@@ -252,6 +252,32 @@ def test_ridge_and_dense256_predict_and_export_numbers_in_the_targets_units(tmp_
         numbers.read("train")[1].mean(), rel=1e-5)
 
 
+def test_svr_chooses_on_validation_and_equals_scikit_learns_svr_at_its_choice(tmp_path):
+    from sklearn.svm import SVR
+
+    from featcache.heads.svr import EPSILON
+
+    numbers, _ = value_cache(tmp_path / "v", rows=(40, 16, 16), offset=50.0, noise=0.3)
+    head, _ = fit_and_save(numbers, "svr")
+    chosen = head.record["chosen"]
+    assert min(head.record["validation_rmse"].values()) == pytest.approx(head.record["metrics"]["validation"]["rmse"])
+    x, y, _ = numbers.read("train")
+    x_test = numbers.read("test")[0]
+    scaling = Scaling.fit(chosen["scaling"], x.reshape(len(x), -1))
+    mean, std = y.astype(np.float64).mean(), y.astype(np.float64).std()
+    reference = SVR(kernel="rbf", gamma=chosen["gamma"], C=chosen["C"], epsilon=EPSILON).fit(
+        scaling.apply(x.reshape(len(x), -1)), (y - mean) / std)
+    expected = reference.predict(scaling.apply(x_test.reshape(len(x_test), -1))) * std + mean
+    np.testing.assert_allclose(head.predict_values(x_test), expected, rtol=1e-5)
+    loaded = load_head(head_dir(numbers, "svr"))
+    np.testing.assert_array_equal(loaded.predict_values(x_test), head.predict_values(x_test))
+    assert loaded.predict(x_test).tolist() == loaded.predict_values(x_test).tolist()
+    with pytest.raises(FeatcacheError, match="^svr: an RBF kernel has no exact Keras layer equivalent"):
+        loaded.to_keras(numbers.feature_shape)
+    (row,) = compare(numbers, cv_folds=3).rows
+    assert row["cv_rmse"] > 0 and row["val_rmse"] == head.record["metrics"]["validation"]["rmse"]
+
+
 def test_an_ordinal_ridge_exports_its_soft_rounded_probabilities(tmp_path):
     ordered = ordered_cache(tmp_path / "o")
     head, _ = fit_and_save(ordered, "ridge")

@@ -29,6 +29,7 @@ from featcache.heads.protocol import (
     read_record,
 )
 from featcache.heads.ridge import RidgeHead
+from featcache.heads.svr import SvrHead
 
 __all__ = ["FIT_RECIPE", "HEADS", "OPTIMIZERS", "SCALINGS", "FitOptions", "Head", "build_head", "check_task",
            "fit_head", "get_spec", "head_dir", "head_info", "heads_for", "load_head", "memory_plan", "saved_heads"]
@@ -66,10 +67,12 @@ HEADS = {
                  RbfSvmHead),
         HeadSpec("ridge", "ridge regression (numbers, or the rank of ordered classes, soft-rounded back); "
                  "scaling and alpha chosen on validation", RidgeHead, ("ordinal", "regression")),
+        HeadSpec("svr", "support vector regression, RBF kernel (numbers); scaling, gamma and C chosen on "
+                 "validation", SvrHead, ("regression",)),
     )
 }
 DEFAULT_OPTIONS = FitOptions()
-KINDS = {cls.kind: cls for cls in (KerasHead, LinearHead, RbfSvmHead, RidgeHead)}
+KINDS = {cls.kind: cls for cls in (KerasHead, LinearHead, RbfSvmHead, RidgeHead, SvrHead)}
 
 
 def heads_for(task: str) -> list[str]:
@@ -104,7 +107,7 @@ def memory_plan(cache, name: str, options: FitOptions, budget: int | None):
         return "in-memory", streaming.in_memory_plan(cache, budget)
     if not head.streams:
         raise FeatcacheError(
-            f"{name} cannot stream (a kernel SVM needs every training row in memory at once: about "
+            f"{name} cannot stream (it needs every training row in memory at once: about "
             f"{streaming.format_size(needed)} for this cache, over --memory-budget "
             f"{streaming.format_size(budget)}); raise --memory-budget, or fit logreg or svm, which stream"
         )
