@@ -77,6 +77,26 @@ def rbf(d2: np.ndarray, gamma: float) -> np.ndarray:
     return np.exp(-gamma * d2.astype(np.float64))
 
 
+def scalings_to_try(options, pinned: dict | None) -> list[str]:
+    """The scalings a kernel head tries: the pinned one, every choice for "auto", else the one asked."""
+    if pinned:
+        return [pinned["scaling"]]
+    return list(CHOICES) if options.scaling == "auto" else [options.scaling]
+
+
+def kernel_matrices(kind: str, x: np.ndarray, validation_x: np.ndarray | None = None, gamma: float | None = None):
+    """(scaling of ``kind`` fitted on x, the scaled rows, and per gamma (gamma, training kernel,
+    validation kernel or None)): GAMMAS relative to the mean squared distance between training rows,
+    or the pinned ``gamma``. One matrix of squared distances serves every gamma."""
+    scaling = Scaling.fit(kind, x)
+    xs = scaling.apply(x)
+    d2 = squared_distances(xs, xs)
+    mean_d2 = max(float(d2.mean()), 1e-12)
+    d2_val = None if validation_x is None else squared_distances(scaling.apply(validation_x), xs)
+    gammas = [gamma] if gamma is not None else [t / mean_d2 for t in GAMMAS]
+    return scaling, xs, ((g, rbf(d2, g), None if d2_val is None else rbf(d2_val, g)) for g in gammas)
+
+
 def decision(kernel_rows: np.ndarray, dual_coef: np.ndarray, intercept: np.ndarray,
              n_support: np.ndarray) -> np.ndarray:
     """scikit-learn's SVC.decision_function (shape "ovr") from libsvm's one-vs-one layout: for
@@ -116,23 +136,15 @@ class RbfSvmHead(Head):
         x = np.asarray(x, np.float32).reshape(len(x), -1)
         y = np.asarray(y)
         pinned = self.choices
-        scalings = [pinned["scaling"]] if pinned else (
-            list(CHOICES) if self.options.scaling == "auto" else [self.options.scaling])
         if validation is None and not pinned:
             raise FeatcacheError(f"{self.name}: choosing scaling, gamma and C needs validation rows")
         weights = class_weight_of(y, n_classes, self.options.class_weight)
         best, best_score, scores = None, None, {}
-        for kind in scalings:
+        for kind in scalings_to_try(self.options, pinned):
             started = time.perf_counter()
-            scaling = Scaling.fit(kind, x)
-            xs = scaling.apply(x)
-            d2 = squared_distances(xs, xs)
-            mean_d2 = max(float(d2.mean()), 1e-12)
-            d2_val = squared_distances(scaling.apply(validation[0]), xs) if validation is not None else None
-            gammas = [pinned["gamma"]] if pinned else [t / mean_d2 for t in GAMMAS]
-            for gamma in gammas:
-                k_train = rbf(d2, gamma)
-                k_val = rbf(d2_val, gamma) if d2_val is not None else None
+            scaling, xs, grid = kernel_matrices(kind, x, None if validation is None else validation[0],
+                                                pinned["gamma"] if pinned else None)
+            for gamma, k_train, k_val in grid:
                 for c in [pinned["C"]] if pinned else CS:
                     svc = SVC(kernel="precomputed", C=c, class_weight=weights).fit(k_train, y)
                     candidate = (kind, gamma, c, scaling, xs, k_train)

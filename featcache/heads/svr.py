@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache import FeatcacheError
-from featcache.heads.kernel import CS, GAMMAS, rbf, squared_distances
+from featcache.heads.kernel import CS, kernel_matrices, rbf, scalings_to_try, squared_distances
 from featcache.heads.protocol import Head
-from featcache.heads.scaling import CHOICES, Scaling
+from featcache.heads.scaling import Scaling
 
 EPSILON = 0.1  # the tube without loss, in standard deviations of the target
 
@@ -70,26 +70,20 @@ class SvrHead(Head):
         pinned = self.choices
         if validation is None and not pinned:
             raise FeatcacheError(f"{self.name}: choosing scaling, gamma and C needs validation rows")
-        scalings = [pinned["scaling"]] if pinned else (
-            list(CHOICES) if self.options.scaling == "auto" else [self.options.scaling])
+        validation_x = None if validation is None else np.asarray(validation[0], np.float32).reshape(
+            len(validation[0]), -1)
         best, scores = None, {}
-        for kind in scalings:
+        for kind in scalings_to_try(self.options, pinned):
             started = time.perf_counter()
-            scaling = Scaling.fit(kind, x)
-            xs = scaling.apply(x)
-            d2 = squared_distances(xs, xs)
-            mean_d2 = max(float(d2.mean()), 1e-12)
-            d2_val = None if validation is None else squared_distances(
-                scaling.apply(np.asarray(validation[0], np.float32).reshape(len(validation[0]), -1)), xs)
-            for gamma in [pinned["gamma"]] if pinned else [t / mean_d2 for t in GAMMAS]:
-                k_train = rbf(d2, gamma)
+            scaling, xs, grid = kernel_matrices(kind, x, validation_x, pinned["gamma"] if pinned else None)
+            for gamma, k_train, k_val in grid:
                 for c in [pinned["C"]] if pinned else CS:
                     svr = SVR(kernel="precomputed", C=c, epsilon=EPSILON).fit(k_train, (y - target[0]) / target[1])
                     model = SvrModel(scaling, xs[svr.support_], np.asarray(svr.dual_coef_[0], np.float64),
                                      float(svr.intercept_[0]), float(gamma), target)
                     rmse = None
-                    if d2_val is not None:
-                        predicted = (rbf(d2_val[:, svr.support_], gamma) @ model.dual_coef + model.intercept)
+                    if k_val is not None:
+                        predicted = k_val[:, svr.support_] @ model.dual_coef + model.intercept
                         rmse = float(np.sqrt(np.mean((predicted * target[1] + target[0] - validation[1]) ** 2)))
                         scores[f"{kind} gamma={gamma:.3g} C={c:g}"] = rmse
                     if best is None or (rmse is not None and rmse < best[1]):
