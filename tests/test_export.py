@@ -34,6 +34,8 @@ def scaled(kind: str) -> tuple[Scaling, np.ndarray]:
         return Scaling(kind, mean, scale), (x - mean) / scale
     if kind == "l2":
         return Scaling(kind), x / np.linalg.norm(x, axis=1, keepdims=True)
+    if kind == "rms":
+        return Scaling(kind, None, np.array([2.5], np.float32)), x / 2.5
     return Scaling(kind), x
 
 
@@ -52,7 +54,7 @@ def reference(link: str, z: np.ndarray, platt: np.ndarray | None) -> np.ndarray:
 CASES = [(link, k) for link in ("softmax", "ovr-sigmoid", "platt") for k in (1, 3)] + [("sigmoid", 1)]
 
 
-@pytest.mark.parametrize("kind", ["standard", "l2", "none"])
+@pytest.mark.parametrize("kind", ["standard", "l2", "none", "rms"])
 @pytest.mark.parametrize(("link", "k"), CASES)
 def test_exported_head_gives_each_links_probabilities_from_its_weights(link, k, kind):
     scaling, x = scaled(kind)

@@ -245,6 +245,24 @@ def test_the_candidate_kept_is_the_best_on_validation_wherever_it_is_in_the_grid
         assert evaluate(head, cache)["validation"]["accuracy"] == pytest.approx(scores[kept])
 
 
+@pytest.mark.parametrize("name", ["dense256", "linear"])
+def test_keras_heads_default_divides_features_by_their_rms(name, tmp_path):
+    """Default options: Adam 1e-3 on features divided by one number (the training rows' root mean square
+    after the head's reduction), early stopping on validation. dense256 learns from 36 training rows;
+    the linear head, at 2 steps per epoch, does not (README, Heads)."""
+    from featcache.heads.keras_heads import reduce_features
+
+    cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), per_class=(12, 6, 6))
+    head = fitted(cache, name, FitOptions())
+    assert head.record["chosen"]["scaling"] == "rms"
+    x, _, _ = cache.read("train")
+    rms = np.sqrt(np.mean(reduce_features(name, x).astype(np.float64) ** 2))
+    assert head.model.get_layer("scaling").scale == pytest.approx(1 / rms, rel=1e-5)
+    if name == "dense256":
+        metrics = evaluate(head, cache)
+        assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
+
+
 def test_keras_head_records_history_and_parameter_counts(tmp_path):
     head = fitted(synthetic_cache(tmp_path), "dense256")
     assert set(head.record["history"]) >= {"loss", "val_loss", "accuracy", "val_accuracy"}
@@ -509,6 +527,29 @@ def test_scalings_without_arrays_keep_their_kind_and_store_nothing(kind):
     np.testing.assert_allclose(scaled, expected, rtol=1e-6)
 
 
+def test_rms_scaling_divides_every_feature_by_their_root_mean_square_in_memory_and_streamed():
+    """One number for all features, so their relative sizes stay (a rare large activation is not
+    blown up to tens of deviations, as standardising does), at unit mean square."""
+    from featcache.heads.scaling import Scaling, streamed_moments
+
+    x = scaling_rows() / 1e3
+    x[:, 0, 0] = 0
+    x[3, 0, 0] = 50.0  # one rare large value
+    flat = x.reshape(30, -1).astype(np.float64)
+    rms = np.sqrt(np.mean(flat**2))
+    batches = [(x[:7], None), (x[7:], None)]
+    for scaling in (Scaling.fit("rms", x.reshape(30, -1)), Scaling.from_moments("rms", *streamed_moments(batches))):
+        assert scaling.kind == "rms" and scaling.mean is None and scaling.scale.dtype == np.float32
+        np.testing.assert_allclose(scaling.scale, [rms], rtol=1e-6)
+        z = scaling.apply(x)
+        np.testing.assert_allclose(z, flat / rms, rtol=1e-5)
+        assert np.mean(z.astype(np.float64) ** 2) == pytest.approx(1, rel=1e-5)
+        back = Scaling.from_arrays("rms", scaling.arrays())
+        assert sorted(scaling.arrays()) == ["scaling_scale"]
+        np.testing.assert_array_equal(back.scale, scaling.scale)
+    assert Scaling.fit("rms", np.zeros((4, 3))).scale[0] == 1.0  # all-zero features are left as they are
+
+
 def test_standard_scaling_round_trips_through_its_arrays():
     from featcache.heads.scaling import Scaling
 
@@ -521,7 +562,7 @@ def test_standard_scaling_round_trips_through_its_arrays():
     np.testing.assert_array_equal(back.scale, scaling.scale)
 
 
-@pytest.mark.parametrize("kind", ["standard", "l2", "none"])
+@pytest.mark.parametrize("kind", ["standard", "l2", "none", "rms"])
 def test_scaling_as_a_keras_layer_computes_what_apply_computes(kind):
     from featcache.heads.scaling import Scaling
 

@@ -66,7 +66,7 @@ def test_default_options_are_adam_1e3_with_early_stopping_and_auto_scaling():
 
 @pytest.mark.parametrize(("option", "change", "message"), [
     ("optimizer", {"optimizer": "adagrad"}, "--optimizer 'adagrad': choose one of adam, rmsprop, sgd"),
-    ("scaling", {"scaling": "minmax"}, "--scaling 'minmax': choose one of auto, standard, l2, none"),
+    ("scaling", {"scaling": "minmax"}, "--scaling 'minmax': choose one of auto, standard, l2, none, rms"),
     ("class_weight", {"class_weight": "weighted"}, "--class-weight 'weighted': choose one of balanced"),
     ("precision", {"precision": "bfloat16"},
      "--precision 'bfloat16': choose one of auto, float32, mixed_bfloat16, mixed_float16"),
@@ -90,7 +90,7 @@ def test_nonpositive_epochs_batch_size_or_learning_rate_are_refused_in_one_line(
 def test_the_smallest_valid_options_and_every_allowed_choice_are_accepted():
     FitOptions(epochs=1, batch_size=1, learning_rate=1e-9)
     for optimizer in ("adam", "rmsprop"):
-        for scaling in ("auto", "standard", "l2", "none"):
+        for scaling in ("auto", "standard", "l2", "none", "rms"):
             for class_weight in (None, "balanced"):
                 FitOptions(optimizer=optimizer, scaling=scaling, class_weight=class_weight)
 

@@ -2,7 +2,7 @@
 
 An exported end-to-end model is loaded with ``keras.saving.load_model(path, safe_mode=True)`` by
 people who have neither featcache nor a reason to trust a custom layer, so it holds built-in Keras
-layers only. A linear head fits that exactly: a standardisation folds into the first Dense layer,
+layers only. A linear head fits that exactly: a standardisation (or one divisor) folds into the first Dense layer,
 an L2 normalisation is ``UnitNormalization``, and each link is a Dense and an activation:
 softmax(z); a sigmoid column as softmax([0, z]); one-vs-rest sigmoids normalised, σ(z_k) / Σ σ(z_j),
 as softmax(log σ(z)) = softmax(-softplus(-z)); Platt's p = σ(-(a s + b)) per score column likewise
@@ -14,18 +14,27 @@ from __future__ import annotations
 import numpy as np
 
 
+def folded(scaling, x, weights: np.ndarray, bias: np.ndarray):
+    """(x, kernel, bias) with the scaling folded into the Dense layer's weights where it is affine
+    (standard, rms), else applied to ``x`` as a layer (l2)."""
+    kernel, bias = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
+    if scaling.kind == "standard":
+        kernel = kernel / scaling.scale[:, None].astype(np.float64)
+        bias = bias - scaling.mean.astype(np.float64) @ kernel
+    elif scaling.kind == "rms":
+        kernel = kernel / float(scaling.scale[0])
+    elif scaling.kind == "l2":
+        x = scaling.keras_layer()(x)
+    return x, kernel, bias
+
+
 def linear_keras_model(model, feature_shape: tuple[int, ...], name: str = "head"):
     """A Keras model from cached features of ``feature_shape`` to the head's (N, k) probabilities."""
     import keras
 
     features = keras.Input(tuple(feature_shape), name="features")
     x = keras.layers.Flatten(name="flatten")(features) if len(feature_shape) > 1 else features
-    kernel, bias = np.asarray(model.weights, np.float64), np.asarray(model.bias, np.float64)
-    if model.scaling.kind == "standard":
-        kernel = kernel / model.scaling.scale[:, None].astype(np.float64)
-        bias = bias - model.scaling.mean.astype(np.float64) @ kernel
-    elif model.scaling.kind == "l2":
-        x = model.scaling.keras_layer()(x)
+    x, kernel, bias = folded(model.scaling, x, model.weights, model.bias)
     if model.link == "platt":
         slope, offset = model.platt
         kernel, bias = kernel * slope, bias * slope + offset  # u = a s + b
@@ -88,12 +97,7 @@ def value_keras_model(scaling, weights: np.ndarray, bias: np.ndarray, feature_sh
 
     features = keras.Input(tuple(feature_shape), name="features")
     x = keras.layers.Flatten(name="flatten")(features) if len(feature_shape) > 1 else features
-    kernel, offset = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
-    if scaling.kind == "standard":
-        kernel = kernel / scaling.scale[:, None].astype(np.float64)
-        offset = offset - scaling.mean.astype(np.float64) @ kernel
-    elif scaling.kind == "l2":
-        x = scaling.keras_layer()(x)
+    x, kernel, offset = folded(scaling, x, weights, bias)
     value = dense(x, kernel, offset, "value")
     if not n_classes:
         return keras.Model(features, value, name=name)

@@ -26,7 +26,7 @@ from featcache.dataset import file_sha256
 from featcache.files import raise_if_out_of_space
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")  # sgd: with momentum 0.9
-SCALINGS = ("auto", "standard", "l2", "none")
+SCALINGS = ("auto", "standard", "l2", "none", "rms")
 CLASS_WEIGHTS = (None, "balanced")
 THRESHOLDS = ("balanced-accuracy",)  # what a two-class head's decision threshold can be chosen by
 # Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
@@ -44,7 +44,7 @@ RECORD_FORMAT = 1
 @dataclass(frozen=True)
 class FitOptions:
     """Training options. The defaults learn from 30 images as from thousands: Adam 1e-3 on
-    standardised features with early stopping. Chollet's recipe is
+    features divided by their root mean square, with early stopping. Chollet's recipe is
     ``FitOptions(optimizer="rmsprop", learning_rate=2e-5, scaling="none", patience=None)``."""
 
     epochs: int = 50
@@ -54,7 +54,7 @@ class FitOptions:
     seed: int = 0
     class_weight: str | None = None  # None or "balanced"
     patience: int | None = 10  # early stopping on validation loss (best weights restored)
-    scaling: str = "auto"  # auto: chosen on validation (linear heads) or standard (Keras heads)
+    scaling: str = "auto"  # auto: chosen on validation (linear heads) or rms (Keras heads)
     precision: str = "auto"  # Keras training: auto (timed once per machine), float32, mixed_bfloat16, ...
     # two classes: None decides by the most probable class (0.5), a number pins the second class's probability
     # from which it is predicted, "balanced-accuracy" chooses that on validation (for imbalanced classes)

@@ -1,9 +1,14 @@
-"""Feature scaling chosen per head: standardise, L2-normalise rows, or leave the features as cached.
+"""Feature scaling chosen per head: standardise, L2-normalise rows, divide by one number, or leave the
+features as cached.
 
 No one choice wins everywhere: standardising 8,192 unpooled VGG16 features weights noise as much
 as signal on small data, where the raw or L2-normalised features (the tutorials' recipe) win;
-pooled features of many images prefer standardising. Linear heads therefore try all three on
-validation ("auto"); every choice folds into plain Keras layers for export.
+pooled features of many images prefer standardising. Linear heads therefore try standard, l2 and
+none on validation ("auto"). ``rms`` divides every feature by one number, the training features' root
+mean square: the raw features' relative sizes (a rare activation stays small, where standardising
+makes it tens of deviations) at the scale Adam's defaults suit, the Keras heads' default. A linear
+head's C grid is relative to the rows' norm, so for it ``rms`` is ``none``. Every choice folds into
+plain Keras layers for export.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHOICES = ("standard", "l2", "none")
+CHOICES = ("standard", "l2", "none")  # what "auto" searches for the linear heads
+KINDS = (*CHOICES, "rms")
 
 
 @dataclass(frozen=True)
 class Scaling:
-    """x -> (x - mean) / scale, or x / ||x||, or x, on flattened float32 rows."""
+    """x -> (x - mean) / scale, or x / ||x||, or x / scale (one number), or x, on flattened float32 rows."""
 
     kind: str
     mean: np.ndarray | None = None
@@ -25,6 +31,8 @@ class Scaling:
 
     @classmethod
     def fit(cls, kind: str, x: np.ndarray) -> Scaling:
+        if kind == "rms":
+            return cls.of_rms(float(np.mean(np.square(x, dtype=np.float64))))
         if kind != "standard":
             return cls(kind)
         mean = x.mean(axis=0, dtype=np.float64)
@@ -34,11 +42,18 @@ class Scaling:
     @classmethod
     def from_moments(cls, kind: str, count: int, total: np.ndarray, squares: np.ndarray) -> Scaling:
         """A standardisation from streamed sums (float64), as ``fit`` computes it in memory."""
+        if kind == "rms":
+            return cls.of_rms(float(np.sum(squares)) / max(count * len(squares), 1))
         if kind != "standard":
             return cls(kind)
         mean = total / max(count, 1)
         std = np.sqrt(np.maximum(squares / max(count, 1) - mean**2, 0))
         return cls(kind, mean.astype(np.float32), np.where(std > 0, std, 1).astype(np.float32))
+
+    @classmethod
+    def of_rms(cls, mean_square: float) -> Scaling:
+        """x / sqrt(mean square) (1 for all-zero features)."""
+        return cls("rms", None, np.array([np.sqrt(mean_square) or 1.0], np.float32))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32).reshape(len(x), -1)
@@ -47,13 +62,20 @@ class Scaling:
         if self.kind == "l2":
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             return x / np.maximum(norms, 1e-12)
+        if self.kind == "rms":
+            return x / self.scale
         return x
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {} if self.mean is None else {"scaling_mean": self.mean, "scaling_scale": self.scale}
+        if self.scale is None:
+            return {}
+        return {"scaling_scale": self.scale} if self.mean is None else {"scaling_mean": self.mean,
+                                                                          "scaling_scale": self.scale}
 
     @classmethod
     def from_arrays(cls, kind: str, arrays) -> Scaling:
+        if kind == "rms":
+            return cls(kind, None, np.asarray(arrays["scaling_scale"]))
         if kind != "standard":
             return cls(kind)
         return cls(kind, np.asarray(arrays["scaling_mean"]), np.asarray(arrays["scaling_scale"]))
@@ -66,6 +88,8 @@ class Scaling:
             return keras.layers.UnitNormalization(axis=-1, name=name)
         if self.kind == "standard":
             return keras.layers.Normalization(axis=-1, mean=self.mean, variance=self.scale**2, name=name)
+        if self.kind == "rms":
+            return keras.layers.Rescaling(1.0 / float(self.scale[0]), name=name)
         return None
 
 

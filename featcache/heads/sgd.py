@@ -55,7 +55,7 @@ def fit_sgd(cache: Cache, name: str, loss: str, scaling_kind: str, cs, options, 
     count, total, squares = streamed_moments(batches(cache, "train", plan.batch_rows, rows=rows))
     scaling = Scaling.from_moments(scaling_kind, count, total, squares)
     mean_square = {"standard": float(np.sum(scaling.scale > 0)) if scaling.scale is not None else 1.0,
-                   "l2": 1.0}.get(scaling_kind, float(squares.sum()) / max(count, 1))
+                   "l2": 1.0, "rms": float(len(squares))}.get(scaling_kind, float(squares.sum()) / max(count, 1))
     cs = cs or [t / max(mean_square, 1e-12) for t in GRID]
     weights = class_weight_of(labels, n_classes, options.class_weight)
     candidates = [
