@@ -303,9 +303,11 @@ class Arrays:
         return self.x[split].reshape(len(self.x[split]), -1)
 
 
-def head_tables(cache, label: str) -> tuple[list[dict], list[dict]]:
+def head_tables(cache, label: str, seeds: tuple[int, ...] = (0,)) -> tuple[list[dict], list[dict]]:
     """(accuracy rows, speed rows) of one cache: every default head and its tutorial recipe, and every
-    default head's fit time against one plain LogisticRegression() timed before and after the heads."""
+    default head's fit time against one plain LogisticRegression() timed before and after the heads.
+    Keras heads train once per seed (their accuracy is the mean; fit seconds are the first seed's):
+    one seed moves elpv's test accuracy by a point or two, as much as the recipes differ."""
     import keras
 
     arrays = Arrays.of(cache)
@@ -314,9 +316,9 @@ def head_tables(cache, label: str) -> tuple[list[dict], list[dict]]:
     accuracy, speed = [], []
     for recipe in tutorial_recipes():
         say(f"{label}: {recipe.head} (default options)")
-        default, head = fit_default(cache, recipe.head, arrays)
+        default, head = fit_default(cache, recipe.head, arrays, seeds)
         say(f"{label}: {recipe.head}, {recipe.name}")
-        tutorial = fit_tutorial(cache, recipe, arrays)
+        tutorial = fit_tutorial(cache, recipe, arrays, seeds)
         better = default["test_accuracy"] >= tutorial["test_accuracy"]
         default.update(at_least_tutorial=better, tutorial_test_accuracy=tutorial["test_accuracy"])
         accuracy += [{"dataset": label, **default}, {"dataset": label, **tutorial}]
@@ -345,17 +347,37 @@ def warm_up(cache, arrays: Arrays) -> None:
     fit_head(cache, "linear", FitOptions(epochs=1, patience=None))
 
 
-def fit_default(cache, name: str, arrays: Arrays):
-    """(row, head): head ``name`` with default FitOptions through featcache.heads.fit_head; its fit
-    seconds as fit_head records them (reading train and validation from the shards included)."""
-    from featcache.heads import fit_head
+def fit_default(cache, name: str, arrays: Arrays, seeds: tuple[int, ...] = (0,)):
+    """(row, head): head ``name`` with default FitOptions (but the seed) through featcache.heads.fit_head;
+    its fit seconds as fit_head records them (reading train and validation from the shards included)."""
+    from featcache.heads import FitOptions, fit_head
 
-    head = fit_head(cache, name)
+    heads = [fit_head(cache, name, FitOptions(seed=seed)) for seed in seeds_of(name, seeds)]
     row = {"head": name, "recipe": "featcache default", "default": True,
-           "fit_seconds": head.record["fit_seconds"], "notes": default_notes(head.record),
-           **{f"{split}_accuracy": float(np.mean(head.predict(arrays.x[split]) == arrays.y[split]))
-              for split in ("validation", "test")}}
-    return row, head
+           "fit_seconds": heads[0].record["fit_seconds"], "notes": default_notes(heads[0].record),
+           **seed_accuracies([{split: head.predict(arrays.x[split]) for split in SCORED} for head in heads],
+                             arrays, seeds_of(name, seeds))}
+    return row, heads[0]
+
+
+SCORED = ("validation", "test")
+
+
+def seeds_of(name: str, seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The seeds a head is trained with: every one for a Keras head, the first for the others (their
+    fit draws no random numbers that change it)."""
+    from featcache.heads import build_head
+
+    return seeds if build_head(name).kind == "keras" else seeds[:1]
+
+
+def seed_accuracies(predictions: list[dict[str, np.ndarray]], arrays: Arrays, seeds: tuple[int, ...]) -> dict:
+    """Validation and test accuracy, the mean over one prediction per seed (and each seed's, with several)."""
+    each = {split: [float(np.mean(p[split] == arrays.y[split])) for p in predictions] for split in SCORED}
+    row = {f"{split}_accuracy": float(np.mean(each[split])) for split in SCORED}
+    if len(predictions) > 1:
+        row.update(seeds=list(seeds), **{f"{split}_accuracy_by_seed": each[split] for split in SCORED})
+    return row
 
 
 def default_notes(record: dict) -> str:
@@ -368,8 +390,9 @@ def default_notes(record: dict) -> str:
     return ", ".join(parts)
 
 
-def fit_tutorial(cache, recipe: Recipe, arrays: Arrays) -> dict:
-    """A tutorial recipe's validation and test accuracy (and fit seconds) on the same arrays."""
+def fit_tutorial(cache, recipe: Recipe, arrays: Arrays, seeds: tuple[int, ...] = (0,)) -> dict:
+    """A tutorial recipe's validation and test accuracy (and fit seconds) on the same arrays, the
+    Keras recipes' a mean over ``seeds``."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -379,9 +402,11 @@ def fit_tutorial(cache, recipe: Recipe, arrays: Arrays) -> dict:
 
     row = {"head": recipe.head, "recipe": recipe.name, "default": False}
     if recipe.options is not None:
-        head = fit_head(cache, recipe.head, recipe.options)
-        predicted = {split: head.predict(arrays.x[split]) for split in ("validation", "test")}
-        row.update(fit_seconds=head.record["fit_seconds"], notes=default_notes(head.record))
+        heads = [fit_head(cache, recipe.head, recipe.options.pinned(seed=seed)) for seed in seeds]
+        row.update(fit_seconds=heads[0].record["fit_seconds"], notes=default_notes(heads[0].record),
+                   **seed_accuracies([{split: head.predict(arrays.x[split]) for split in SCORED} for head in heads],
+                                     arrays, seeds))
+        return row
     else:
         scaler = StandardScaler().fit(arrays.flat("train")) if recipe.standardise else None
         x = {split: scaler.transform(arrays.flat(split)) if scaler else arrays.flat(split)
@@ -393,10 +418,7 @@ def fit_tutorial(cache, recipe: Recipe, arrays: Arrays) -> dict:
             row["fit_seconds"] = time.perf_counter() - started
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         row["notes"] = "" if converged else "did not converge (ConvergenceWarning)"
-        predicted = {split: estimator.predict(x[split]) for split in ("validation", "test")}
-    row.update({f"{split}_accuracy": float(np.mean(predicted[split] == arrays.y[split]))
-                for split in ("validation", "test")})
-    return row
+    return {**row, **seed_accuracies([{split: estimator.predict(x[split]) for split in SCORED}], arrays, seeds[:1])}
 
 
 def plain_logreg_seconds(arrays: Arrays, threads: int | None = None) -> float:
@@ -574,8 +596,10 @@ def heads_markdown(where: dict, caches: list[tuple[str, object]], accuracy: list
         lines[-1:-1] = [f"**featcache changed during the run**: {where['git']} at the end (the heads measured are "
                         "the code imported at the start)."]
     lines += [f"- {label}: {describe(cache)}" for label, cache in caches]
+    seeds = where.get("seeds", [0])
+    several = f", Keras heads and recipes the mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
     lines += ["", "Accuracy: each default head (`fit_head(cache, name)`, default `FitOptions()`) and the tutorial "
-              "recipe on the same features; the last column compares test accuracy.", "",
+              f"recipe on the same features{several}; the last column compares test accuracy.", "",
               "| dataset | head | recipe | val | test | fit s | chosen / notes | default >= tutorial on test |",
               "|---|---|---|---:|---:|---:|---|---|"]
     for row in accuracy:
@@ -584,7 +608,7 @@ def heads_markdown(where: dict, caches: list[tuple[str, object]], accuracy: list
             gap = 100 * (row["test_accuracy"] - row["tutorial_test_accuracy"])
             verdict = f"{'yes' if row['at_least_tutorial'] else '**no**'} ({gap:+.1f} points)"
         lines.append(f"| {row['dataset']} | {row['head']} | {row['recipe']} | {row['validation_accuracy']:.1%} | "
-                     f"{row['test_accuracy']:.1%} | {row['fit_seconds']:.1f} | {row['notes']} | {verdict} |")
+                     f"{row['test_accuracy']:.1%} | {row['fit_seconds']:.1f} | {notes_of(row)} | {verdict} |")
     lines += ["", "Speed: each default head's whole fit (`head.json` fit_seconds: reading train and validation, "
               "the search over scaling, C and gamma, or the whole training) against one "
               "`LogisticRegression()` (default options) on the StandardScaler-standardised train arrays, "
@@ -606,11 +630,19 @@ def heads_markdown(where: dict, caches: list[tuple[str, object]], accuracy: list
     return "\n".join(lines)
 
 
+def notes_of(row: dict) -> str:
+    """The row's notes, and each seed's test accuracy where there were several."""
+    if "test_accuracy_by_seed" not in row:
+        return row["notes"]
+    each = " / ".join(f"{a:.1%}" for a in row["test_accuracy_by_seed"])
+    return ", ".join(part for part in (row["notes"], f"test by seed {each}") if part)
+
+
 def load(averages: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in averages) if averages else "?"
 
 
-def run_head_tables(caches: list[tuple[str, object]]) -> tuple[str, dict]:
+def run_head_tables(caches: list[tuple[str, object]], seeds: tuple[int, ...] = (0,)) -> tuple[str, dict]:
     """(markdown, JSON-ready results) of the heads tables over ``caches``."""
     import featcache.heads  # noqa: F401  (imported now: the code measured is the working tree's at this moment)
 
@@ -618,10 +650,10 @@ def run_head_tables(caches: list[tuple[str, object]]) -> tuple[str, dict]:
     load_at_start, git_at_start = [round(v, 2) for v in os.getloadavg()], git_state()
     for label, cache in caches:
         say(describe(cache))
-        rows, times = head_tables(cache, label)
+        rows, times = head_tables(cache, label, seeds)
         accuracy += rows
         speed += times
-    where = {**context(), "load_average_at_start": load_at_start, "git_at_start": git_at_start}
+    where = {**context(), "load_average_at_start": load_at_start, "git_at_start": git_at_start, "seeds": list(seeds)}
     results = {**where, "caches": {label: {"key": cache.key, "path": str(cache.path), "description": describe(cache)}
                                    for label, cache in caches}, "accuracy": accuracy, "speed": speed}
     return heads_markdown(where, caches, accuracy, speed), results
@@ -704,10 +736,13 @@ def main() -> None:
     heads.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_DIR,
                        help="Folder of the four IDX files (gzipped or not).")
     heads.add_argument("--seed", type=int, default=0, help="Seed of the Fashion-MNIST subset.")
+    heads.add_argument("--seeds", type=lambda text: tuple(int(s) for s in text.split(",")), default=(0,),
+                       help="Seeds the Keras heads and recipes train with, comma separated; their accuracy is "
+                            "the mean (default 0).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.caches or args.cache or args.fashion_mnist:
-        markdown, results = run_head_tables(open_caches(args))
+        markdown, results = run_head_tables(open_caches(args), args.seeds)
         print(markdown)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import synthetic_cache
 
@@ -31,8 +32,8 @@ def bench_heads_module():
 def test_bench_heads_tables_run_on_a_tiny_cache_and_write_json(tmp_path):
     cache = synthetic_cache(tmp_path / "out", classes=("a", "b", "c"), per_class=(20, 8, 8), shape=(2, 2, 8))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, str(BENCH_HEADS), "--caches", f"tiny={cache.path}", "--json",
-                          str(tmp_path / "heads.json")], capture_output=True, text=True, cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, str(BENCH_HEADS), "--caches", f"tiny={cache.path}", "--seeds", "0,1",
+                          "--json", str(tmp_path / "heads.json")], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "bench_heads.py --caches tiny=" in out.stdout and "bf16 flags:" in out.stdout
@@ -41,9 +42,16 @@ def test_bench_heads_tables_run_on_a_tiny_cache_and_write_json(tmp_path):
     results = json.loads((tmp_path / "heads.json").read_text())
     assert [r["head"] for r in results["speed"]] == list(HEADS)
     assert [(r["head"], r["default"]) for r in results["accuracy"]] == [(h, d) for h in HEADS for d in (True, False)]
+    assert results["seeds"] == [0, 1] and "the mean over seeds 0, 1" in out.stdout
     for row in results["accuracy"]:
         assert 0 <= row["test_accuracy"] <= 1 and row["fit_seconds"] > 0
         assert f"| tiny | {row['head']} | {row['recipe']} | " in out.stdout
+        if row["head"] in ("dense256", "linear"):  # Keras: one fit per seed, the mean reported
+            assert row["seeds"] == [0, 1] and len(row["test_accuracy_by_seed"]) == 2
+            assert row["test_accuracy"] == pytest.approx(np.mean(row["test_accuracy_by_seed"]))
+            assert "test by seed " in out.stdout
+        else:
+            assert "seeds" not in row
     for row in results["speed"]:
         assert row["ratio"] == row["head_fit_seconds"] / row["reference_seconds"] > 0
         assert row["one_thread_ratio"] == row["head_fit_seconds"] / row["one_thread_seconds"] > 0
