@@ -575,7 +575,8 @@ class Cache:
         for batch, _, _ in self.iter_batches(split):
             features[filled : filled + len(batch)] = batch
             filled += len(batch)
-        return (features.reshape(len(labels), -1) if flatten else features), labels, paths
+        flat = features.reshape(len(labels), int(np.prod(self.feature_shape)))  # -1 fails on no rows
+        return (flat if flatten else features), labels, paths
 
     def to_pandas(self, split: str):
         """A pandas DataFrame of a split: one column per feature (f0, f1, ...), then label, class, path;
