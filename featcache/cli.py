@@ -476,7 +476,7 @@ def finetune_command(head_name, unfreeze_from, data, split_fractions, key, workd
                             say=err_console.print, recipe=recipe)
     head.record["metrics"] = evaluate(head, prefix)
     folder = head.save(head_dir(prefix, head.name))
-    scores = "; ".join(f"{split} accuracy {m['accuracy']:.1%}" for split, m in head.record["metrics"].items())
+    scores = "; ".join(split_scores(split, m) for split, m in head.record["metrics"].items())
     info = head.record
     console.print(f"{head.name}: {info['epochs_run']} epochs, {info['seconds_per_epoch']:.1f} s each, "
                   f"{info['trainable_params']:,} trainable parameters; {scores} -> {folder}\n"

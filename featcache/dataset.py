@@ -62,6 +62,7 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
     task: str = "classification"  # targets.TASKS
     label_column: str = "label"  # the CSV column the labels came from
+    csv: Path | None = None  # the CSV file read, where there was one: reading the data again reads it
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -90,7 +91,7 @@ def load_dataset(data: str | Path, fractions: tuple[float, float, float] = DEFAU
             raise FeatcacheError(f"--data {data}: a file must be a CSV with columns path,label[,split] "
                                  "or an .npz with arrays images and labels")
         dataset = _build(data.parent.resolve(), "csv", _read_csv(data, label_column), fractions, target)
-        dataset.label_column = label_column
+        dataset.label_column, dataset.csv = label_column, data.resolve()
         return dataset
     if not target.one_class_each:
         what = "a number" if not target.has_classes else f"classes separated by {SEPARATOR!r}"

@@ -39,6 +39,7 @@ from featcache.heads.keras_heads import compile_head, one_hot_labels, parameter_
 from featcache.heads.protocol import class_weight_of
 from featcache.model import backbone_model, cache_config, cache_weights, preprocessing_layer
 from featcache.streaming import errors_from_tf, split_batches, split_labels
+from featcache.targets import CLASSIFICATION
 
 DEFAULTS = FitOptions(epochs=30, batch_size=20, learning_rate=1e-5, optimizer="rmsprop", seed=0, patience=5)
 WHOLE = "all"  # --unfreeze-from all: every layer of the base trains, on a pixel cache
@@ -194,7 +195,7 @@ def prefix_cache(
     """The cache of the frozen prefix's output for exactly the head cache's images (extracted once, or
     copied from the head cache's also-layer)."""
     config = cache_config(head_cache)
-    root = data or Path(head_cache.manifest["dataset"]["root"])
+    root = data or data_of(head_cache)
     label_column = head_cache.manifest["dataset"].get("label_column", "label")
     dataset = load_dataset(root, fractions, target=head_cache.target, label_column=label_column)
     if cache_key(config, dataset) != head_cache.key:
@@ -228,10 +229,13 @@ def finetune(
     keras.utils.set_random_seed(options.seed)  # the head's and the base's layers draw their seeds when built
     head = load_head(head_dir(head_cache, head_name))
     head.check_cache(head_cache)
-    if head.predicts_values or head.kind == "ridge":
-        raise FeatcacheError(f"finetune trains class probabilities with cross-entropy; {head_name} predicts a "
-                             "number (a regression, or the rank of ordered classes), which it does not train yet: "
-                             "fine-tune a classification head (dense256, logreg, ...)")
+    if head.predicts_values and head.kind != "keras" or head.kind == "ridge":
+        raise FeatcacheError(f"finetune trains a Keras head's layers; {head_name} is a {head.kind} head on numbers "
+                             "(a regression, or the rank of ordered classes): fit dense256 or linear on a cache "
+                             "extracted with --task regression and fine-tune that")
+    if head.predicts_values and (options.class_weight or recipe.label_smoothing):
+        raise FeatcacheError(f"--class-weight and --label-smoothing act on classes; {head_name} predicts numbers "
+                             "(trained on their mean squared error): leave them out")
     if head.predicts_sets:
         raise FeatcacheError(f"finetune trains one class per image (softmax or sigmoid cross-entropy); {head_name} "
                              "predicts sets of classes (multi-label), which it does not train yet: fit-head's "
@@ -277,7 +281,7 @@ def finetune(
     epochs_run = len(history["loss"])
     info = {
         "name": f"{head.name}-finetuned", "kind": "keras", "cache_key": prefix.key,
-        "classes": prefix.classes, "feature_shape": list(prefix.feature_shape),
+        "classes": prefix.classes, "feature_shape": list(prefix.feature_shape), "output": head.record.get("output"),
         "options": options.to_json(), "seed": options.seed, "precision": choice.to_json(),
         "finetune": {
             "from_head": head.name, "from_cache": head_cache.key, "requested": unfreeze_from,
@@ -321,8 +325,10 @@ def train_stages(model, cut: Cut, prefix: Cache, options: FitOptions, recipe: Re
                      recipe.label_smoothing)
 
         def report(epoch, logs, stage=stage, epochs=epochs):
-            say(f"{stage} epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.1%}, "
-                f"val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.1%}")
+            score = "mae" if "mae" in logs else "accuracy"  # a number's mean absolute error, in its units
+            shown = ".4g" if score == "mae" else ".1%"
+            say(f"{stage} epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f}, {score} {logs[score]:{shown}}, "
+                f"val loss {logs['val_loss']:.4f}, val {score} {logs['val_' + score]:{shown}}")
 
         callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=report)]
         if options.patience:
@@ -404,11 +410,25 @@ def extract_command(head_cache: Cache, base: Path, data: Path | None = None,
     options = {"--backbone": config["backbone"], "--weights": str(base), "--layer": config.get("layer"),
                "--pooling": config["pooling"], "--image-size": config["image_size"],
                "--resize": config["resize"], "--preprocess": config["preprocess"], "--dtype": config["dtype"],
-               "--data": str(data or head_cache.manifest["dataset"]["root"])}
+               "--data": str(data or data_of(head_cache))}
+    target, label_column = head_cache.target, head_cache.manifest["dataset"].get("label_column", "label")
+    if target.task != CLASSIFICATION:
+        options["--task"] = target.task
+    if target.task == "ordinal":
+        options["--class-order"] = ",".join(head_cache.classes)
+    if label_column != "label":
+        options["--label-column"] = label_column
     if fractions != DEFAULT_FRACTIONS:
         options["--split-fractions"] = ",".join(map(str, fractions))
     return "featcache extract " + " ".join(f"{option} {shlex.quote(str(value))}" for option, value in options.items()
                                            if value is not None)
+
+
+def data_of(cache: Cache) -> Path:
+    """What the cache was extracted from: its CSV file where it had one (its folder would read as class
+    folders), else its folder."""
+    dataset = cache.manifest["dataset"]
+    return Path(dataset.get("csv") or dataset["root"])
 
 
 def cache_with_head(workdir: Path, head_name: str) -> Cache:

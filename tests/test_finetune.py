@@ -151,7 +151,12 @@ def test_finetune_command_end_to_end_then_predict_and_compare(tmp_path):
            *fast)
     exported = keras.saving.load_model(tmp_path / "ft.keras", safe_mode=True)
     pixels = np.stack([load_image(data / p, 32) for p in relpaths]).astype(np.float32)
-    np.testing.assert_allclose(exported.predict(pixels, verbose=0), predictions.probabilities, atol=1e-5)
+    # the export computes in float32 (the top block trained in bfloat16): the head's own function in float32
+    from featcache.precision import model_in
+
+    in_float32 = model_in(head.model, "float32").predict(x.astype(np.float32), verbose=0)
+    np.testing.assert_allclose(exported.predict(pixels, verbose=0), in_float32, atol=1e-5)
+    np.testing.assert_allclose(in_float32, predictions.probabilities, atol=2e-2)  # bfloat16's 8-bit mantissa
 
 
 def test_finetune_refuses_a_head_with_no_keras_form_and_changed_data(tmp_path):
@@ -180,3 +185,50 @@ def test_finetune_on_an_augmented_cache_caches_and_trains_on_the_augmented_prefi
     assert prefix.manifest["splits"]["train"]["rows"] == 3 * 6 == len(prefix.views("train"))
     assert sorted(set(prefix.views("train"))) == [0, 1, 2] and set(prefix.views("test")) == {0}
     assert head.record["finetune"]["prefix_layer"] == "block4_pool"
+
+
+def test_finetune_trains_a_dense256_regression_head_on_its_numbers_and_refuses_what_acts_on_classes(tmp_path):
+    """The paper's regression output: a dense256 head on numbers, fine-tuned with the top block on their
+    mean squared error; the result predicts numbers everywhere (evaluate, predict, compare)."""
+    from featcache.cache import open_cache
+    from tests.conftest import cli_in
+    from tests.test_targets import regression_csv
+
+    csv_path = regression_csv(tmp_path / "d", [float(i % 5) for i in range(20)])
+    workdir = tmp_path / "out"
+    run = cli_in(workdir)
+    run("extract", "--data", csv_path, "--task", "regression", "--label-column", "score", "--weights", "none",
+        "--image-size", "32")
+    run("fit-head", "--head", "dense256", "--epochs", "2")
+    run("fit-head", "--head", "ridge")
+    numbers = open_cache(workdir)
+    finetune = ["finetune", "--head", "dense256", "--unfreeze-from", "block5_conv1", "--epochs", "2",
+                "--patience", "0", "--cache", numbers.key[:16], "--workdir", str(workdir)]
+    for refused, said in ((["--class-weight", "balanced"], "--class-weight and --label-smoothing act on classes"),
+                          (["--label-smoothing", "0.1"], "--class-weight and --label-smoothing act on classes")):
+        result = CliRunner().invoke(main, [*finetune, *refused])
+        assert result.exit_code == 1 and said in result.output and result.output.count("\n") == 1
+    ridge = CliRunner().invoke(main, [*finetune[:2], "ridge", *finetune[3:]])
+    assert ridge.exit_code == 1 and "ridge is a ridge head on numbers" in ridge.output
+
+    result = CliRunner().invoke(main, finetune)
+    assert result.exit_code == 0, result.output
+    assert "finetune epoch 2/2: loss" in result.stderr and ", mae " in result.stderr and "val mae" in result.stderr
+    assert "test RMSE" in result.stdout
+    prefix = open_cache(workdir, result.stdout.split("--cache ")[1][:16])
+    head = load_head(head_dir(prefix, "dense256-finetuned"))
+    assert head.predicts_values and head.record["output"] == "value"
+    x, values, _ = prefix.read("test")
+    assert values.dtype == np.float32 and head.predict(x).shape == (len(x),)
+    assert head.record["metrics"]["test"]["rmse"] == pytest.approx(
+        float(np.sqrt(np.mean((head.predict_values(x) - values) ** 2))), rel=1e-4)
+    rows = json.loads(run("predict", tmp_path / "d" / "img03.png", "--head", "dense256-finetuned", "--format",
+                          "json"))
+    assert set(rows[0]) == {"path", "value"}
+    compared = json.loads(run("compare", "--cache", prefix.key[:16], "--format", "json"))
+    assert compared[0]["head"] == "dense256-finetuned" and "test_rmse" in compared[0]
+    # a whole-network fine-tune's base is cached by an extract of the same CSV, column and task
+    from featcache.finetune import extract_command
+
+    command = extract_command(numbers, tmp_path / "base.weights.h5")
+    assert f"--data {csv_path.resolve()} --task regression --label-column score" in command

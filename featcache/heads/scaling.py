@@ -88,8 +88,8 @@ class Scaling:
             return keras.layers.UnitNormalization(axis=-1, name=name)
         if self.kind == "standard":
             return keras.layers.Normalization(axis=-1, mean=self.mean, variance=self.scale**2, name=name)
-        if self.kind == "rms":
-            return keras.layers.Rescaling(1.0 / float(self.scale[0]), name=name)
+        if self.kind == "rms":  # in float32 always: under a bfloat16 policy the divisor itself would round
+            return keras.layers.Rescaling(1.0 / float(self.scale[0]), name=name, dtype="float32")
         return None
 
 
