@@ -36,6 +36,9 @@ def test_caches_are_listed_oldest_first_by_completion_then_creation(two_caches):
     assert [m["key"] for m in list_caches(workdir)] == [newer.key, older.key]
     (workdir / "not-a-cache").mkdir()  # a folder without a manifest is not listed
     assert len(list_caches(workdir)) == 2
+    undated = synthetic_cache(workdir, seed=2, per_class=(2, 1, 1))  # neither time recorded: listed first
+    write_manifest(undated.path, {k: v for k, v in undated.manifest.items() if k not in ("created", "completed")})
+    assert [m["key"] for m in list_caches(workdir)] == [undated.key, newer.key, older.key]
 
 
 def test_open_cache_takes_the_newest_complete_cache_when_none_is_current(two_caches):
@@ -91,6 +94,10 @@ def test_a_folder_without_a_manifest_or_with_an_interrupted_one_is_refused(two_c
     restamp(older, status="interrupted")
     with pytest.raises(FeatcacheError, match="incomplete .* run the same `featcache extract` again"):
         Cache(older.path)
+    write_manifest(older.path, {**older.manifest, "status": "complete", "format": 0})
+    with pytest.raises(FeatcacheError) as foreign:
+        Cache(older.path)
+    assert str(foreign.value).startswith(f"{older.path / 'manifest.json'}: cache format 0, not 1")
 
 
 @pytest.fixture
@@ -118,6 +125,17 @@ def test_every_reader_gives_the_rows_of_read_in_the_same_order(viewed):
     np.testing.assert_array_equal(maps, x)
 
 
+def test_shards_written_before_augmented_views_existed_read_as_originals(viewed):
+    import h5py
+
+    for shard in viewed.shard_paths("validation"):
+        with h5py.File(shard, "a") as f:  # as written then: no views, and no checksum of the rows
+            del f["views"]
+            del f.attrs["rows_sha256"]
+    views = viewed.views("validation")
+    assert views.tolist() == [0] * 6 and views.dtype == np.int32
+
+
 def test_batches_stop_at_each_shards_end_and_hold_at_most_batch_size_rows(viewed):
     batches = list(viewed.iter_batches("train", batch_size=3))
     assert [len(b[0]) for b in batches] == [3, 1, 3, 1, 3, 1, 3, 1, 2]  # shards of 4, 4, 4, 4, 2 rows
@@ -142,7 +160,7 @@ def test_an_empty_split_reads_as_no_rows_of_the_stored_shape_and_dtype(viewed):
     emptied = Cache(viewed.path)
     x, y, paths = emptied.read("test")
     assert x.shape == (0, 2, 2, 8) and x.dtype == np.float32 and y.shape == (0,) and y.dtype == np.int32
-    assert paths == [] and emptied.views("test").shape == (0,)
+    assert paths == [] and emptied.views("test").shape == (0,) and emptied.views("test").dtype == np.int32
     flat, labels, _ = emptied.to_numpy("test")
     assert flat.shape == (0, 32) and labels.shape == (0,)
 

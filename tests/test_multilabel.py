@@ -86,7 +86,8 @@ def test_sets_are_stored_as_rows_of_0_and_1_and_counted_per_class(tmp_path):
     assert sets.row_index("validation")[0].shape == (30, 3)
     frame = sets.to_pandas("train")
     assert frame["has_dog"].tolist() == y[:, 1].tolist() and frame["path"].tolist() == paths
-    assert frame["classes"][0] == ";".join(c for c, on in zip(CLASSES, y[0], strict=True) if on)
+    assert frame["classes"].tolist() == [";".join(c for c, on in zip(CLASSES, row, strict=True) if on) for row in y]
+    assert (y.sum(axis=1) >= 2).any() and (y.sum(axis=1) == 0).any()  # sets of two or more, and empty ones
 
 
 def test_a_threshold_per_class_is_chosen_for_f1_on_validation():
