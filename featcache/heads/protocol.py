@@ -32,9 +32,9 @@ THRESHOLDS = ("balanced-accuracy",)  # what a two-class head's decision threshol
 # Raised when fitting changes what a head learns from the same options (2: svm/svm-rbf calibrate on
 # shuffled folds; 3: heads stored as data only, scaling chosen on validation, linear heads fitted in
 # the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input;
-# 4: svm fitted by libsvm on the Gram matrix, its intercept unpenalised).
-# fit-head keeps an already fitted head only when it was made by this recipe.
-FIT_RECIPE = 4
+# 4: svm fitted by libsvm on the Gram matrix, its intercept unpenalised; 5: Keras heads divide their
+# input by its root mean square). fit-head keeps an already fitted head only when it was made by this recipe.
+FIT_RECIPE = 5
 RECORD = "head.json"
 # head.json's layout (1: kind, files with their sha256, options with scaling; heads before it stored
 # model_file and a pickle, and are refitted). Raise it when the meaning of a stored field changes.
