@@ -281,7 +281,7 @@ class LinearHead(Head):
             warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear's iteration cap is on purpose
             # raw features take the solver the most iterations: started first, they end with the other two
             for path in as_completed([pool.submit(search, kind)
-                                      for kind in sorted(scalings, key=lambda kind: kind != "none")]):
+                                      for kind in sorted(scalings, key=lambda kind: kind not in ("rms", "none"))]):
                 kind, scores[kind], seconds = path.result()
                 say(f"{self.name} {kind}: val accuracy " + ", ".join(f"{v:.1%}" for v in scores[kind].values())
                     + f" ({seconds:.1f} s)")

