@@ -264,7 +264,7 @@ def training_options(defaults):
                           "predict and export; balanced-accuracy: the best on validation (for imbalanced "
                           "classes)  [default: 0.5, the most probable class]"),
         click.option("--scaling", type=click.Choice(SCALINGS), default=defaults.scaling, show_default=True,
-                     help="Feature scaling: auto chooses standard, l2 or none on validation (linear heads; "
+                     help="Feature scaling: auto chooses standard, l2 or rms on validation (linear heads; "
                           "rms, one divisor for all features, for Keras heads); Chollet's recipe is --scaling "
                           "none --optimizer rmsprop --learning-rate 2e-5."),
     ]
