@@ -550,6 +550,17 @@ def test_rms_scaling_divides_every_feature_by_their_root_mean_square_in_memory_a
     assert Scaling.fit("rms", np.zeros((4, 3))).scale[0] == 1.0  # all-zero features are left as they are
 
 
+def test_rms_scaling_layer_computes_in_float32_under_a_bfloat16_policy():
+    """bfloat16 keeps 8 bits of mantissa: the divisor itself would round by up to 0.4%."""
+    from featcache import precision
+    from featcache.heads.scaling import Scaling
+
+    with precision.using("mixed_bfloat16"):
+        layer = Scaling("rms", None, np.array([3.0], np.float32)).keras_layer()
+    assert layer.compute_dtype == "float32"
+    np.testing.assert_allclose(np.asarray(layer(np.array([[1.0, 2.0]], np.float32))), [[1 / 3, 2 / 3]], rtol=1e-7)
+
+
 def test_standard_scaling_round_trips_through_its_arrays():
     from featcache.heads.scaling import Scaling
 
