@@ -407,17 +407,16 @@ def fit_tutorial(cache, recipe: Recipe, arrays: Arrays, seeds: tuple[int, ...] =
                    **seed_accuracies([{split: head.predict(arrays.x[split]) for split in SCORED} for head in heads],
                                      arrays, seeds))
         return row
-    else:
-        scaler = StandardScaler().fit(arrays.flat("train")) if recipe.standardise else None
-        x = {split: scaler.transform(arrays.flat(split)) if scaler else arrays.flat(split)
-             for split in ("train", "validation", "test")}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            started = time.perf_counter()
-            estimator = recipe.estimator().fit(x["train"], arrays.y["train"])
-            row["fit_seconds"] = time.perf_counter() - started
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        row["notes"] = "" if converged else "did not converge (ConvergenceWarning)"
+    scaler = StandardScaler().fit(arrays.flat("train")) if recipe.standardise else None
+    x = {split: scaler.transform(arrays.flat(split)) if scaler else arrays.flat(split)
+         for split in ("train", "validation", "test")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        started = time.perf_counter()
+        estimator = recipe.estimator().fit(x["train"], arrays.y["train"])
+        row["fit_seconds"] = time.perf_counter() - started
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    row["notes"] = "" if converged else "did not converge (ConvergenceWarning)"
     return {**row, **seed_accuracies([{split: estimator.predict(x[split]) for split in SCORED}], arrays, seeds[:1])}
 
 
