@@ -26,6 +26,9 @@ from featcache.heads.protocol import Head, class_weight_of, two_columns
 from featcache.heads.scaling import Scaling, streamed_moments
 
 ARCHITECTURES = {"dense256": (256, 0.5), "dense1024": (1024, 0.2), "linear": None}
+# Training steps per call into TensorFlow: a head's step is small enough that returning to Python after
+# each one was most of an epoch (Fashion-MNIST's 2,400 x 512 rows: 0.46 s an epoch, 0.15 s at 32).
+STEPS_PER_EXECUTION = 32
 OUTPUTS = {0: "value", 2: "sigmoid"}  # by the number of classes; softmax for more
 
 
@@ -67,32 +70,32 @@ def build_keras_head(name: str, feature_shape: tuple[int, ...], n_classes: int, 
 
 
 def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_column: bool | None = None,
-                 label_smoothing: float = 0.0, multilabel: bool = False):
+                 label_smoothing: float = 0.0, multilabel: bool = False, steps_per_execution: int = 1):
     """Compiled with cross-entropy: binary on one sigmoid column, sparse categorical on k columns.
 
     ``learning_rate`` is a number or a Keras schedule. With ``label_smoothing`` on k columns the loss
     is categorical: the labels must come one-hot (``one_hot_labels``). ``multilabel``: binary cross-entropy
     on each of k sigmoid columns, and the share of right (image, class) decisions as accuracy (Keras'
-    "accuracy" would take the most probable column as one class)."""
+    "accuracy" would take the most probable column as one class). ``steps_per_execution`` runs that many
+    training steps per call into TensorFlow (the same steps, fewer returns to Python)."""
     import keras
 
     optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
                   "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9)}
     one_column = n_classes == 2 if one_column is None else one_column
+    metrics = ["accuracy"]
     if not n_classes:  # a number: mean squared error, and the mean absolute error to read
-        model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss="mse", metrics=["mae"])
-        return model
-    if multilabel:
-        model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss="binary_crossentropy",
-                      metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
-        return model
-    if not label_smoothing:
+        loss, metrics = "mse", ["mae"]
+    elif multilabel:
+        loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(name="accuracy")]
+    elif not label_smoothing:
         loss = "binary_crossentropy" if one_column else "sparse_categorical_crossentropy"
     elif one_column:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=metrics,
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -159,7 +162,7 @@ class KerasHead(Head):
         with precisions.using(choice.precision):
             model = build_keras_head(self.name, tuple(feature_shape), n_classes, scaling, self.multilabel)
         return compile_head(model, n_classes, self.options.optimizer, self.options.learning_rate,
-                            multilabel=self.multilabel)
+                            multilabel=self.multilabel, steps_per_execution=STEPS_PER_EXECUTION)
 
     def _precision(self, feature_shape, n_classes: int, scaling: Scaling) -> precisions.Choice:
         """The requested precision; ``auto`` times a training step of this head in float32 and in the
