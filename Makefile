@@ -33,7 +33,7 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check featcache tests scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check featcache tests scripts
