@@ -322,3 +322,22 @@ def test_a_prefix_stored_as_an_also_layer_is_found_by_its_row_key(tmp_path):
     assert len(got) == 2
     np.testing.assert_array_equal(got[0], main[1])
     np.testing.assert_array_equal(got[1], prefix[1])
+
+
+@pytest.mark.parametrize("damage", ["features", "rows"])
+def test_rows_in_a_damaged_shard_are_dropped_to_be_computed_and_the_shard_is_named(tmp_path, damage):
+    """drop_damaged verifies only the shards the asked rows come from; a flipped bit in the features, or a
+    label changed behind the rows checksum, drops every row of that shard and names it."""
+    v1, _, c1, _ = two_versions(tmp_path)  # 4 training rows in shards of 3: train-00000 (3), train-00001 (1)
+    first, second = sorted(c1.path.glob("train-*.h5"))
+    if damage == "features":
+        flip_bits(first)
+    else:
+        with h5py.File(first, "r+") as f:
+            f["labels"][0] = 1 - f["labels"][0]
+    source = cache.RowSource(tmp_path, (c1.manifest["row_key"],))
+    shas = [s.sha256 for s in v1.samples]
+    assert source.drop_damaged(shas[3:]) == []  # only the whole second shard was asked for
+    assert source.drop_damaged(shas) == [first]
+    assert [sha in source for sha in shas] == [False, False, False, True]
+    assert source.drop_damaged(shas) == []  # forgotten: not verified again

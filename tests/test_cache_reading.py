@@ -181,3 +181,29 @@ def test_to_pandas_of_numbers_has_their_value(tmp_path):
     assert list(frame.columns)[-2:] == ["value", "path"] and "label" not in frame
     np.testing.assert_allclose(frame["value"].to_numpy(), values)
     assert frame["path"].tolist() == paths
+
+
+def test_to_tf_dataset_streams_the_rows_of_to_numpy_in_batches_shuffled_by_its_seed(viewed):
+    x, y, _ = viewed.to_numpy("train")
+    batches = list(viewed.to_tf_dataset("train", batch_size=5).as_numpy_iterator())
+    assert [len(b[0]) for b in batches] == [5, 5, 5, 3] and batches[0][0].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), x)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), y)
+    maps = np.concatenate([b[0] for b in viewed.to_tf_dataset("train", 4, flatten=False).as_numpy_iterator()])
+    np.testing.assert_array_equal(maps, viewed.read("train")[0])
+
+    def shuffled(seed):
+        return np.concatenate([b[1] for b in viewed.to_tf_dataset("train", 18, True, seed=seed).as_numpy_iterator()])
+
+    assert sorted(shuffled(0).tolist()) == sorted(y.tolist()) and not np.array_equal(shuffled(0), y)
+    np.testing.assert_array_equal(shuffled(0), shuffled(0))
+    assert not np.array_equal(shuffled(0), shuffled(1))
+
+
+@pytest.mark.parametrize("batch_size", [0, True, 2.5, "8"])
+def test_to_tf_dataset_refuses_a_batch_size_that_is_not_a_whole_number_of_rows(viewed, batch_size):
+    with pytest.raises(FeatcacheError, match=re.escape(f"batch_size {batch_size!r}: give a whole number of rows, "
+                                                       "1 or more")):
+        viewed.to_tf_dataset("train", batch_size=batch_size)
+    with pytest.raises(FeatcacheError, match="has no 'holdout' split; it has train, validation, test"):
+        viewed.to_tf_dataset("holdout")
