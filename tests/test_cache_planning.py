@@ -341,3 +341,19 @@ def test_rows_in_a_damaged_shard_are_dropped_to_be_computed_and_the_shard_is_nam
     assert source.drop_damaged(shas) == [first]
     assert [sha in source for sha in shas] == [False, False, False, True]
     assert source.drop_damaged(shas) == []  # forgotten: not verified again
+
+
+def test_a_flipped_bit_in_an_also_layer_drops_its_shards_rows(tmp_path):
+    data = dataset((2, 0, 0), root=tmp_path)
+    plan = cache.plan_shards(data, 8)[0]
+    (tmp_path / "c1").mkdir()
+    shard = tmp_path / "c1" / plan.name
+    provenance = {"key": "k", "row_key": "main", "also_row_key": "prefix", "config": {"also_layer": "block4"},
+                  "classes": ["a", "b"]}
+    cache.write_shard(shard, plan, provenance, np.ones((2, 2), np.float32), list(plan.samples), {},
+                      also=np.zeros((2, 64), np.float32))
+    cache.write_manifest(tmp_path / "c1", {"row_key": "main", "also_layer": {"row_key": "prefix"}})
+    flip_bits(shard, "layers/block4")
+    source = cache.RowSource(tmp_path, ("main", "prefix"))
+    assert source.drop_damaged([s.sha256 for s in data.samples]) == [shard]
+    assert not any(s.sha256 in source for s in data.samples)

@@ -198,6 +198,14 @@ def test_to_tf_dataset_streams_the_rows_of_to_numpy_in_batches_shuffled_by_its_s
     assert sorted(shuffled(0).tolist()) == sorted(y.tolist()) and not np.array_equal(shuffled(0), y)
     np.testing.assert_array_equal(shuffled(0), shuffled(0))
     assert not np.array_equal(shuffled(0), shuffled(1))
+    unseeded = viewed.to_tf_dataset("train", 18, shuffle=True)  # seed 0 unless given
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in unseeded.as_numpy_iterator()]), shuffled(0))
+    assert [len(b[1]) for b in viewed.to_tf_dataset("train", 1).as_numpy_iterator()] == [1] * 18
+
+
+def test_to_tf_dataset_batches_32_rows_unless_told(tmp_path):
+    many = synthetic_cache(tmp_path, per_class=(20, 2, 2), shard_size=64)
+    assert [len(b[1]) for b in many.to_tf_dataset("train").as_numpy_iterator()] == [32, 8]
 
 
 @pytest.mark.parametrize("batch_size", [0, True, 2.5, "8"])

@@ -42,6 +42,8 @@ def test_row_and_cache_keys_are_pinned_so_existing_caches_keep_their_keys():
     assert CONFIG.row_key() == sha256_json(CONFIG.identity())
     assert CONFIG.row_key() == "fe520547939b24cb77bcb97dd8f655b6ebe2013b659fad40530a2a539cef1426"
     assert cache.cache_key(CONFIG, dataset()) == "e7fbc7f2ddf32d193b5fd8a4db3fdd09aaddae72937b5be8a84cd140670da1ff"
+    numbers = dataset(task="regression", classes=())  # a target that is not classes is part of the key
+    assert cache.cache_key(CONFIG, numbers) == "3f35c090c73c3ed462ac9aca2d216d27561ac61837ab5ba18274ed22f202d1c9"
 
 
 def test_identity_leaves_out_options_at_their_later_added_defaults_only():
@@ -94,8 +96,8 @@ def test_a_layers_config_is_its_unpooled_output_and_the_pixel_layer_is_the_exact
     at = dataclasses.replace(CONFIG, pooling="avg", also_layer="block4_pool", augment=2, seed=3).at_layer("block4_pool")
     assert (at.layer, at.pooling, at.also_layer, at.augment, at.seed, at.dtype) == ("block4_pool", "none", None, 2, 3,
                                                                                     "float16")
-    pixels = dataclasses.replace(CONFIG, precision="mixed_bfloat16", augment=2, seed=3, average_views="d4",
-                                 also_layer="block4_pool").at_layer(cache.PIXELS)
+    pixels = dataclasses.replace(CONFIG, pooling="avg", precision="mixed_bfloat16", augment=2, seed=3,
+                                 average_views="d4", also_layer="block4_pool").at_layer(cache.PIXELS)
     assert pixels == dataclasses.replace(CONFIG, layer=cache.PIXELS, pooling="none", dtype="uint8",
                                          precision="float32")
     also = dataclasses.replace(CONFIG, also_layer="block4_pool")
@@ -199,7 +201,7 @@ def manifest(**changes) -> dict:
 def test_a_manifest_round_trips_and_a_missing_or_torn_one_reads_as_none(tmp_path):
     cache.write_manifest(tmp_path, manifest())
     assert cache.read_manifest(tmp_path) == manifest()
-    assert json.loads((tmp_path / cache.MANIFEST).read_text()) == manifest()
+    assert (tmp_path / cache.MANIFEST).read_text() == json.dumps(manifest(), indent=2)  # for people to read
     assert [p.name for p in tmp_path.iterdir()] == [cache.MANIFEST]
     assert cache.read_manifest(tmp_path / "elsewhere") is None
     (tmp_path / cache.MANIFEST).write_text('{"format": 1, "key"')
