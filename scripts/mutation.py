@@ -5,6 +5,7 @@
     python scripts/mutation.py --score scaling  # the score of the last run, without running
     python scripts/mutation.py scaling --survivors  # after adding tests: retest only last run's survivors
     python scripts/mutation.py cache --functions plan_shards,shard_is_intact,RowSource.*  # a part of a module
+    python scripts/mutation.py cache --whole    # the whole module from every run of it and of its parts
 
 Not in CI (minutes per module on two cores). mutmut is configured in pyproject.toml's [tool.mutmut]:
 which files it may mutate and the fast tests it runs (no Keras training); it first runs them once to
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import subprocess
 import sys
@@ -99,12 +101,28 @@ def merged(earlier: dict[str, str], now: dict[str, str], retested: list[str]) ->
 def verdicts_file(module: str, functions: tuple[str, ...] | None = None) -> Path:
     """Where a module's (or its functions') last verdicts are kept, beside mutmut's working copy."""
     part = "-" + "-".join(functions).replace("*", "all").replace(".", "_") if functions else ""
+    if len(part) > 160:  # a file name has at most 255 bytes: a long list of functions goes by its hash
+        part = "-" + hashlib.sha256(part.encode()).hexdigest()[:16]
     return ROOT / "mutants" / f"verdicts-{module}{part}.json"
 
 
 def kept_verdicts(module: str, functions: tuple[str, ...] | None = None) -> dict[str, str] | None:
     path = verdicts_file(module, functions)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def whole_module_verdicts(module: str, folder: Path | None = None) -> dict[str, str]:
+    """Every kept verdict of a module's mutants, from its whole runs and the runs of its parts
+    (``--functions``), a later file's verdict replacing an earlier one (a part retested after tests were
+    added) except by "not checked" (a run stopped before it reached the mutant)."""
+    folder = folder or ROOT / "mutants"
+    files = [*folder.glob(f"verdicts-{module}.json"), *folder.glob(f"verdicts-{module}-*.json")]
+    whole: dict[str, str] = {}
+    for path in sorted(files, key=lambda path: path.stat().st_mtime):
+        for name, status in json.loads(path.read_text()).items():
+            if status != "not checked" or name not in whole:
+                whole[name] = status
+    return whole
 
 
 def summary(module: str, counts: Counter) -> str:
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="retest only the mutants that survived the last run (tests were added since)")
     parser.add_argument("--functions", type=lambda text: tuple(text.split(",")),
                         help="mutate only these functions of the module, comma separated (Class.method, * allowed)")
+    parser.add_argument("--whole", action="store_true",
+                        help="score the whole module from every kept verdict of its runs and its parts' runs, "
+                             "running nothing")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
     if args.list:
@@ -140,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.module is None:
         parser.error(f"name a module: {', '.join(MODULES)} (or --list)")
+    if args.whole:
+        print(summary(args.module, Counter(whole_module_verdicts(args.module).values())))
+        return 0
     earlier, names = None, None
     if args.survivors and not args.score:
         earlier = kept_verdicts(args.module, args.functions) or statuses(results(), args.module, args.functions)

@@ -82,3 +82,29 @@ def test_score_counts_one_modules_mutants_by_status():
     assert counts == {"killed": 2, "survived": 1, "timeout": 1}
     assert "killed 2/4 =  50.0%" in script.summary("scaling", counts)
     assert list(script.statuses(results, "export")) == ["featcache.heads.export.x_dense__mutmut_1"]
+
+
+def test_verdicts_of_a_long_list_of_functions_go_by_its_hash_under_the_file_name_limit():
+    mutation = load_script()
+    short = mutation.verdicts_file("cache", ("plan_shards", "RowSource.*"))
+    assert short.name == "verdicts-cache-plan_shards-RowSource_all.json"
+    many = tuple(f"Cache.function_number_{i}" for i in range(20))
+    long = mutation.verdicts_file("cache", many)
+    assert len(long.name) < 64 and long.name.startswith("verdicts-cache-") and long.parent == short.parent
+    assert long != mutation.verdicts_file("cache", many[:-1]) and long == mutation.verdicts_file("cache", many)
+
+
+def test_the_whole_module_score_takes_each_mutants_latest_verdict_from_every_run(tmp_path):
+    import json
+    import os
+
+    mutation = load_script()
+    runs = {"verdicts-cache.json": {"a": "survived", "b": "killed", "c": "not checked", "d": "no tests"},
+            "verdicts-cache-reading.json": {"a": "killed", "d": "not checked"},  # a part, retested later
+            "verdicts-cache-planning.json": {"c": "survived"},
+            "verdicts-dataset.json": {"x": "survived"}}  # another module's
+    for age, (name, verdicts) in enumerate(runs.items()):
+        (tmp_path / name).write_text(json.dumps(verdicts))
+        os.utime(tmp_path / name, (1000 + age, 1000 + age))
+    assert mutation.whole_module_verdicts("cache", tmp_path) == {"a": "killed", "b": "killed", "c": "survived",
+                                                                  "d": "no tests"}
