@@ -194,8 +194,13 @@ def test_cross_validation_keeps_views_with_their_source_image(split_data, tmp_pa
 @pytest.mark.parametrize("budget", [None, 200_000], ids=["in-memory", "streamed"])
 def test_keras_heads_train_on_every_view(budget, split_data, tmp_path, monkeypatch):
     """Each epoch feeds the model every training row, the augmented views included, in memory and
-    streamed: the rows that reach keras' fit are counted, and each one is an original image or a view."""
+    streamed: the rows that reach keras' fit are counted, and each one is an original image or a view
+    (as often as the epoch's passes: a split of fewer than 20 batches is repeated to 20 steps or more)."""
+    from collections import Counter
+
     import keras
+
+    from featcache.heads.keras_heads import MIN_STEPS_PER_EPOCH
 
     c = run_extract(split_data, tmp_path / "out", augment=2).cache
     assert c.rows("train") == 3 * TRAIN_IMAGES
@@ -212,7 +217,9 @@ def test_keras_heads_train_on_every_view(budget, split_data, tmp_path, monkeypat
     head = fit_head(c, "linear", FitOptions(epochs=1, batch_size=8), memory_budget=budget)
     assert head.record["epochs_run"] == 1
     assert head.record["memory"]["path"] == ("streamed" if budget else "in-memory")
-    assert len(seen) == c.rows("train") and set(seen) == known
+    passes = -(-MIN_STEPS_PER_EPOCH // -(-c.rows("train") // 8))
+    assert passes > 1 and set(seen) == known
+    assert len(seen) == passes * c.rows("train") and set(Counter(seen).values()) == {passes}
 
 
 def test_caches_written_before_views_existed_still_read_and_stay_complete(split_data, tmp_path, monkeypatch):

@@ -245,11 +245,26 @@ def test_the_candidate_kept_is_the_best_on_validation_wherever_it_is_in_the_grid
         assert evaluate(head, cache)["validation"]["accuracy"] == pytest.approx(scores[kept])
 
 
+def test_an_epoch_of_a_few_dozen_rows_is_repeated_to_at_least_20_steps_each_in_a_new_order():
+    import tensorflow as tf
+
+    from featcache.heads.keras_heads import MIN_STEPS_PER_EPOCH, epoch_of
+
+    rows = tf.data.Dataset.range(36).shuffle(36, seed=0)
+    small = [batch.numpy() for batch in epoch_of(rows.batch(20), 36, 20)]
+    assert MIN_STEPS_PER_EPOCH == 20 and [len(b) for b in small] == [20, 16] * 10
+    passes = [np.concatenate(small[i:i + 2]) for i in range(0, 20, 2)]
+    assert all(sorted(p.tolist()) == list(range(36)) for p in passes) and len({p.tobytes() for p in passes}) == 10
+    assert len(list(epoch_of(rows.batch(1), 36, 1))) == 36  # enough steps in one pass: not repeated
+    assert len(list(epoch_of(rows.batch(2), 36, 2))) == 36  # 18 steps: 2 passes
+    assert len(list(epoch_of(rows.batch(4), 36, 4))) == 27  # 9 steps: 3 passes
+
+
 @pytest.mark.parametrize("name", ["dense256", "linear"])
 def test_keras_heads_default_divides_features_by_their_rms(name, tmp_path):
     """Default options: Adam 1e-3 on features divided by one number (the training rows' root mean square
-    after the head's reduction), early stopping on validation. dense256 learns from 36 training rows;
-    the linear head, at 2 steps per epoch, does not (README, Heads)."""
+    after the head's reduction), early stopping on validation. Both learn from 36 training rows (an epoch
+    of 2 batches repeated to 20 steps: the linear head scored 22-56% on validation without)."""
     from featcache.heads.keras_heads import reduce_features
 
     cache = synthetic_cache(tmp_path, classes=("x", "y", "z"), per_class=(12, 6, 6))
@@ -258,9 +273,8 @@ def test_keras_heads_default_divides_features_by_their_rms(name, tmp_path):
     x, _, _ = cache.read("train")
     rms = np.sqrt(np.mean(reduce_features(name, x).astype(np.float64) ** 2))
     assert head.model.get_layer("scaling").scale == pytest.approx(1 / rms, rel=1e-5)
-    if name == "dense256":
-        metrics = evaluate(head, cache)
-        assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
+    metrics = evaluate(head, cache)
+    assert metrics["validation"]["accuracy"] >= 0.9 and metrics["test"]["accuracy"] >= 0.9
 
 
 def test_keras_head_records_history_and_parameter_counts(tmp_path):
@@ -280,7 +294,7 @@ def test_balanced_class_weight_raises_the_minority_class_probability(name, strea
                             task=task_of(name))
     minority = {}
     for weight in (None, "balanced"):
-        options = FitOptions(epochs=12, batch_size=16, learning_rate=2e-2, class_weight=weight, scaling="standard")
+        options = FitOptions(epochs=12, batch_size=16, learning_rate=5e-3, class_weight=weight, scaling="standard")
         result = predict_split(fitted(cache, name, options, streamed), cache, "test")
         minority[weight] = float(result.outputs[result.labels == 1, 1].mean())
     assert minority["balanced"] >= minority[None] + 0.05, minority

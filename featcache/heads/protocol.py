@@ -33,9 +33,10 @@ THRESHOLDS = ("balanced-accuracy",)  # what a two-class head's decision threshol
 # shuffled folds; 3: heads stored as data only, scaling chosen on validation, linear heads fitted in
 # the span of the training rows, gamma chosen for svm-rbf, Keras heads standardise their input;
 # 4: svm fitted by libsvm on the Gram matrix, its intercept unpenalised; 5: Keras heads divide their
-# input by its root mean square, and the other heads' "auto" searches rms in place of none). fit-head
+# input by its root mean square, and the other heads' "auto" searches rms in place of none; 6: a Keras
+# head's epoch is at least 20 steps, a smaller training set repeated). fit-head
 # keeps an already fitted head only when it was made by this recipe.
-FIT_RECIPE = 5
+FIT_RECIPE = 6
 RECORD = "head.json"
 # head.json's layout (1: kind, files with their sha256, options with scaling; heads before it stored
 # model_file and a pickle, and are refitted). Raise it when the meaning of a stored field changes.
