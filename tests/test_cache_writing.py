@@ -260,3 +260,12 @@ def test_only_a_killed_runs_temporaries_are_removed(tmp_path):
         (tmp_path / name).write_text("x")
     cache.remove_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "tmp-notes", "train-00000.h5"]
+
+
+def test_paths_beyond_ascii_are_stored_and_read_back_as_written(tmp_path):
+    paths = ("train/café/ñ.png", "a.png")
+    rows = [Sample(Path(p), p, 0, "train", hashlib.sha256(p.encode()).hexdigest()) for p in paths]
+    plan = cache.ShardPlan("train", 0, tuple(rows))
+    cache.write_shard(tmp_path / plan.name, plan, provenance(), np.zeros((2, 2), np.float16), rows, {})
+    with h5py.File(tmp_path / plan.name, "r") as f:
+        assert [p.decode() for p in f["paths"][:]] == ["train/café/ñ.png", "a.png"]
