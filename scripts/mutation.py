@@ -6,6 +6,7 @@
     python scripts/mutation.py scaling --survivors  # after adding tests: retest only last run's survivors
     python scripts/mutation.py cache --functions plan_shards,shard_is_intact,RowSource.*  # a part of a module
     python scripts/mutation.py cache --whole    # the whole module from every run of it and of its parts
+    python scripts/mutation.py cache --whole --survivors  # ... after retesting their merged survivors
 
 Not in CI (minutes per module on two cores). mutmut is configured in pyproject.toml's [tool.mutmut]:
 which files it may mutate and the fast tests it runs (no Keras training); it first runs them once to
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--functions", type=lambda text: tuple(text.split(",")),
                         help="mutate only these functions of the module, comma separated (Class.method, * allowed)")
     parser.add_argument("--whole", action="store_true",
-                        help="score the whole module from every kept verdict of its runs and its parts' runs, "
-                             "running nothing")
+                        help="score the whole module from every kept verdict of its runs and its parts' runs "
+                             "(with --survivors, after retesting that score's survivors)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     args = parser.parse_args(argv)
     if args.list:
@@ -162,7 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.module is None:
         parser.error(f"name a module: {', '.join(MODULES)} (or --list)")
     if args.whole:
-        print(summary(args.module, Counter(whole_module_verdicts(args.module).values())))
+        whole = whole_module_verdicts(args.module)
+        names = [name for name, status in whole.items() if status in RETESTED]
+        if args.survivors and names:  # retest the merged survivors: their verdicts go in a file of their own
+            subprocess.run(run_command(args.module, args.max_children, names), cwd=ROOT, check=True)
+            now = statuses(results(), args.module)
+            retested = verdicts_file(args.module, ("retested",))
+            retested.write_text(json.dumps({name: now.get(name, "not checked") for name in names}, indent=0))
+            whole = whole_module_verdicts(args.module)
+        print(summary(args.module, Counter(whole.values())))
         return 0
     earlier, names = None, None
     if args.survivors and not args.score:

@@ -108,3 +108,23 @@ def test_the_whole_module_score_takes_each_mutants_latest_verdict_from_every_run
         os.utime(tmp_path / name, (1000 + age, 1000 + age))
     assert mutation.whole_module_verdicts("cache", tmp_path) == {"a": "killed", "b": "killed", "c": "survived",
                                                                   "d": "no tests"}
+
+
+def test_whole_survivors_retests_the_merged_survivors_and_keeps_their_verdicts_apart(tmp_path, monkeypatch, capsys):
+    import json
+
+    mutation = load_script()
+    (tmp_path / "mutants").mkdir()
+    name = "featcache.cache.x_f__mutmut_{}".format
+    (tmp_path / "mutants" / "verdicts-cache.json").write_text(
+        json.dumps({name(1): "killed", name(2): "survived", name(3): "no tests", name(4): "survived"}))
+    ran = []
+    monkeypatch.setattr(mutation, "ROOT", tmp_path)
+    monkeypatch.setattr(mutation.subprocess, "run", lambda command, **kwargs: ran.append(command))
+    monkeypatch.setattr(mutation, "results", lambda: f"    {name(2)}: killed\n    {name(3)}: survived\n"
+                                                     f"    {name(4)}: not checked\n")
+    assert mutation.main(["cache", "--whole", "--survivors"]) == 0
+    assert ran == [mutation.run_command("cache", 2, [name(2), name(3), name(4)])]
+    retested = json.loads((tmp_path / "mutants" / "verdicts-cache-retested.json").read_text())
+    assert retested == {name(2): "killed", name(3): "survived", name(4): "not checked"}
+    assert "killed 2/4 =  50.0%  (survived 2)" in capsys.readouterr().out  # a mutant not reached keeps its verdict
