@@ -260,6 +260,39 @@ def test_an_epoch_of_a_few_dozen_rows_is_repeated_to_at_least_20_steps_each_in_a
     assert len(list(epoch_of(rows.batch(4), 36, 4))) == 27  # 9 steps: 3 passes
 
 
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "cosine"])
+def test_fused_adam_trains_as_keras_adam(schedule):
+    """TensorFlow's fused update computes Keras' Adam: the same weights after 24 steps, to float rounding
+    (plain SGD lands 0.05 or more away), at a constant rate and on a schedule; Keras heads compile it."""
+    import keras
+
+    from featcache.fused_adam import FusedAdam
+    from featcache.heads.keras_heads import compile_head
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 30), np.float32), rng.integers(0, 3, 64)
+
+    def weights_after(optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+        return model.get_weights()
+
+    def rate():
+        return keras.optimizers.schedules.CosineDecay(1e-2, 20) if schedule else 1e-2
+
+    def distance(a, b):
+        return max(float(np.abs(p - q).max()) for p, q in zip(a, b, strict=True))
+
+    reference = weights_after(keras.optimizers.Adam(rate()))
+    assert distance(weights_after(FusedAdam(rate())), reference) < 1e-5
+    assert distance(weights_after(keras.optimizers.SGD(1e-2)), reference) > 0.05
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    assert type(compile_head(model, 2, "adam", 1e-3, one_column=False).optimizer) is FusedAdam
+
+
 @pytest.mark.parametrize("name", ["dense256", "linear"])
 def test_keras_heads_default_divides_features_by_their_rms(name, tmp_path):
     """Default options: Adam 1e-3 on features divided by one number (the training rows' root mean square

@@ -81,10 +81,13 @@ def compile_head(model, n_classes: int, optimizer: str, learning_rate, one_colum
     is categorical: the labels must come one-hot (``one_hot_labels``). ``multilabel``: binary cross-entropy
     on each of k sigmoid columns, and the share of right (image, class) decisions as accuracy (Keras'
     "accuracy" would take the most probable column as one class). ``steps_per_execution`` runs that many
-    training steps per call into TensorFlow (the same steps, fewer returns to Python)."""
+    training steps per call into TensorFlow (the same steps, fewer returns to Python). Adam is Keras' Adam
+    with TensorFlow's fused update (``fused_adam``)."""
     import keras
 
-    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
+    from featcache.fused_adam import FusedAdam
+
+    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": FusedAdam,
                   "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9)}
     one_column = n_classes == 2 if one_column is None else one_column
     metrics = ["accuracy"]
