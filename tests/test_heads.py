@@ -196,6 +196,28 @@ def test_logreg_equals_plain_sklearn_at_the_scaling_and_c_validation_chose(tmp_p
     np.testing.assert_allclose(head.predict_proba(xt), plain.predict_proba(scaling.apply(xt)), atol=2e-3)
 
 
+def test_span_basis_factors_centred_rows_without_a_jitter_and_maps_scores_back():
+    """Centred rows' Gram matrix is singular along the ones vector; the basis fills that direction (a
+    constant feature) instead of perturbing the diagonal: Z Zᵀ is the Gram matrix plus the offset to float
+    rounding, validation rows keep their inner products with the training rows, and any weights in the
+    basis map back to the same scores on the features."""
+    from featcache.heads.linear import SpanBasis
+
+    rng = np.random.default_rng(0)
+    x, xv = (np.maximum(rng.standard_normal((n, 200)), 0).astype(np.float32) * 100 for n in (40, 7))
+    basis = SpanBasis(x)
+    centred, centred_val = (np.asarray(rows - basis.mean, np.float64) for rows in (x, xv))
+    gram = centred @ centred.T
+    scale = np.trace(gram) / len(gram)
+    assert basis.offset == pytest.approx(scale / len(gram), rel=1e-5)
+    np.testing.assert_allclose(basis.z.astype(np.float64) @ basis.z.T, gram + basis.offset, atol=1e-5 * scale)
+    z_val = basis.project(xv).astype(np.float64)
+    np.testing.assert_allclose(z_val @ basis.z.T, centred_val @ centred.T + basis.offset, atol=1e-5 * scale)
+    coef, intercept = rng.standard_normal((3, 40)) / np.sqrt(scale), rng.standard_normal(3)
+    weights, bias = basis.weights_and_bias(coef, intercept)
+    np.testing.assert_allclose(xv @ weights + bias, z_val @ coef.T + intercept, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["logreg", "svm", "svm-rbf"])
 def test_the_chosen_candidate_has_the_best_recorded_validation_accuracy(name, tmp_path):
     cache = synthetic_cache(tmp_path, per_class=(20, 20, 10), shape=(16,), separation=1.0, seed=3)

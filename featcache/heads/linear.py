@@ -95,10 +95,18 @@ class SpanBasis:
     """Rows Z with Z Zᵀ = X Xᵀ (X the centred rows), and the map between Z's space and the features'.
 
     The Cholesky factor L of the Gram matrix gives Z = L and V = Xᵀ L^-ᵀ, never formed:
-    Xv V = (Xv Xᵀ) L^-ᵀ and w = Xᵀ (L^-ᵀ z). A jitter of 1e-6 of the mean diagonal (more for
-    repeated rows) keeps rank-deficient Gram matrices, such as centred rows', positive definite; if
-    even 1e-3 fails, and whenever rows are not fewer than features, Z is X itself. With ``kernel``
-    the Gram matrix itself is kept (a kernel SVM's input) and not factored."""
+    Xv V = (Xv Xᵀ) L^-ᵀ and w = Xᵀ (L^-ᵀ z).
+
+    Centred rows sum to zero, so their Gram matrix is singular along the ones vector. Adding
+    ``offset`` = s / n to every entry (s the mean diagonal) gives that direction the eigenvalue s: the
+    same as appending the constant feature sqrt(s / n) to every row, training and validation alike
+    (``project``). An unpenalised intercept does that feature's work for free, so the optimum gives it
+    no weight and the fit is unchanged; whatever weight the solver leaves goes into the bias
+    (``weights_and_bias``). Before, Cholesky failed twice on elpv and succeeded with a jitter of 1e-3 of
+    the diagonal, more than the Gram matrix's second smallest eigenvalue (8e-4). A jitter of 1e-6 (more
+    for repeated rows) is still tried; if even 1e-3 fails, and whenever rows are not fewer than
+    features, Z is X itself. With ``kernel`` the Gram matrix itself is kept (a kernel SVM's input) and
+    not factored."""
 
     def __init__(self, x: np.ndarray, *, kernel: bool = False):
         # Centred rows: with an unpenalised intercept, w·(x - m) + b' is the same model as w·x + b
@@ -106,7 +114,7 @@ class SpanBasis:
         # solver converges in a fraction of the iterations.
         self.mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         x = x - self.mean
-        self.x, self.factor, self.z, self.gram = None, None, x, None
+        self.x, self.factor, self.z, self.gram, self.offset = None, None, x, None, 0.0
         # the centred rows' mean squared norm, which the relative C grid divides by
         self.mean_square = max(float(np.mean(np.einsum("ij,ij->i", x, x, dtype=np.float64))), 1e-12)
         if kernel or len(x) < x.shape[1]:
@@ -118,6 +126,8 @@ class SpanBasis:
                 return
             diagonal, added = np.diag_indices_from(gram), 0.0
             scale = max(float(np.trace(gram)) / len(gram), 1e-12)
+            self.offset = scale / len(gram)
+            gram += self.offset
             for jitter in (1e-6, 1e-5, 1e-3):  # float32 rounding, repeated rows (views, copies) need more
                 gram[diagonal] += jitter * scale - added
                 added = jitter * scale
@@ -128,7 +138,7 @@ class SpanBasis:
                 except LinAlgError:
                     continue
             else:
-                self.factor = None
+                self.factor, self.offset = None, 0.0
                 return
             self.x, self.z = x, self.factor.astype(np.float32)
 
@@ -145,17 +155,21 @@ class SpanBasis:
             return np.asarray(x, np.float32) - self.mean
         from scipy.linalg import solve_triangular
 
-        return solve_triangular(self.factor, self.cross(x).T, lower=True).T.astype(np.float32)
+        return solve_triangular(self.factor, (self.cross(x) + self.offset).T, lower=True).T.astype(np.float32)
 
-    def lift(self, coef: np.ndarray) -> np.ndarray:
-        """(d, k) weights from scikit-learn's (k, r) coef_ in the reduced basis."""
-        coef = np.asarray(coef, np.float64)
+    def weights_and_bias(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(d, k) weights and (k,) bias on the uncentred rows from scikit-learn's (k, r) coef_ and (k,)
+        intercept_ in the reduced basis: w = Xᵀ a with a = L^-ᵀ z, and the constant feature's part of the
+        scores, offset 1ᵀ a, added to the intercept."""
+        coef, intercept = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
         if self.factor is None:
-            return coef.T.astype(np.float32)
+            weights = coef.T.astype(np.float32)
+            return weights, self.bias(intercept, weights)
         from scipy.linalg import solve_triangular
 
-        dual = solve_triangular(self.factor.T, coef.T, lower=False).astype(np.float32)  # L^-ᵀ z
-        return self.lift_dual(dual)
+        dual = solve_triangular(self.factor.T, coef.T, lower=False)
+        weights = self.lift_dual(dual.astype(np.float32))
+        return weights, self.bias(intercept + self.offset * dual.sum(axis=0), weights)
 
     def lift_dual(self, dual: np.ndarray) -> np.ndarray:
         """(d, k) weights w = Xᵀ a from (n, k) coefficients a of the training rows."""
@@ -475,8 +489,7 @@ def _weights(estimator, basis: SpanBasis | None) -> tuple[np.ndarray, np.ndarray
         return weights, basis.bias(intercept, weights)
     if basis is None:
         return np.asarray(estimator.coef_, np.float32).T, np.asarray(estimator.intercept_, np.float32)
-    weights = basis.lift(estimator.coef_)
-    return weights, basis.bias(estimator.intercept_, weights)
+    return basis.weights_and_bias(estimator.coef_, estimator.intercept_)
 
 
 def _check_all_classes(estimator) -> None:
