@@ -43,6 +43,7 @@ MODULES = {
     "dataset": "featcache/dataset.py",
     "targets": "featcache/targets.py",
     "cache": "featcache/cache.py",
+    "linear": "featcache/heads/linear.py",
     "extract": "featcache/extract.py",
 }
 # module -> the only functions mutated (Class.method for a method), where the rest of the file is not
