@@ -302,7 +302,7 @@ class LinearHead(Head):
         scores = {key: value for kind in scalings for key, value in scores[kind].items()}
         (best,) = chosen
         estimator = self._final(best, y, n_classes)
-        self.model = _linear_model(estimator, best.basis, best.scaling, self.loss)
+        self.model = _linear_model(estimator, best.basis, best.scaling)
         solver = "kernel" if best.kernel else ("span" if best.basis.factor is not None else "primal")
         self.record.update(chosen={"scaling": best.kind, "C": float(best.c)}, validation_accuracy=scores,
                            output="proba", solver=solver)
@@ -344,10 +344,10 @@ class LinearHead(Head):
                 estimator.set_params(C=c).fit(rows, y)
                 yield c, _snapshot(estimator)
             else:
-                yield c, self._svm(c, kernel, y, n_classes).fit(
+                yield c, self._svm(c, kernel).fit(
                     rows, y, sample_weight=sample_weights(y, n_classes, self.options.class_weight))
 
-    def _svm(self, c, kernel, y, n_classes):
+    def _svm(self, c, kernel):
         """One-vs-rest linear SVMs: libsvm on the Gram matrix (fewer rows than features), else liblinear."""
         from sklearn.svm import LinearSVC
 
@@ -378,7 +378,7 @@ class LinearHead(Head):
         folds = calibration_folds(y, n_classes, self.name)
         cv = StratifiedKFold(folds, shuffle=True, random_state=self.options.seed)
         weights = sample_weights(y, n_classes, self.options.class_weight)
-        return CalibratedClassifierCV(self._svm(c, kernel, y, n_classes), cv=cv, ensemble=False).fit(
+        return CalibratedClassifierCV(self._svm(c, kernel), cv=cv, ensemble=False).fit(
             rows, y, sample_weight=weights)
 
     # --- fitting from streamed shards ---------------------------------------------------------------
@@ -391,7 +391,7 @@ class LinearHead(Head):
         cs = [self.choices["C"]] if self.choices else None
         scaling, estimator, details = sgd.fit_sgd(cache, self.name, self.loss, kind, cs, self.options, plan,
                                                   say or (lambda message: None), rows)
-        self.model = _linear_model(estimator, None, scaling, self.loss)
+        self.model = _linear_model(estimator, None, scaling)
         self.record.update(details, chosen={"scaling": kind, **details["chosen"]}, output="proba")
         return self
 
@@ -465,7 +465,7 @@ def _score(estimator, x_val, y_val, n_classes) -> tuple[float, float]:
     return accuracy, -float(log_loss(y_val, p / p.sum(axis=1, keepdims=True), labels=estimator.classes_))
 
 
-def _linear_model(estimator, basis: SpanBasis | None, scaling: Scaling, loss: str) -> LinearModel:
+def _linear_model(estimator, basis: SpanBasis | None, scaling: Scaling) -> LinearModel:
     """Arrays of a fitted LogisticRegression, log-loss SGDClassifier or calibrated linear SVM, in
     the original feature space. A multi-class SGDClassifier is one-vs-rest: normalised sigmoids."""
     if hasattr(estimator, "calibrated_classifiers_"):
