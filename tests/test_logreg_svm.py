@@ -85,6 +85,15 @@ def test_the_primal_svm_is_liblinear_at_c_with_its_iteration_cap_and_seed(monkey
     x, y = blobs(20, 4, seed=2)
     assert (head.predict_proba(x).argmax(axis=1) == y).mean() >= 0.8
 
+    def solver(rows, features):
+        return LinearHead("svm", FitOptions(), loss="hinge").fit(
+            *blobs(rows, features), n_classes=2, validation=blobs(10, features, 1)).record["solver"]
+
+    assert solver(12, 12) == "primal"  # as many rows as features, over KERNEL_SVM_ROWS
+    assert solver(12, 13) == "kernel"  # fewer rows than features
+    monkeypatch.setattr(linear_heads, "KERNEL_SVM_ROWS", 40)
+    assert solver(40, 4) == "kernel" and solver(41, 4) == "primal"
+
 
 def test_svm_fits_are_reproducible_calibration_folds_included(tmp_path):
     """Platt's folds are shuffled with the head's seed: the same seed, the same probabilities."""
@@ -112,12 +121,14 @@ def test_a_fold_head_fits_its_pinned_scaling_and_c_without_validation(tmp_path):
 def test_the_record_names_the_solver_and_each_scaling_reports_its_path(tmp_path):
     lines = []
     wide = synthetic_cache(tmp_path / "wide", shape=(64,), per_class=(12, 6, 6))  # 24 rows, 64 features
-    assert fit_head(wide, "logreg", say=lines.append).record["solver"] == "span"
+    record = fit_head(wide, "logreg", say=lines.append).record
+    assert record["solver"] == "span" and record["output"] == "proba"
     assert fit_head(wide, "svm").record["solver"] == "kernel"
     assert fit_head(synthetic_cache(tmp_path / "narrow", shape=(4,)), "logreg").record["solver"] == "primal"
     for kind in ("standard", "l2", "rms"):
         (line,) = [line for line in lines if line.startswith(f"logreg {kind}: ")]
-        assert re.fullmatch(rf"logreg {kind}: val accuracy (\d+\.\d%, ){{4}}\d+\.\d% \(\d+\.\d s\)", line), line
+        match = re.fullmatch(rf"logreg {kind}: val accuracy (\d+\.\d%, ){{4}}\d+\.\d% \((\d+\.\d) s\)", line)
+        assert match and float(match[2]) < 600, line
 
 
 @pytest.mark.parametrize(("name", "loss"), [("logreg", "log_loss"), ("svm", "hinge")])

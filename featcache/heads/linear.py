@@ -322,7 +322,7 @@ class LinearHead(Head):
         best, scores = None, {}
         for c, estimator in self._path(basis.gram if kernel else basis.z, y, cs, n_classes, kernel):
             candidate = Candidate(kind, c, estimator, None if xv is None else
-                                  _score(estimator, xv, validation[1], n_classes), basis, scaling, kernel)
+                                  _score(estimator, xv, validation[1]), basis, scaling, kernel)
             if candidate.score is not None:
                 scores[candidate.key] = candidate.score[0]
             if best is None or candidate.score is None or candidate.score > best.score:
@@ -454,7 +454,7 @@ def _snapshot(estimator):
     return copy.deepcopy(estimator)
 
 
-def _score(estimator, x_val, y_val, n_classes) -> tuple[float, float]:
+def _score(estimator, x_val, y_val) -> tuple[float, float]:
     """(validation accuracy, minus log loss when the estimator has probabilities)."""
     accuracy = float((estimator.predict(x_val) == y_val).mean())
     if not hasattr(estimator, "predict_proba"):
