@@ -47,6 +47,7 @@ def test_kernel_svm_is_svc_per_class_on_the_gram_matrix_with_weights_and_pairwis
     assert tags.input_tags.pairwise and tags.estimator_type == "classifier" and tags.target_tags.required is True
     assert tags.classifier_tags is not None
     assert KernelOvrSvm().get_params() == {"C": 1.0} and clone(svm).C == 0.5 and clone(svm).set_params(C=2).C == 2
+    assert clone(svm).set_params().C == 0.5  # set_params without C keeps it
 
 
 def test_calibration_folds_are_three_or_the_smallest_class_and_refuse_a_class_of_one():
@@ -72,7 +73,7 @@ def test_an_svm_with_a_class_of_one_training_row_says_so_by_name():
         LinearHead("svm", FitOptions(), loss="hinge").fit(x, y, n_classes=2, validation=blobs(6, 4, seed=1))
 
 
-def test_the_primal_svm_is_liblinear_at_c_with_its_iteration_cap_and_seed(monkeypatch):
+def test_over_the_gram_limit_the_svm_solves_the_primal_at_c_with_its_iteration_cap_and_seed(monkeypatch):
     """Over KERNEL_SVM_ROWS training rows (with fewer features than rows) the svm is LinearSVC."""
     svm = LinearHead("svm", FitOptions(seed=7), loss="hinge")._svm(0.25, kernel=False)
     assert type(svm).__name__ == "LinearSVC"
@@ -129,6 +130,30 @@ def test_the_record_names_the_solver_and_each_scaling_reports_its_path(tmp_path)
         (line,) = [line for line in lines if line.startswith(f"logreg {kind}: ")]
         match = re.fullmatch(rf"logreg {kind}: val accuracy (\d+\.\d%, ){{4}}\d+\.\d% \((\d+\.\d) s\)", line)
         assert match and float(match[2]) < 600, line
+
+
+def test_a_streamed_head_keeps_its_scaling_and_its_fold_the_pinned_c_on_the_rows_given(tmp_path):
+    """Over the memory budget: a pinned scaling is kept (only "auto" becomes standard, for SGD), the
+    record says what was chosen; its fold trains on the given rows only, at the pinned C."""
+    from featcache.heads import memory_plan
+    from featcache.streaming import in_memory_bytes
+
+    cache = synthetic_cache(tmp_path, shape=(8,), separation=1.5)
+    budget = in_memory_bytes(cache) - 1
+    head = fit_head(cache, "logreg", FitOptions(scaling="l2"), memory_budget=budget)
+    assert head.record["memory"]["path"] == "streamed" and head.record["output"] == "proba"
+    assert head.record["chosen"]["scaling"] == "l2" and head.record["chosen"]["C"] > 0
+    assert fit_head(cache, "logreg", FitOptions(), memory_budget=budget).record["chosen"]["scaling"] == "standard"
+    fold = head.for_fold()
+    assert fold.name == "logreg"
+    _, plan = memory_plan(cache, "logreg", fold.options, budget)
+    _, y, _ = cache.read("train")
+    xt, _, _ = cache.read("test")
+    half = np.arange(len(y)) % 2 == 0
+    on_half = fold.fit_streamed(cache, plan, rows=half)
+    assert on_half.record["chosen"]["scaling"] == "l2" and on_half.record["chosen"]["C"] == head.record["chosen"]["C"]
+    on_all = head.for_fold().fit_streamed(cache, plan, rows=np.ones(len(y), bool))
+    assert np.abs(on_half.predict_proba(xt) - on_all.predict_proba(xt)).max() > 1e-3
 
 
 @pytest.mark.parametrize(("name", "loss"), [("logreg", "log_loss"), ("svm", "hinge")])
