@@ -172,3 +172,69 @@ def test_a_heads_arrays_are_read_without_pickle(tmp_path):
     np.savez(tmp_path / "model.npz", weights=np.array([object()], dtype=object), bias=np.zeros(1))
     with pytest.raises(ValueError, match="allow_pickle"):
         head._read(tmp_path)
+
+
+@pytest.mark.parametrize("failures", [1, 2, 3])
+def test_span_basis_tries_each_jitter_alone_and_else_keeps_the_centred_rows(failures, monkeypatch):
+    """When a factorisation fails, the next jitter replaces the last one on the diagonal (never their
+    sum); when every one fails, the basis is the centred rows themselves. Small features: the offset
+    is the mean diagonal over n, however small."""
+    import scipy.linalg
+
+    real, tried = scipy.linalg.cholesky, []
+
+    def failing(matrix, **options):
+        tried.append(matrix.copy())
+        if len(tried) <= failures:
+            raise scipy.linalg.LinAlgError("not positive definite")
+        return real(matrix, **options)
+
+    monkeypatch.setattr(scipy.linalg, "cholesky", failing)
+    x = np.random.default_rng(3).standard_normal((20, 50)).astype(np.float32) * 0.01
+    basis = SpanBasis(x)
+    centred = x - basis.mean
+    gram = (centred @ centred.T).astype(np.float64)  # as the basis computes it, to the last bit
+    scale = np.trace(gram) / 20
+    jitters = (1e-6, 1e-5, 1e-3)
+    if failures == len(jitters):
+        assert basis.factor is None and basis.offset == 0.0
+        np.testing.assert_allclose(basis.z, centred, atol=1e-7)
+        return
+    assert basis.offset == pytest.approx(scale / 20, rel=1e-5)
+    for matrix, jitter in zip(tried, jitters, strict=False):
+        np.testing.assert_allclose(matrix, gram + basis.offset + jitter * scale * np.eye(20), atol=1e-9 * scale)
+    expected = gram + basis.offset + jitters[failures] * scale * np.eye(20)
+    np.testing.assert_allclose(basis.z.astype(np.float64) @ basis.z.T, expected, atol=1e-5 * scale)
+
+
+def test_platt_probabilities_of_several_columns_are_normalised_and_uniform_where_all_are_zero():
+    from featcache.heads.linear import LinearModel
+    from featcache.heads.scaling import Scaling
+
+    model = LinearModel(Scaling("none"), np.eye(3, dtype=np.float32), np.zeros(3, np.float32), "platt",
+                        np.array([[-1.0, -2.0, -1.0], [0.0, 0.5, 0.0]]))
+    rows = np.array([[1, 0, 0], [0.5, 2, -1], [-1000, -1000, -1000]], np.float32)
+    p = model.predict_proba(rows)
+    from scipy.special import expit
+
+    sigmoids = expit(-(np.array([-1.0, -2.0, -1.0]) * rows[:2] + np.array([0.0, 0.5, 0.0])))
+    np.testing.assert_allclose(p[:2], sigmoids / sigmoids.sum(axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(p[2], [1 / 3] * 3)  # every sigmoid underflows to 0
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm"])
+def test_class_weights_reach_every_candidate_of_the_search(name, tmp_path):
+    """On a 10:1 training split 'balanced' changes the validation scores of the search itself, not
+    only the final fit."""
+    cache = synthetic_cache(tmp_path, per_class=((60, 6), (20, 20), (10, 10)), shape=(8,), separation=1.0)
+    scores = {weight: fit_head(cache, name, FitOptions(class_weight=weight, scaling="standard"))
+              .record["validation_accuracy"] for weight in (None, "balanced")}
+    assert scores[None] != scores["balanced"], scores
+
+
+def test_logreg_scores_validation_rows_that_lack_a_class():
+    x, y = blobs(60, 6)
+    y[::3] = 2
+    xv, yv = blobs(12, 6, seed=1)  # classes 0 and 1 only
+    head = LinearHead("logreg", FitOptions(), loss="log_loss").fit(x, y, n_classes=3, validation=(xv, yv))
+    assert head.predict_proba(xv).shape == (12, 3)
