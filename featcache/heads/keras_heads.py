@@ -304,17 +304,21 @@ class KerasHead(Head):
         return KerasHead(self.name, options)
 
     def to_keras(self, feature_shape):
-        if self.model.output_shape[-1] != 1 or self.predicts_values:  # probabilities, or a value
-            return self.model
-        return two_column_output(self.model, feature_shape, name=f"head_{self.name}")
+        model = self._uncompiled()
+        if model.output_shape[-1] != 1 or self.predicts_values:  # probabilities, or a value
+            return model
+        return two_column_output(model, feature_shape, name=f"head_{self.name}")
 
-    def _write(self, folder):
+    def _uncompiled(self):
+        """The same layers without the training setup: what is saved and exported carries no optimizer
+        (its state tripled a whole fine-tuned VGG16 to 209 MB, and featcache's fused Adam is no built-in
+        Keras class), which nothing reads back: a loaded head only predicts, fine-tuning compiles afresh."""
         import keras
 
-        # an uncompiled model on the same layers: the file holds the weights without the optimizer's state
-        # (Adam's two slots per weight tripled a whole fine-tuned VGG16 to 209 MB), which nothing reads
-        # back: a loaded head only predicts, and fine-tuning compiles a fresh optimizer
-        keras.Model(self.model.input, self.model.output, name=self.model.name).save(folder / "model.keras")
+        return keras.Model(self.model.input, self.model.output, name=self.model.name)
+
+    def _write(self, folder):
+        self._uncompiled().save(folder / "model.keras")
         return ["model.keras"]
 
     def _read(self, folder):
