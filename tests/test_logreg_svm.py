@@ -238,3 +238,17 @@ def test_logreg_scores_validation_rows_that_lack_a_class():
     xv, yv = blobs(12, 6, seed=1)  # classes 0 and 1 only
     head = LinearHead("logreg", FitOptions(), loss="log_loss").fit(x, y, n_classes=3, validation=(xv, yv))
     assert head.predict_proba(xv).shape == (12, 3)
+
+
+def test_logistic_regression_stops_at_the_iteration_cap_and_records_its_iterations(tmp_path, monkeypatch):
+    """Each candidate runs at most LOGREG_ITERATIONS lbfgs iterations (scikit-learn's default), and
+    head.json records the chosen candidate's count: 1 when the cap is 1, fewer than the cap when a
+    small problem converges."""
+    from featcache.heads import linear
+
+    cache = synthetic_cache(tmp_path, shape=(8,), separation=1.5)
+    record = fit_head(cache, "logreg").record
+    assert 1 <= record["iterations"] < linear.LOGREG_ITERATIONS == 100
+    monkeypatch.setattr(linear, "LOGREG_ITERATIONS", 1)
+    assert fit_head(cache, "logreg", FitOptions(seed=1)).record["iterations"] == 1
+    assert "iterations" not in fit_head(cache, "svm").record

@@ -44,6 +44,11 @@ GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 # features than rows (at most 512 MiB of float64). Fashion-MNIST's 2,400 x 512 pooled rows: liblinear
 # took 52 s for the search.
 KERNEL_SVM_ROWS = 8192
+# lbfgs iterations per candidate: scikit-learn's default. Warm-started from t = 10's solution, elpv's
+# rms path took 245 iterations at t = 100 to converge, with the same validation accuracy (72.6%) at 100,
+# and the whole search 4.1-4.4 s instead of 5.2-7.8 s (2026-12-03). ``iterations`` in head.json says
+# whether the chosen candidate stopped at the cap.
+LOGREG_ITERATIONS = 100
 SVM_ITERATIONS = 300  # liblinear's dual coordinate descent: enough below C = 100 / mean ‖x‖², slow above
 
 
@@ -306,6 +311,8 @@ class LinearHead(Head):
         solver = "kernel" if best.kernel else ("span" if best.basis.factor is not None else "primal")
         self.record.update(chosen={"scaling": best.kind, "C": float(best.c)}, validation_accuracy=scores,
                            output="proba", solver=solver)
+        if hasattr(estimator, "n_iter_"):
+            self.record["iterations"] = int(np.max(estimator.n_iter_))
         return self
 
     def _search(self, kind, x, y, n_classes, grid, validation) -> tuple[str, dict, Candidate, float]:
@@ -337,7 +344,7 @@ class LinearHead(Head):
 
         weights = class_weight_of(y, n_classes, self.options.class_weight)
         if self.loss == "log_loss":
-            estimator = LogisticRegression(max_iter=300, warm_start=True,
+            estimator = LogisticRegression(max_iter=LOGREG_ITERATIONS, warm_start=True,
                                            class_weight=weights, random_state=self.options.seed)
         for c in sorted(cs):
             if self.loss == "log_loss":
