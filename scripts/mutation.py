@@ -44,6 +44,8 @@ MODULES = {
     "targets": "featcache/targets.py",
     "cache": "featcache/cache.py",
     "linear": "featcache/heads/linear.py",
+    "kernel": "featcache/heads/kernel.py",
+    "sgd": "featcache/heads/sgd.py",
     "extract": "featcache/extract.py",
 }
 # module -> the only functions mutated (Class.method for a method), where the rest of the file is not
