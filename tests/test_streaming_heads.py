@@ -192,7 +192,8 @@ def test_streamed_svm_needs_every_class_in_validation_before_training(tmp_path):
 
 def test_rbf_svm_over_the_budget_is_refused_in_one_line(tmp_path):
     cache = synthetic_cache(tmp_path)
-    refusal = "svm-rbf cannot stream .* raise --memory-budget, or fit logreg or svm, which stream"
+    refusal = ("svm-rbf cannot stream .* raise --memory-budget, or fit dense256, dense1024, linear, logreg or svm, "
+               "which stream$")
     with pytest.raises(FeatcacheError, match=refusal) as err:
         fit_head(cache, "svm-rbf", SGD, memory_budget=TINY_BUDGET)
     assert "\n" not in str(err.value)

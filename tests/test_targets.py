@@ -217,6 +217,10 @@ def test_fit_head_refuses_heads_and_options_that_do_not_fit_the_target(tmp_path)
         fit_head(numbers, "ridge", FitOptions(class_weight="balanced"))
     with pytest.raises(FeatcacheError, match="ridge does not learn a classification target"):
         fit_head(synthetic_cache(tmp_path / "c"), "ridge")
+    for name in ("ridge", "svr"):  # over the budget: the heads that stream numbers are named, not logreg
+        with pytest.raises(FeatcacheError, match=rf"^{name} cannot stream .*; raise --memory-budget, or fit "
+                                                 "dense256, dense1024 or linear, which stream$"):
+            fit_head(numbers, name, memory_budget=1024)
 
 
 def test_numbers_are_compared_by_rmse_and_cross_validated_by_fold(tmp_path):

@@ -106,10 +106,12 @@ def memory_plan(cache, name: str, options: FitOptions, budget: int | None):
     if budget is None or needed <= budget:
         return "in-memory", streaming.in_memory_plan(cache, budget)
     if not head.streams:
+        *others, last = [other for other in heads_for(cache.task) if build_head(other).streams]
         raise FeatcacheError(
             f"{name} cannot stream (it needs every training row in memory at once: about "
             f"{streaming.format_size(needed)} for this cache, over --memory-budget "
-            f"{streaming.format_size(budget)}); raise --memory-budget, or fit logreg or svm, which stream"
+            f"{streaming.format_size(budget)}); raise --memory-budget, or fit {', '.join(others)} or {last}, "
+            "which stream"
         )
     return "streamed", head.stream_plan(cache, budget)
 

@@ -122,7 +122,7 @@ def decision(kernel_rows: np.ndarray, dual_coef: np.ndarray, intercept: np.ndarr
 
 class RbfSvmHead(Head):
     kind = "rbf-svm"
-    streams = False  # a kernel SVM needs every training row at once
+    streams = False  # a kernel SVM needs every training row at once: refused before fit_streamed
 
     def __init__(self, name: str, options, *, choices: dict | None = None):
         super().__init__(name, options)
@@ -185,12 +185,6 @@ class RbfSvmHead(Head):
         platt = np.array([[cal.a_ for cal in fold.calibrators], [cal.b_ for cal in fold.calibrators]])
         return RbfModel(scaling, xs[svc.support_], np.asarray(svc.dual_coef_, np.float64),
                         np.asarray(svc.intercept_, np.float64), np.asarray(svc.n_support_), float(gamma), platt)
-
-    def fit_streamed(self, cache, plan, *, rows=None, say=None):
-        raise FeatcacheError(
-            f"{self.name} cannot stream (a kernel SVM needs every training row in memory at once); "
-            "raise --memory-budget, or fit logreg or svm, which stream"
-        )
 
     def predict_proba(self, features):
         return self.model.predict_proba(features)

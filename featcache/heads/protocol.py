@@ -148,7 +148,9 @@ class Head:
     """
 
     kind = ""
-    streams = True  # can fit from streamed shards when the cache is over the memory budget
+    # can fit from streamed shards when the cache is over the memory budget; a head that cannot is
+    # refused before any work (heads.memory_plan, evaluate.check_cross_validation_fits), never streamed
+    streams = True
     refittable = True  # cross-validation can refit its recipe on a fold
 
     def __init__(self, name: str, options: FitOptions = FitOptions()):

@@ -53,7 +53,7 @@ class SvrHead(Head):
     """RBF support vector regression; ``choices`` pins scaling, gamma and C (cross-validation folds)."""
 
     kind = "svr"
-    streams = False  # a kernel machine needs every training row at once
+    streams = False  # a kernel machine needs every training row at once: refused before fit_streamed
 
     def __init__(self, name: str, options, *, choices: dict | None = None):
         super().__init__(name, options)
@@ -95,10 +95,6 @@ class SvrHead(Head):
         self.record.update(chosen={"scaling": kind, "gamma": self.model.gamma, "C": c}, validation_rmse=scores,
                            output="value", support_vectors=int(len(self.model.support)))
         return self
-
-    def fit_streamed(self, cache, plan, *, rows=None, say=None):
-        raise FeatcacheError(f"{self.name} cannot stream (a kernel machine needs every training row in memory at "
-                             "once); raise --memory-budget, or fit ridge or a Keras head")
 
     def predict_values(self, features):
         return self.model.values(features)
