@@ -46,12 +46,18 @@ MODULES = {
     "linear": "featcache/heads/linear.py",
     "kernel": "featcache/heads/kernel.py",
     "sgd": "featcache/heads/sgd.py",
+    "keras": "featcache/heads/keras_heads.py",
     "extract": "featcache/extract.py",
 }
 # module -> the only functions mutated (Class.method for a method), where the rest of the file is not
 # reached by the fast tests: extract's planning (which rows need the backbone, is a cache whole).
 FUNCTIONS = {
     "extract": ("pending_rows", "_shards_intact"),
+    # the Keras heads' parts that run without training (tests/test_keras_parts.py): training a head per
+    # mutant would take hours on two cores
+    "keras": ("reduce_features", "build_keras_head", "compile_head", "epoch_of", "TargetScaling.*", "_scaled",
+              "parameter_counts", "KerasHead.for_fold", "KerasHead.to_keras", "KerasHead._outputs",
+              "KerasHead.predict_proba", "KerasHead.predict_values", "KerasHead._uncompiled"),
 }
 
 

@@ -25,7 +25,7 @@ def test_list_names_each_core_module_its_file_and_mutmut_command():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["scaling", "export", "protocol", "dataset", "targets", "cache",
-                                                      "linear", "kernel", "sgd", "extract"]
+                                                      "linear", "kernel", "sgd", "keras", "extract"]
     for line in lines:
         module, path, *command = line.split()
         assert (ROOT / path).is_file()
@@ -33,6 +33,9 @@ def test_list_names_each_core_module_its_file_and_mutmut_command():
         if module == "extract":  # its planning functions only
             assert command == ["run", "--max-children", "2", f"{dotted}.x_pending_rows__mutmut_*",
                                f"{dotted}.x__shards_intact__mutmut_*"]
+        elif module == "keras":  # the parts that need no training
+            assert command[3:5] == [f"{dotted}.x_reduce_features__mutmut_*", f"{dotted}.x_build_keras_head__mutmut_*"]
+            assert f"{dotted}.xǁTargetScalingǁ*__mutmut_*" in command and f"{dotted}.*" not in command
         else:
             assert command == ["run", "--max-children", "2", dotted + ".*"]
 

@@ -184,6 +184,30 @@ def test_streamed_svm_calibrates_on_a_few_validation_rows(tmp_path):
     assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
 
 
+def test_streamed_svm_calibrates_on_a_seeded_sample_that_half_the_budget_holds_with_every_class(tmp_path):
+    """80 validation rows, one of class b, and room for 32 (half of 16 KiB over two float32 copies of
+    32-feature rows): the seed's first 32 rows, plus b's row where the sample missed it. The same seed
+    calibrates on the same rows, another seed on others."""
+    from featcache.streaming import split_labels
+
+    cache = synthetic_cache(tmp_path, per_class=((30, 30), (79, 1), (10, 10)))
+    y_val = split_labels(cache, "validation")
+    room = TINY_BUDGET // 2 // (2 * 32 * 4)
+    assert room == 32
+    counts = {}
+    for seed in range(6):
+        order = np.random.default_rng(seed).permutation(len(y_val))
+        counts[seed] = room + int(np.flatnonzero(y_val == 1)[0] not in order[:room])
+    assert set(counts.values()) == {32, 33}  # seeds whose sample holds b's row, and seeds whose does not
+    x, _, _ = cache.read("test")
+    for seed, count in counts.items():
+        head = fit_head(cache, "svm", FitOptions(epochs=2, batch_size=16, seed=seed), memory_budget=TINY_BUDGET)
+        assert head.record["memory"]["calibration_rows"] == count
+    first, again = (fit_head(cache, "svm", FitOptions(epochs=2, batch_size=16, seed=1), memory_budget=TINY_BUDGET)
+                    for _ in range(2))
+    np.testing.assert_array_equal(first.predict_proba(x), again.predict_proba(x))
+
+
 def test_streamed_svm_needs_every_class_in_validation_before_training(tmp_path):
     cache = numbered_cache(tmp_path, validation_classes=1)
     with pytest.raises(FeatcacheError, match="validation split has no rows of class b, and a streamed svm"):
