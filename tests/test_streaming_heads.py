@@ -184,6 +184,38 @@ def test_streamed_svm_calibrates_on_a_few_validation_rows(tmp_path):
     assert evaluate(head, cache)["test"]["accuracy"] >= 0.9
 
 
+@pytest.mark.parametrize("kind", ["standard", "l2", "rms", "none"])
+def test_streamed_c_grid_is_relative_to_each_scalings_mean_squared_row_norm(kind, tmp_path):
+    """C = t / mean ‖centred scaled x‖², as in memory: standardised rows have one unit per varying feature
+    (the numbered cache's five constant ones add nothing), rms and raw rows the sum of their features'
+    variances, L2 rows are taken at their norm, 1; alpha = 1 / (C n_train), with n_train and the
+    scaling's moments those of the rows a fold trains on."""
+    from featcache.heads import memory_plan
+    from featcache.heads.linear import GRID, SpanBasis
+    from featcache.heads.scaling import Scaling
+    from featcache.heads.sgd import fit_sgd
+
+    cache = numbered_cache(tmp_path)
+    x, y, _ = cache.read("train")
+    mask = np.arange(len(y)) % 3 != 0
+    rows = x.astype(np.float64)[mask]
+    _, plan = memory_plan(cache, "logreg", SGD, 1024)
+    options = FitOptions(epochs=1, batch_size=16, seed=0, patience=5)
+    scaling, _, details = fit_sgd(cache, "logreg", "log_loss", kind, None, options, plan, lambda line: None, mask)
+    centred = float(np.sum(rows.var(axis=0)))
+    mean_square = {"standard": 1.0, "l2": 1.0, "rms": centred / np.mean(rows**2), "none": centred}[kind]
+    assert list(details["validation_accuracy"]) == [f"{kind} C={t / mean_square:.3g}" for t in GRID]
+    chosen = details["chosen"]
+    assert chosen["alpha"] == pytest.approx(1 / (chosen["C"] * mask.sum()))
+    reference = Scaling.fit(kind, rows.astype(np.float32))
+    if kind != "l2":  # the in-memory heads' divisor (SpanBasis: centred scaled rows)
+        assert SpanBasis(reference.apply(rows)).mean_square == pytest.approx(mean_square, rel=1e-4)
+    for mine, theirs in ((scaling.mean, reference.mean), (scaling.scale, reference.scale)):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5)
+
+
 def test_streamed_svm_calibrates_on_a_seeded_sample_that_half_the_budget_holds_with_every_class(tmp_path):
     """80 validation rows, one of class b, and room for 32 (half of 16 KiB over two float32 copies of
     32-feature rows): the seed's first 32 rows, plus b's row where the sample missed it. The same seed

@@ -54,8 +54,15 @@ def fit_sgd(cache: Cache, name: str, loss: str, scaling_kind: str, cs, options, 
         )
     count, total, squares = streamed_moments(batches(cache, "train", plan.batch_rows, rows=rows))
     scaling = Scaling.from_moments(scaling_kind, count, total, squares)
-    mean_square = {"standard": float(np.sum(scaling.scale > 0)) if scaling.scale is not None else 1.0,
-                   "l2": 1.0, "rms": float(len(squares))}.get(scaling_kind, float(squares.sum()) / max(count, 1))
+    # The relative C grid divides by the centred, scaled rows' mean squared norm, as in memory (SpanBasis):
+    # the sum of the scaled features' variances. Standardised, that is 1 per varying feature and 0 per
+    # constant one (dead ReLU units; counting them moved the grid); L2 rows are taken at their norm, 1
+    # (centring them would take another pass over the cache).
+    mean = total / max(count, 1)
+    variance = np.maximum(squares / max(count, 1) - mean**2, 0)
+    mean_square = {"standard": float(np.sum(variance > 0)), "l2": 1.0,
+                   "rms": float(variance.sum()) / float(scaling.scale[0]) ** 2 if scaling.scale is not None else 0.0,
+                   }.get(scaling_kind, float(variance.sum()))
     cs = cs or [t / max(mean_square, 1e-12) for t in GRID]
     weights = class_weight_of(labels, n_classes, options.class_weight)
     candidates = [
