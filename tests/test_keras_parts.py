@@ -143,10 +143,37 @@ def test_predictions_come_in_chunks_as_two_columns_or_numbers():
         head.predict_values(x)
     three = unfitted("dense256", (4,), 3, {"output": "softmax"})
     assert three.predict_proba(x[:3]).shape == (3, 3)
+    np.testing.assert_array_equal(three.predict_proba(x[:50]), three.predict_proba(x[:50]))  # dropout is off
     numbers = unfitted("dense256", (4,), 0, {"output": "value"})
     assert numbers.predict_values(x[:3]).shape == (3,)
     with pytest.raises(FeatcacheError, match="^dense256 predicts numbers on this regression cache, not class"):
         numbers.predict_proba(x[:3])
+
+
+class ChunkRecorder:
+    """Stands in for a head's model: records the rows of each call, answers zeros."""
+
+    output_shape = (None, 2)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, training):
+        assert x.dtype == np.float32 and training is False
+        self.calls.append(len(x))
+        return np.zeros((len(x), 2), np.float32)
+
+
+@pytest.mark.parametrize("rows, features, chunks", [
+    (5000, 4, [1024] * 4 + [904]),  # small rows: 1024 at once
+    (2000, 10_000, [838, 838, 324]),  # 2**23 // 10,000 rows: at most 32 MB of float32 input at once
+    (2, 2**23 + 1, [1, 1]),  # a row over 32 MB still goes, one at a time
+], ids=["small-rows", "wide-rows", "huge-rows"])
+def test_predictions_read_at_most_1024_rows_or_32_mb_at_once(rows, features, chunks):
+    head = unfitted(ONE_LAYER, (4,), 2, {"output": "multilabel"})
+    head.model = ChunkRecorder()
+    assert head.predict_proba(np.zeros((rows, features), np.uint8)).shape == (rows, 2)
+    assert head.model.calls == chunks
 
 
 def test_export_gives_probabilities_of_every_class_and_carries_no_optimizer():
@@ -158,7 +185,7 @@ def test_export_gives_probabilities_of_every_class_and_carries_no_optimizer():
     np.testing.assert_allclose(np.asarray(exported(x)), binary.predict_proba(x), atol=1e-6)
     assert getattr(exported, "optimizer", None) is None
     three = unfitted("dense256", (4,), 3, {"output": "softmax"})
-    assert three.to_keras((4,)).output_shape == (None, 3)
+    assert three.to_keras((4,)).output_shape == (None, 3) and three.to_keras((4,)).name == "head_dense256"
     numbers = unfitted("dense256", (4,), 0, {"output": "value"})
     assert numbers.to_keras((4,)).output_shape == (None, 1)
 
