@@ -176,7 +176,8 @@ def test_arrays_give_the_features_of_the_same_images_as_png_files(grey, tmp_path
     arrays = by_image(from_arrays, images)
     assert sorted(arrays) == sorted(files) == list(range(16))
     for i in range(16):
-        np.testing.assert_array_equal(arrays[i], files[i])
+        # batches of other sizes: on AVX2-only CPUs oneDNN rounds differently (1e-7); other pixels move 1e-3+
+        np.testing.assert_allclose(arrays[i], files[i], rtol=0, atol=1e-6)
     for split in from_arrays.splits:  # each image in the split given, under its class
         _, y, paths = from_arrays.read(split)
         assert all(p.startswith(f"{split}/") for p in paths)
