@@ -244,6 +244,28 @@ def test_streamed_svm_needs_every_class_in_validation_before_training(tmp_path):
     cache = numbered_cache(tmp_path, validation_classes=1)
     with pytest.raises(FeatcacheError, match="validation split has no rows of class b, and a streamed svm"):
         fit_head(cache, "svm", SGD, memory_budget=1024, say=pytest.fail)
+    three = synthetic_cache(tmp_path / "three", classes=("a", "b", "c"), per_class=((10, 10, 10), (5, 0, 0), 3))
+    with pytest.raises(FeatcacheError, match="^the validation split has no rows of class b, c, and a streamed svm is "
+                                             "calibrated on validation rows; fit logreg, or raise --memory-budget "
+                                             "to fit svm in memory$"):
+        fit_head(three, "svm", SGD, memory_budget=1024, say=pytest.fail)
+
+
+def test_streamed_svm_calibrates_the_sgd_model_it_chose_not_a_new_one(tmp_path):
+    """Platt's sigmoid wraps the frozen SGD svm: its scores are the chosen candidate's (an SVM fitted
+    afresh on the validation rows would leak them into the model)."""
+    from sklearn.linear_model import SGDClassifier
+
+    from featcache.heads.sgd import fit_sgd
+
+    cache = synthetic_cache(tmp_path, per_class=(30, 12, 10))
+    head = fit_head(cache, "svm", SGD, memory_budget=TINY_BUDGET)
+    assert head.record["solver"] == "SGDClassifier(hinge)"
+    _, plan = memory_plan(cache, "svm", SGD, TINY_BUDGET)
+    _, calibrated, _ = fit_sgd(cache, "svm", "hinge", "standard", None, SGD, plan, lambda line: None)
+    (fold,) = calibrated.calibrated_classifiers_
+    assert type(fold.estimator.estimator) is SGDClassifier
+    np.testing.assert_allclose(head.model.weights[:, 0], fold.estimator.estimator.coef_[0], rtol=1e-6)
 
 
 def test_rbf_svm_over_the_budget_is_refused_in_one_line(tmp_path):
