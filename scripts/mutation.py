@@ -47,6 +47,8 @@ MODULES = {
     "kernel": "featcache/heads/kernel.py",
     "sgd": "featcache/heads/sgd.py",
     "keras": "featcache/heads/keras_heads.py",
+    "ridge": "featcache/heads/ridge.py",
+    "svr": "featcache/heads/svr.py",
     "extract": "featcache/extract.py",
 }
 # module -> the only functions mutated (Class.method for a method), where the rest of the file is not

@@ -25,7 +25,8 @@ def test_list_names_each_core_module_its_file_and_mutmut_command():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["scaling", "export", "protocol", "dataset", "targets", "cache",
-                                                      "linear", "kernel", "sgd", "keras", "extract"]
+                                                      "linear", "kernel", "sgd", "keras", "ridge",
+                                                      "svr", "extract"]
     for line in lines:
         module, path, *command = line.split()
         assert (ROOT / path).is_file()
