@@ -60,9 +60,14 @@ def fit_sgd(cache: Cache, name: str, loss: str, scaling_kind: str, cs, options, 
     # (centring them would take another pass over the cache).
     mean = total / max(count, 1)
     variance = np.maximum(squares / max(count, 1) - mean**2, 0)
-    mean_square = {"standard": float(np.sum(variance > 0)), "l2": 1.0,
-                   "rms": float(variance.sum()) / float(scaling.scale[0]) ** 2 if scaling.scale is not None else 0.0,
-                   }.get(scaling_kind, float(variance.sum()))
+    if scaling_kind == "standard":
+        mean_square = float(np.sum(variance > 0))
+    elif scaling_kind == "l2":
+        mean_square = 1.0
+    elif scaling_kind == "rms":
+        mean_square = float(variance.sum()) / float(scaling.scale[0]) ** 2
+    else:
+        mean_square = float(variance.sum())
     cs = cs or [t / max(mean_square, 1e-12) for t in GRID]
     weights = class_weight_of(labels, n_classes, options.class_weight)
     candidates = [
