@@ -102,7 +102,7 @@ def score(results: str, module: str, functions: tuple[str, ...] | None = None) -
     return Counter(statuses(results, module, functions).values())
 
 
-RETESTED = ("survived", "no tests")  # what --survivors runs again
+RETESTED = ("survived", "no tests", "not checked")  # what --survivors runs again (and what a stopped run left)
 
 
 def merged(earlier: dict[str, str], now: dict[str, str], retested: list[str]) -> dict[str, str]:

@@ -223,6 +223,35 @@ def flip_bits(shard: Path, dataset: str = "features") -> None:
     shard.write_bytes(bytes(data))
 
 
+class _RunsCode:
+    """Unpickling this opens (creates) ``marker``: proof that loading ran stored code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def plant_pickle(folder: Path, marker: Path) -> Path:
+    """Replace every array of a saved head's model.npz by a pickle that creates ``marker`` when loaded (so
+    whichever array the loader reads first runs it), and plant a model.joblib, their hashes recorded in
+    head.json as if genuine (a hash beside the file proves nothing)."""
+    import json
+    import pickle
+
+    from featcache.dataset import file_sha256
+
+    with np.load(folder / "model.npz") as genuine:
+        names = list(genuine.files)
+    np.savez(folder / "model.npz", **{name: np.array([_RunsCode(marker)], dtype=object) for name in names})
+    (folder / "model.joblib").write_bytes(pickle.dumps(_RunsCode(marker)))
+    record = json.loads((folder / "head.json").read_text())
+    record["files"] = {name: file_sha256(folder / name) for name in ("model.npz", "model.joblib")}
+    (folder / "head.json").write_text(json.dumps(record))
+    return marker
+
+
 def _skips_fail_in_ci(report):
     """Where CI is set (CI=true), a skip is a failure: CI installs every extra and Chromium, so a test
     that skips there (Ray, onnx, Chromium missing) would hide a broken environment behind a pass."""

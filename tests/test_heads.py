@@ -16,7 +16,7 @@ from featcache.cli import main
 from featcache.evaluate import cross_validate, evaluate, predict_split
 from featcache.heads import HEADS, FitOptions, build_head, fit_head, head_dir, load_head
 from featcache.heads.keras_heads import KerasHead
-from tests.conftest import synthetic_cache
+from tests.conftest import plant_pickle, synthetic_cache
 
 QUICK = FitOptions(epochs=40, batch_size=16, learning_rate=1e-2, optimizer="adam", seed=0, patience=8)
 STREAMING = [name for name in HEADS if build_head(name).streams]
@@ -95,26 +95,12 @@ def test_tampered_head_file_is_refused(name, tmp_path):
         load_head(folder)
 
 
-def test_a_planted_pickle_never_runs_even_with_its_hash_recorded(tmp_path):
+@pytest.mark.parametrize("name", ["logreg", "svm", "svm-rbf"])
+def test_a_planted_pickle_never_runs_even_with_its_hash_recorded(name, tmp_path):
     """head.json sits beside the model, so its hash proves nothing: loading must run no stored code."""
-    import pickle
-
     cache = synthetic_cache(tmp_path)
-    folder = fitted(cache, "logreg").save(head_dir(cache, "logreg"))
-    marker = tmp_path / "ran"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    np.savez(folder / "model.npz", weights=np.array([Exploit()], dtype=object))
-    (folder / "model.joblib").write_bytes(pickle.dumps(Exploit()))
-    from featcache.dataset import file_sha256
-
-    record = json.loads((folder / "head.json").read_text())
-    record["files"] = {"model.npz": file_sha256(folder / "model.npz"),
-                       "model.joblib": file_sha256(folder / "model.joblib")}
-    (folder / "head.json").write_text(json.dumps(record))
+    folder = fitted(cache, name).save(head_dir(cache, name))
+    marker = plant_pickle(folder, tmp_path / "ran")
     with pytest.raises(FeatcacheError, match="cannot be read as data"):
         load_head(folder)
     assert not marker.exists()

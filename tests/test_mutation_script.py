@@ -132,3 +132,22 @@ def test_whole_survivors_retests_the_merged_survivors_and_keeps_their_verdicts_a
     retested = json.loads((tmp_path / "mutants" / "verdicts-cache-retested.json").read_text())
     assert retested == {name(2): "killed", name(3): "survived", name(4): "not checked"}
     assert "killed 2/4 =  50.0%  (survived 2)" in capsys.readouterr().out  # a mutant not reached keeps its verdict
+
+
+def test_survivors_retests_what_survived_and_what_a_stopped_run_never_checked(tmp_path, monkeypatch, capsys):
+    import json
+
+    mutation = load_script()
+    (tmp_path / "mutants").mkdir()
+    name = "featcache.heads.sgd.x_f__mutmut_{}".format
+    (tmp_path / "mutants" / "verdicts-sgd.json").write_text(
+        json.dumps({name(1): "killed", name(2): "not checked", name(3): "survived", name(4): "timeout"}))
+    ran = []
+    monkeypatch.setattr(mutation, "ROOT", tmp_path)
+    monkeypatch.setattr(mutation.subprocess, "run", lambda command, **kwargs: ran.append(command))
+    monkeypatch.setattr(mutation, "results", lambda: f"    {name(2)}: killed\n    {name(3)}: survived\n")
+    assert mutation.main(["sgd", "--survivors"]) == 0
+    assert ran == [mutation.run_command("sgd", 2, [name(2), name(3)])]
+    assert json.loads((tmp_path / "mutants" / "verdicts-sgd.json").read_text()) == {
+        name(1): "killed", name(2): "killed", name(3): "survived", name(4): "timeout"}
+    assert "killed 2/4 =  50.0%" in capsys.readouterr().out

@@ -389,3 +389,29 @@ def test_peak_rss_stays_bounded_on_a_cache_many_times_the_budget(name, what, cac
     else:  # a fold's model, and the pages of the fold's before it that the allocator may keep
         assert cross_validation_bytes(big) > 40 * RSS_BUDGET  # what refitting in memory would take
         assert growth < RSS_BUDGET + 2 * model + RSS_MARGIN, (format_size(growth), result)
+
+
+def test_streamed_sgd_trains_every_c_at_its_own_alpha_with_class_weights_for_every_epoch(tmp_path):
+    """Each candidate is an SGDClassifier at alpha = 1 / (C n_train) with the balanced class weights of the
+    training labels, fed the stream's own shuffle; without patience every epoch runs and is said."""
+    import warnings
+
+    from featcache.heads.protocol import class_weight_of
+    from featcache.heads.sgd import fit_sgd
+    from featcache.streaming import split_labels
+
+    cache = synthetic_cache(tmp_path, per_class=((36, 12), 10, 10))
+    options = FitOptions(epochs=3, batch_size=16, seed=0, patience=None, class_weight="balanced")
+    _, plan = memory_plan(cache, "svm", options, TINY_BUDGET)
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the frozen SVM's sample_weight warning is silenced, nothing else raised
+        _, calibrated, details = fit_sgd(cache, "svm", "hinge", "standard", None, options, plan, lines.append)
+    (fold,) = calibrated.calibrated_classifiers_
+    svm = fold.estimator.estimator
+    chosen = details["chosen"]
+    assert svm.alpha == pytest.approx(1 / (chosen["C"] * 48)) == chosen["alpha"]
+    assert svm.class_weight == class_weight_of(split_labels(cache, "train"), 2, "balanced") == {0: 48 / 72,
+                                                                                                  1: 48 / 24}
+    assert svm.shuffle is False and details["memory"]["epochs"] == 3
+    assert [line.split(":")[0] for line in lines] == [f"svm epoch {k}/3 (streamed SGD)" for k in (1, 2, 3)]

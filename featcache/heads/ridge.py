@@ -77,7 +77,7 @@ class RidgeHead(Head):
         else:
             scalings = list(CHOICES) if self.options.scaling == "auto" else [self.options.scaling]
             grid = None
-        if validation is None and (len(scalings) > 1 or grid is None):
+        if validation is None and grid is None:  # pinned choices (a fold) need none
             raise FeatcacheError(f"{self.name}: choosing scaling and alpha needs validation rows")
         weights = sample_weights(y, n_classes, self.options.class_weight) if n_classes else None
         best, scores = None, {}

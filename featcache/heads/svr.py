@@ -88,9 +88,9 @@ class SvrHead(Head):
                         scores[f"{kind} gamma={gamma:.3g} C={c:g}"] = rmse
                     if best is None or (rmse is not None and rmse < best[1]):
                         best = (model, rmse, kind, c)
-            say(f"{self.name} {kind}: best val RMSE "
-                f"{min((v for k, v in scores.items() if k.startswith(kind)), default=float('nan')):.4g} "
-                f"({time.perf_counter() - started:.1f} s)")
+            errors = [rmse for key, rmse in scores.items() if key.startswith(f"{kind} ")]
+            said = f"best val RMSE {min(errors):.4g}" if errors else f"gamma {pinned['gamma']:.3g}, C {pinned['C']:g}"
+            say(f"{self.name} {kind}: {said} ({time.perf_counter() - started:.1f} s)")
         self.model, _, kind, c = best
         self.record.update(chosen={"scaling": kind, "gamma": self.model.gamma, "C": c}, validation_rmse=scores,
                            output="value", support_vectors=int(len(self.model.support)))
